@@ -1,0 +1,91 @@
+"""Manifest problems as values a person can act on: field, value, what was expected, where.
+
+Renders them the same way everywhere (CLI, log, error.txt); it must not decide what the daemon does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class _Missing:
+    """The value of a field that the manifest does not have."""
+
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+MISSING = _Missing()
+
+
+def render_value(value: object) -> str:
+    """Write a value the way it looks in TOML, so users recognise what they typed."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        return json.dumps(shown, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {render_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(render_value(v) for v in value) + "]"
+    return repr(value) if not isinstance(value, (int, float)) else str(value)
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    """One problem: `field` is the dotted TOML path, `expected` finishes the sentence "expected ..."."""
+
+    field: str
+    value: object
+    expected: str
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = ""
+        if self.line is not None:
+            where = f" (line {self.line}" + (f", column {self.column})" if self.column else ")")
+        if self.value is MISSING:
+            return f"{self.field} is missing: expected {self.expected}{where}"
+        return f"{self.field} = {render_value(self.value)}: expected {self.expected}{where}"
+
+    def to_dict(self) -> dict[str, object]:
+        value = None if self.value is MISSING else self.value
+        return {"field": self.field, "value": value, "missing": self.value is MISSING,
+                "expected": self.expected, "line": self.line, "message": str(self)}
+
+
+class ManifestInvalid(Exception):
+    """A manifest with at least one problem; carries all of them, not just the first."""
+
+    def __init__(self, errors: Sequence[ManifestError], source_name: str = "manifest") -> None:
+        self.errors: list[ManifestError] = list(errors)
+        self.source_name = source_name
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        count = len(self.errors)
+        head = f"{self.source_name}: {count} problem{'s' if count != 1 else ''}"
+        return "\n".join([head, *(f"  {error}" for error in self.errors)])
+
+
+RESUBMIT_HELP = """\
+How to resubmit:
+  1. Fix the manifest (check it first with `wanbox validate FILE`).
+  2. Copy the media into the inbox first and the manifest last: the manifest is what starts a job,
+     so a manifest that arrives before its media waits, and one whose media never arrive is rejected.
+     Upload under a temporary name (a leading dot, or .part / .tmp) and rename when complete.
+  3. Or let `wanbox submit FILE` do both steps in the right order.
+The files of this job are kept next to this file; nothing was deleted."""
+
+
+def render_errors(problems: Sequence[ManifestError | str], source_name: str) -> str:
+    """The text of error.txt: every problem on its own line, then how to resubmit."""
+    count = len(problems)
+    lines = [f"wanbox could not accept {source_name}: {count} problem{'s' if count != 1 else ''}.", ""]
+    lines += [f"  * {problem}" for problem in problems]
+    lines += ["", RESUBMIT_HELP, ""]
+    return "\n".join(lines)
