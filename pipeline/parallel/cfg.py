@@ -5,7 +5,9 @@ It must not run the model or the solver; it only splits the ranks and combines t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,15 @@ class CfgParallel:
         self.sp = UlyssesParallel(halves[self.branch]) if half > 1 else None
         self._pair = pairs[rank % half]
 
+    def __call__(self, model: Any, latent: torch.Tensor, t: torch.Tensor, cond_kwargs: Mapping[str, Any],
+                 uncond_kwargs: Mapping[str, Any], scale: float) -> torch.Tensor:
+        """The sampling loop's `Guidance`: this half runs its own branch only, then the halves swap."""
+        velocity = model(latent, t, **(cond_kwargs if self.branch == COND else uncond_kwargs))
+        cond, uncond = self.exchange(velocity)
+        if scale == 1.0:
+            return cond  # as the sequential guidance: guidance off means the conditional velocity, exactly
+        return uncond + scale * (cond - uncond)
+
     def exchange(self, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Give this half's velocity, get (cond, uncond) — identical on every rank."""
         both = [torch.empty_like(velocity) for _ in range(2)]
@@ -69,6 +80,6 @@ class CfgParallel:
         return both[COND], both[UNCOND]
 
     def guide(self, velocity: torch.Tensor, scale: float) -> torch.Tensor:
-        """The guided velocity, computed by the reference's formula uncond + g * (cond - uncond)."""
+        """The guided velocity from this half's velocity: uncond + g * (cond - uncond), the reference's order."""
         cond, uncond = self.exchange(velocity)
         return uncond + scale * (cond - uncond)
