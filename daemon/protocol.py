@@ -98,6 +98,7 @@ class Run:
     params: dict[str, Any]
     inputs: dict[str, str]
     output: str
+    crf: int | None = None  # H.264 quality for the output mp4 (daemon config); None = the worker's default
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ _FIELD_TYPES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "params": ((dict,), True),
         "inputs": ((dict,), True),
         "output": ((str,), True),
+        "crf": ((int, type(None)), False),
     },
     "cancel": {"job": ((str,), True)},
     "shutdown": {},
@@ -248,23 +250,35 @@ class Channel:
         return None if line is None else decode(line)
 
     def recv_line(self, timeout: float | None = None) -> bytes | None:
+        """Next raw line without its newline; None at EOF; timeout 0 = one non-blocking read."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_LINE_BYTES:
                 raise ProtocolError(f"line longer than {MAX_LINE_BYTES} bytes without a newline")
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if remaining == 0.0:
-                raise TimeoutError(f"no complete message within {timeout} s")
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 raise TimeoutError(f"no complete message within {timeout} s") from None
             if not chunk:
                 return None  # a half line at EOF is a dead peer, not a message
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
+
+    def poll(self) -> dict[str, Any] | None:
+        """A message if one is already waiting, else None; EOFError when the peer has closed.
+
+        For a worker between denoising steps: check for a `cancel` without blocking.
+        """
+        try:
+            msg = self.recv(timeout=0.0)
+        except TimeoutError:
+            return None
+        if msg is None:
+            raise EOFError("the supervisor closed the connection")
+        return msg
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -104,3 +104,14 @@ def test_socket_path_limits_and_refusal_to_replace_a_regular_file(tmp_path) -> N
     with pytest.raises(FileExistsError):
         protocol.listen(regular)
     assert regular.read_text() == "data"
+
+
+def test_channel_poll_is_non_blocking_and_reports_eof() -> None:
+    a, b = socket.socketpair()
+    left, right = protocol.Channel(a), protocol.Channel(b)
+    assert left.poll() is None
+    right.send(protocol.Cancel(job="j"))
+    assert left.poll() == {"type": "cancel", "job": "j"}
+    right.close()
+    with pytest.raises(EOFError):
+        left.poll()
