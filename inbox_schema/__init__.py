@@ -1,15 +1,18 @@
 """The manifest contract (schema v1): parse and validate TOML job manifests into resolved Jobs.
 
 Everything the daemon, the ledger and `wanbox validate` import lives here; it must not import torch
-or touch the ledger, and must never move, hash or delete inbox files.
+or touch the ledger, and must never move, hash or delete inbox files on its own.
 """
 
 from inbox_schema.errors import MISSING, ManifestError, ManifestInvalid, render_errors
+from inbox_schema.hashing import manifest_hash
 from inbox_schema.job import AnimateSettings, InputFile, Job, SamplingSettings, VideoSettings
+from inbox_schema.jsonschema import json_schema
 from inbox_schema.manifest import load_manifest, parse_manifest_text
 from inbox_schema.paths import is_temporary_name
 
 __all__ = [
     "MISSING", "AnimateSettings", "InputFile", "Job", "ManifestError", "ManifestInvalid", "SamplingSettings",
-    "VideoSettings", "is_temporary_name", "load_manifest", "parse_manifest_text", "render_errors",
+    "VideoSettings", "is_temporary_name", "json_schema", "load_manifest", "manifest_hash",
+    "parse_manifest_text", "render_errors",
 ]

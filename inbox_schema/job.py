@@ -31,7 +31,7 @@ class VideoSettings:
     """`size` is the reference's size string; for i2v only its area counts (output keeps the image's aspect)."""
 
     size: str
-    fps: int
+    fps: int | None  # None only for animate with preprocess_fps = -1: the driving video's own fps
     frames: int | None = None  # i2v only; animate's length comes from the driving video
 
     @property

@@ -254,10 +254,13 @@ def _video(r: Reader, table: dict, kind: str, animate: AnimateSettings | None) -
     frames = None
     if kind == "i2v":
         frames = r.count_4n1(table, "frames", "video.frames", d.DEFAULT_FRAMES, *d.FRAMES_RANGE)
-    default_fps = d.DEFAULT_FPS[kind]
-    if animate is not None and animate.preprocess_fps > 0:
-        default_fps = animate.preprocess_fps  # keep playback speed: output at the rate frames were sampled
-    fps = r.integer(table, "fps", "video.fps", default_fps, *d.FPS_RANGE)
+    # Animate plays back at the rate its driving frames were sampled, so motion keeps its speed;
+    # with preprocess_fps = -1 that rate is the video's own, known only to preprocessing (None).
+    default_fps: int | None = d.DEFAULT_FPS[kind]
+    if animate is not None:
+        default_fps = animate.preprocess_fps if animate.preprocess_fps > 0 else None
+    fps = r.integer(table, "fps", "video.fps", -1, *d.FPS_RANGE)
+    fps = default_fps if fps == -1 else fps
     return VideoSettings(size=size, fps=fps, frames=frames)
 
 

@@ -1,0 +1,81 @@
+"""`wanbox validate FILE` / `python -m inbox_schema FILE`: check a manifest before dropping it.
+
+Prints the resolved job as JSON (exit 0) or every problem (exit 2); missing or different input
+files are warnings, because the daemon waits for uploads. It must not change any file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from inbox_schema.errors import ManifestInvalid
+from inbox_schema.job import InputFile, Job
+from inbox_schema.jsonschema import json_schema_text
+from inbox_schema.manifest import load_manifest
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def input_warnings(job: Job, verify_sha256: bool = True) -> list[str]:
+    """What would keep the job waiting in `staged`: inputs missing, or not (yet) the size/hash declared."""
+    return [warning for item in job.inputs.values() if (warning := _input_warning(item, verify_sha256))]
+
+
+def _input_warning(item: InputFile, verify_sha256: bool) -> str | None:
+    field = f"inputs.{item.role}"
+    if not item.path.exists():
+        return f'{field} = "{item.relpath}": file not found yet (upload it before the manifest)'
+    size = item.path.stat().st_size
+    if item.size is not None and size != item.size:
+        return f'{field} = "{item.relpath}": file has {size} bytes, the manifest says size = {item.size}'
+    if verify_sha256 and item.sha256 is not None and _sha256(item.path) != item.sha256:
+        return f'{field} = "{item.relpath}": file content does not match the manifest\'s sha256'
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanbox validate", description=__doc__.splitlines()[0])
+    parser.add_argument("manifest", nargs="?", type=Path, help="the job manifest (TOML)")
+    parser.add_argument("--inbox-root", type=Path, default=None,
+                        help="the inbox the inputs must stay inside (default: the manifest's folder)")
+    parser.add_argument("--no-check-inputs", action="store_true",
+                        help="check the manifest text only, not the input files on disk")
+    parser.add_argument("--json-schema", action="store_true", help="print the manifest's JSON Schema and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.json_schema:
+        sys.stdout.write(json_schema_text())
+        return EXIT_OK
+    if args.manifest is None:
+        parser.error("give the manifest to check, e.g. wanbox validate inbox/cat.toml")
+    check = not args.no_check_inputs
+    try:
+        job = load_manifest(args.manifest, args.inbox_root, check_inputs=check)
+    except ManifestInvalid as invalid:
+        print(str(invalid), file=sys.stderr)
+        return EXIT_INVALID
+    for warning in input_warnings(job) if check else []:
+        print(f"warning: {warning}", file=sys.stderr)
+    if job.seed is None:
+        print("note: no sampling.seed: a random seed is drawn and recorded when the job is accepted",
+              file=sys.stderr)
+    print(json.dumps(job.to_dict(), indent=2, ensure_ascii=False))
+    return EXIT_OK

@@ -1,0 +1,52 @@
+"""The content hash that recognises identical resubmissions of a job.
+
+Identical means: the same video would come out. So the hash covers the resolved job (defaults
+filled in, so `steps = 40` written out equals leaving it at the default) plus the sha256 of each
+input's content, and leaves out what does not change the video: the name, the priority, the
+input file names and where the manifest lies. A manifest without a seed hashes with seed = null,
+so resubmitting it is recognised even though each acceptance draws its own random seed.
+It must not read input files: the caller (the watcher) hashes them while staging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from inbox_schema.errors import ManifestError, ManifestInvalid
+from inbox_schema.manifest import parse_manifest_text
+
+HASH_VERSION = "wanbox-manifest-hash-v1"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_hash(manifest_bytes: bytes, input_sha256s: dict[str, str]) -> str:
+    """sha256 hex of the canonical job; `input_sha256s` maps each input role to its file's sha256.
+
+    Raises ManifestInvalid for a manifest that does not validate, ValueError when the roles given
+    are not exactly the job's inputs or a hash is not 64 hex digits.
+    """
+    try:
+        text = manifest_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        error = ManifestError("manifest", f"byte {exc.start}", "UTF-8 text (save the file as UTF-8)")
+        raise ManifestInvalid([error]) from exc
+    job = parse_manifest_text(text, "manifest.toml", Path("."), None, check_inputs=False)
+    canonical = job.to_dict()
+    for volatile in ("name", "priority"):
+        del canonical[volatile]
+    canonical["inputs"] = _input_hashes(set(job.inputs), input_sha256s)
+    blob = json.dumps([HASH_VERSION, canonical], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _input_hashes(roles: set[str], given: dict[str, str]) -> dict[str, str]:
+    if set(given) != roles:
+        raise ValueError(f"input_sha256s has roles {sorted(given)}: expected exactly {sorted(roles)}")
+    hashes = {role: value.lower() for role, value in given.items()}
+    for role, value in hashes.items():
+        if not _SHA256.fullmatch(value):
+            raise ValueError(f"input_sha256s[{role!r}] = {value!r}: expected 64 hexadecimal characters")
+    return hashes
