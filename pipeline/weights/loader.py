@@ -1,0 +1,259 @@
+"""Load released Wan2.2 checkpoints (sharded safetensors + index, single safetensors, .pth) into our modules.
+
+Must not guess: strict key/shape matching, every tensor consumed, and each error names the file and the key.
+
+Tensors go from the file straight to the target device and dtype one at a time (safetensors `safe_open`
+on that device; `.pth` memory-mapped), into a model built on the meta device and filled with
+`load_state_dict(assign=True)`, so no second full copy of the weights is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline.models.dit import DiTConfig, WanDiT
+
+Tensor = torch.Tensor
+INDEX_SUFFIX = ".safetensors.index.json"
+PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, or does not match the model (message says which and how)."""
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def checkpoint_files(path: Path | str) -> dict[Path, list[str] | None]:
+    """Files holding a checkpoint -> the keys each must hold (from the index) or None (whatever it holds).
+
+    `path` is a directory with one `*.safetensors.index.json` (sharded), or with one `*.safetensors`,
+    or a single `.safetensors` / `.pth` file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return {path: None}
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint not found (no such file or directory)")
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several shard indexes ({', '.join(p.name for p in indexes)}); expected one")
+    if indexes:
+        return _shards_from_index(indexes[0])
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return {singles[0]: None}
+    if len(singles) > 1:
+        raise CheckpointError(
+            f"{path}: {len(singles)} safetensors files but no {INDEX_SUFFIX} saying which keys each holds"
+        )
+    raise CheckpointError(f"{path}: no *{INDEX_SUFFIX} and no *.safetensors file in this directory")
+
+
+def _shards_from_index(index: Path) -> dict[Path, list[str] | None]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object): {exc}") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files; got {weight_map!r:.80}")
+    shards: dict[Path, list[str] | None] = {}
+    for key, shard in weight_map.items():
+        keys = shards.setdefault(index.parent / shard, [])
+        assert keys is not None
+        keys.append(key)
+    for shard, keys in shards.items():
+        if not shard.is_file():
+            raise CheckpointError(
+                f"{shard}: shard missing; {index.name} maps {len(keys or [])} tensors to it "
+                f"(e.g. {(keys or ['?'])[0]!r}). Re-download it (wanbox models pull)."
+            )
+    return shards
+
+
+def tensor_shapes(path: Path | str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint, reading only the safetensors headers."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(path):
+        if file.suffix != ".safetensors":
+            for key, tensor in _pth_state(file).items():
+                shapes[key] = tuple(tensor.shape)
+            continue
+        with _open_safetensors(file, "cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def iter_tensors(
+    path: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> Iterator[tuple[Path, str, Tensor]]:
+    """(file, key, tensor) for every tensor, each moved to `device` and cast to `dtype` (floats only)."""
+    device = torch.device(device)
+    for file, wanted in checkpoint_files(path).items():
+        if file.suffix == ".safetensors":
+            yield from _iter_safetensors(file, wanted, dtype, device)
+        else:
+            for key, tensor in _pth_state(file).items():
+                yield file, key, _cast(tensor.to(device), dtype)
+
+
+def _iter_safetensors(
+    file: Path, wanted: list[str] | None, dtype: torch.dtype | None, device: torch.device
+) -> Iterator[tuple[Path, str, Tensor]]:
+    with _open_safetensors(file, device) as handle:
+        present = set(handle.keys())
+        if wanted is not None:
+            absent = [k for k in wanted if k not in present]
+            if absent:
+                raise CheckpointError(f"{file}: the index lists {absent[0]!r} here but the shard lacks it "
+                                      f"({len(absent)} such keys); the shard does not match its index")
+            extra = sorted(present - set(wanted))
+            if extra:
+                raise CheckpointError(f"{file}: holds {extra[0]!r} which the index does not list "
+                                      f"({len(extra)} such keys); the shard does not match its index")
+        for key in wanted if wanted is not None else handle.keys():  # noqa: SIM118
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as exc:  # corrupt data region
+                raise CheckpointError(f"{file}: cannot read tensor {key!r}: {exc}") from exc
+            yield file, key, _cast(tensor, dtype)
+
+
+class _open_safetensors:
+    """safe_open with errors that name the file (a truncated download is the usual cause)."""
+
+    def __init__(self, file: Path, device: torch.device | str) -> None:
+        self.file, self.device = file, device
+
+    def __enter__(self):  # noqa: ANN204 - returns safetensors' handle
+        dev = torch.device(self.device)
+        name = "cpu" if dev.type == "cpu" else str(dev if dev.index is not None else torch.device(dev.type, 0))
+        try:
+            self._ctx = safe_open(str(self.file), framework="pt", device=name)
+            return self._ctx.__enter__()
+        except Exception as exc:
+            size = self.file.stat().st_size if self.file.exists() else 0
+            raise CheckpointError(
+                f"{self.file}: unreadable safetensors file ({size} bytes): {exc}. The file is truncated or "
+                f"corrupt; re-download it (wanbox models pull) and check it (wanbox models verify)."
+            ) from exc
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _pth_state(file: Path) -> dict[str, Tensor]:
+    """A torch.save'd state dict (optionally wrapped as {'state_dict': ...}), memory-mapped where possible."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot load this .pth state dict ({exc}); it is truncated, corrupt, "
+                              f"or not a plain tensor dict") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def load_state_dict_from_dir(
+    path: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint (directory or file) on `device`, floats cast to `dtype` (None = as stored)."""
+    state: dict[str, Tensor] = {}
+    for file, key, tensor in iter_tensors(path, dtype, device):
+        if key in state:
+            raise CheckpointError(f"{file}: tensor {key!r} appears twice in the checkpoint")
+        state[key] = tensor
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def load_into(
+    model: nn.Module, path: Path | str, dtype: torch.dtype | None, device: torch.device | str
+) -> nn.Module:
+    """Fill a (meta-device) model from a checkpoint: strict keys and shapes, tensors assigned in place."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    for file, key, tensor in iter_tensors(path, dtype, device):
+        if key not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {key!r}; {type(model).__name__} has no such parameter")
+        if tuple(tensor.shape) != expected[key]:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {list(tensor.shape)}; expected {list(expected[key])}"
+            )
+        state[key] = tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {', '.join(missing[:3])}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_dit(model_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> WanDiT:
+    """One WanModel expert from a folder with config.json + weights (e.g. CKPT/high_noise_model)."""
+    model_dir = Path(model_dir)
+    config = DiTConfig.from_json(_config_path(model_dir))
+    with torch.device("meta"):
+        model = WanDiT(config)
+    return load_into(model, model_dir, dtype, device)  # type: ignore[return-value]
+
+
+def load_i2v_experts(
+    ckpt_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> tuple[WanDiT, WanDiT]:
+    """(high_noise_model, low_noise_model) of a Wan2.2-I2V-A14B checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    return load_dit(ckpt_dir / "high_noise_model", dtype, device), load_dit(ckpt_dir / "low_noise_model", dtype, device)
+
+
+def load_animate_dit(ckpt_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):  # noqa: ANN201
+    """WanAnimateDiT from the folder holding its config.json and shards (the Animate-14B checkpoint root).
+
+    Widths that config.json does not carry (motion encoder, face encoder, image embedding, number of face
+    blocks) are read from the checkpoint's tensor shapes.
+    """
+    from pipeline.models.animate_dit import AnimateConfig, WanAnimateDiT
+
+    ckpt_dir = Path(ckpt_dir)
+    config = AnimateConfig.from_checkpoint(_config_path(ckpt_dir), tensor_shapes(ckpt_dir))
+    with torch.device("meta"):
+        model = WanAnimateDiT(config)
+    return load_into(model, ckpt_dir, dtype, device)
+
+
+def load_lora_state(path: Path | str) -> dict[str, Tensor]:
+    """A LoRA state dict from `relighting_lora.ckpt` ({'state_dict': ...}) or a PEFT adapter .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: LoRA file not found")
+    return load_state_dict_from_dir(path)
+
+
+def _config_path(model_dir: Path) -> Path:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{config}: model config missing (every released DiT folder has one)")
+    return config
