@@ -37,18 +37,21 @@ ANIMATE_KEYS = {"mode": ANIMATE, "refert_num": ANIMATE, "clip_len": ANIMATE, "re
 INPUT_KEYS = {"image": I2V, "character": ANIMATE, "video": ANIMATE}
 INPUT_TABLE_KEYS = {"path": BOTH, "sha256": BOTH, "size": BOTH}
 
-# Where a key that landed in the wrong table belongs, and why a key does not apply to a kind.
-HINTS = {
-    **{key: f"video.{key}" for key in VIDEO_KEYS},
-    **{key: f"sampling.{key}" for key in SAMPLING_KEYS},
-    **{key: f"animate.{key}" for key in ANIMATE_KEYS},
-    **{key: f"inputs.{key}" for key in INPUT_KEYS},
+# Where a key that landed in the wrong table belongs. A top-level key written below a [table]
+# header belongs to that table in TOML, the most common manifest mistake.
+_TABLE_OF = {**{key: "video" for key in VIDEO_KEYS}, **{key: "sampling" for key in SAMPLING_KEYS},
+             **{key: "animate" for key in ANIMATE_KEYS}, **{key: "inputs" for key in INPUT_KEYS}}
+TOP_HINTS = {key: f'; did you mean "{table}.{key}"? (put it under [{table}])' for key, table in _TABLE_OF.items()}
+TABLE_HINTS = {**{key: f'; did you mean "{table}.{key}"?' for key, table in _TABLE_OF.items()},
+               **{key: f'; "{key}" is a top-level key: move it above the first [table] line' for key in TOP_KEYS}}
+# Why a field does not apply to the other kind.
+REASONS = {
     "video.frames": " (animate's length follows the driving video, in clips of animate.clip_len frames)",
     "sampling.boundary": " (animate has one model, no expert switch)",
     "animate": ' (set kind = "animate" to animate a character)',
-    "inputs.image": ' (animate takes inputs.character and inputs.video)',
-    "inputs.character": ' (i2v takes inputs.image)',
-    "inputs.video": ' (i2v takes inputs.image)',
+    "inputs.image": " (animate takes inputs.character and inputs.video)",
+    "inputs.character": " (i2v takes inputs.image)",
+    "inputs.video": " (i2v takes inputs.image)",
 }
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(d.NAME_PATTERN)
@@ -122,9 +125,9 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
     priority = r.integer(data, "priority", "priority", 0, *d.PRIORITY_RANGE)
     if kind not in d.KINDS:
         # Typos are still reported; the checks that depend on the kind wait for a valid kind.
-        r.unknown_keys(data, "", dict.fromkeys(TOP_KEYS, BOTH), "i2v", HINTS)
+        r.unknown_keys(data, "", dict.fromkeys(TOP_KEYS, BOTH), "i2v", TOP_HINTS)
         return None
-    r.unknown_keys(data, "", TOP_KEYS, kind, HINTS)
+    r.unknown_keys(data, "", TOP_KEYS, kind, TOP_HINTS, REASONS)
     animate = _animate(r, r.table(data, "animate", "animate")) if kind == "animate" else None
     inputs = _inputs(r, data, kind, base_dir, inbox_root, check_inputs)
     video = _video(r, r.table(data, "video", "video"), kind, animate)
@@ -172,7 +175,7 @@ def _name_ok(name: str) -> bool:
 def _inputs(r: Reader, data: dict, kind: str, base_dir: Path, inbox_root: Path | None,
             check_inputs: bool) -> dict[str, InputFile]:
     table = r.table(data, "inputs", "inputs")
-    r.unknown_keys(table, "inputs.", INPUT_KEYS, kind, HINTS)
+    r.unknown_keys(table, "inputs.", INPUT_KEYS, kind, TABLE_HINTS, REASONS)
     root = Path(inbox_root) if inbox_root is not None else base_dir
     below = relative_base(base_dir, root)
     if below is None:
@@ -196,7 +199,7 @@ def _input(r: Reader, table: dict, role: str, folder: Path, below: PurePosixPath
         r.error(field, value, f'{shape} under [inputs] (the {role} this job needs)')
         return None
     if isinstance(value, dict):
-        r.unknown_keys(value, field + ".", INPUT_TABLE_KEYS, "i2v", {})
+        r.unknown_keys(value, field + ".", INPUT_TABLE_KEYS, "i2v")
         return _input_entry(r, value, role, folder, below, root, check_inputs)
     if not isinstance(value, str):
         r.error(field, value, shape)
@@ -247,7 +250,7 @@ def _relpath_ok(r: Reader, field: str, relpath: object, role: str) -> bool:
 
 
 def _video(r: Reader, table: dict, kind: str, animate: AnimateSettings | None) -> VideoSettings:
-    r.unknown_keys(table, "video.", VIDEO_KEYS, kind, HINTS)
+    r.unknown_keys(table, "video.", VIDEO_KEYS, kind, TABLE_HINTS, REASONS)
     allowed = d.SIZES[kind]
     note = ' for kind = "animate" (832*480 and 480*832 are i2v only)' if kind == "animate" else ""
     size = r.choice(table, "size", "video.size", d.DEFAULT_SIZE, allowed, note)
@@ -265,7 +268,7 @@ def _video(r: Reader, table: dict, kind: str, animate: AnimateSettings | None) -
 
 
 def _sampling(r: Reader, table: dict, kind: str) -> SamplingSettings:
-    r.unknown_keys(table, "sampling.", SAMPLING_KEYS, kind, HINTS)
+    r.unknown_keys(table, "sampling.", SAMPLING_KEYS, kind, TABLE_HINTS, REASONS)
     steps = r.integer(table, "steps", "sampling.steps", d.DEFAULT_STEPS[kind], *d.STEPS_RANGE)
     shift = r.number(table, "shift", "sampling.shift", d.DEFAULT_SHIFT, *d.SHIFT_RANGE, low_open=True)
     guide = _guide_scale(r, table, kind)
@@ -333,7 +336,7 @@ def _solver(r: Reader, table: dict) -> tuple[str, tuple[int, ...] | None]:
 
 
 def _animate(r: Reader, table: dict) -> AnimateSettings:
-    r.unknown_keys(table, "animate.", ANIMATE_KEYS, "animate", HINTS)
+    r.unknown_keys(table, "animate.", ANIMATE_KEYS, "animate", TABLE_HINTS, REASONS)
     mode = r.choice(table, "mode", "animate.mode", "animation", d.ANIMATE_MODES)
     refert = table.get("refert_num", 1)
     if refert not in d.REFERT_NUMS or not is_int(refert):

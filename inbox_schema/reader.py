@@ -129,17 +129,22 @@ class Reader:
         return value
 
     def unknown_keys(self, data: dict, prefix: str, known: dict[str, tuple[str, ...]], kind: str,
-                     hints: dict[str, str]) -> None:
-        """Report keys this table does not have, and keys that belong to the other kind."""
+                     hints: dict[str, str] | None = None, reasons: dict[str, str] | None = None) -> None:
+        """Report keys this table does not have, and keys that belong to the other kind.
+
+        `hints` says where a key that is unknown here belongs (by key); `reasons` why a field does
+        not apply to the other kind (by dotted field).
+        """
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
         for key, value in data.items():
             field = prefix + key
             if key not in known:
-                names = ", ".join(known)
-                hint = suggest(key, list(known)) or hints.get(key)
-                extra = f'; did you mean "{hint}"?' if hint else ""
-                self.error(field, value, f"a key of {where} ({names}){extra}")
+                # An exact key of another table is a surer guess than a similar key of this one.
+                elsewhere = (hints or {}).get(key)
+                close = suggest(key, list(known))
+                extra = elsewhere or (f'; did you mean "{close}"?' if close else "")
+                self.error(field, value, f"a key of {where} ({', '.join(known)}){extra}")
             elif kind not in known[key]:
                 owner = " or ".join(f'kind = "{name}"' for name in known[key])
-                reason = hints.get(field, "")
+                reason = (reasons or {}).get(field, "")
                 self.error(field, value, f"no {field} with kind = \"{kind}\": it is only for {owner}{reason}")
