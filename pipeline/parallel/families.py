@@ -1,0 +1,206 @@
+"""A model family as the warm pool runs it: load once across the ranks, then turn `run` commands into videos.
+
+Decides placement (Ulysses / CFG-parallel groups, replication or FSDP, T5 on rank 0) and nothing else: the
+math is the pipelines' (pipeline/i2v.py), the socket and the mp4 are the worker's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from pipeline.parallel.cfg import CfgParallel, ParallelPlan, plan_parallel
+from pipeline.parallel.sharding import choose_sharding, shard_experts
+from pipeline.parallel.ulysses import UlyssesParallel
+
+ANIMATE_UNAVAILABLE = "animate generation not available in this build"
+
+
+class Reporter(Protocol):
+    def progress(self, phase: str, step: int = 0, total: int = 0) -> None: ...
+
+
+class JobCancelled(Exception):
+    """The supervisor cancelled the running job; raised at a step boundary on every rank at once."""
+
+
+class PoolShutdown(JobCancelled):
+    """The supervisor asked the pool to stop (or went away) while a job was running."""
+
+
+class JobFailure(Exception):
+    """A job failure whose kind and retryability are known (the worker reports them as they are)."""
+
+    kind = "internal"
+    retryable = True
+
+
+class JobInputError(JobFailure, ValueError):
+    """A `run` command whose params or inputs the pipeline cannot use; names the field and the value."""
+
+    kind = "input"
+    retryable = False
+
+
+def dtype_of(args: argparse.Namespace) -> torch.dtype:
+    name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def param(params: dict[str, Any], path: str) -> Any:
+    """params["video"]["frames"] as param(params, "video.frames"), with an error that names the field."""
+    value: Any = params
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise JobInputError(f"params.{path}: missing from the run command (the resolved manifest job)")
+        value = value[key]
+    return value
+
+
+class I2VFamily:
+    """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode on rank 0."""
+
+    def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
+        from pipeline.models.dit import DiTConfig
+
+        self.args, self.ranks = args, ranks
+        self.root = Path(args.checkpoint_dir)
+        config = DiTConfig.from_json(self.root / "high_noise_model" / "config.json")
+        self.plan: ParallelPlan = plan_parallel(ranks.world_size, config.num_heads, args.cfg_parallel)
+        self.sharding = choose_sharding(args.sharding, self.root, ranks.device, dtype_of(args), ranks.control)
+        self.parallel = {**self.plan.as_dict(), "sharding": self.sharding, "text_encoder": "rank0"}
+        self.models: Any = None
+        self.sp: Any = None
+        self.guidance: Any = None
+
+    def load(self) -> None:
+        from pipeline.i2v import I2VModels
+
+        dtype = dtype_of(self.args)
+        # FSDP loads on the CPU first and moves only this rank's shard to the GPU.
+        device = torch.device("cpu") if self.sharding == "fsdp" else self.ranks.device
+        self.models = I2VModels.load(self.root, device, dtype, text_encoder=self.ranks.master)
+        if self.sharding == "fsdp":
+            shard_experts(self.models, self.ranks.device)
+        self.models.device = self.ranks.device
+        self.sp, self.guidance = self._parallel_groups()
+
+    def _parallel_groups(self) -> tuple[Any, Any]:
+        if self.plan.cfg == 2:
+            cfg = CfgParallel()
+            return cfg.sp, cfg
+        if self.plan.ulysses > 1:
+            return UlyssesParallel(attention_fn=_dit_attention()), None
+        return None, None
+
+    def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
+        from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
+        from pipeline.sampling import make_solver
+        from pipeline.sampling.moe import ExpertSwitch
+
+        job = I2VJob.from_command(command, self.args.max_area)
+        report.progress("encode", 0, 1)
+        context, context_null = self._encode_prompts(job)
+        inputs = prepare_i2v(self.models, job.image, context, context_null, max_area=job.max_area,
+                             frames=job.frames, seed=job.seed, sp=self.sp)
+        switch = ExpertSwitch(boundary=job.boundary, guide_scale=job.guide_scale)
+        solver = make_solver(job.solver, job.steps, job.shift, job.timesteps)
+        report.progress("encode", 1, 1)
+        report.progress("sampling", 0, solver.num_steps)
+        try:
+            latent = sample_i2v(self.models, inputs, solver, switch, guidance=self.guidance, sp=self.sp,
+                                on_progress=lambda _phase, step, total: report.progress("sampling", step, total),
+                                should_cancel=should_cancel)
+        except GenerationCancelled as exc:
+            raise JobCancelled(str(exc)) from exc
+        video = None
+        if self.ranks.master:  # the reference decodes on rank 0 only; the others wait for the next job
+            report.progress("decode", 0, 1)
+            video = decode_video(self.models, latent)
+            report.progress("decode", 1, 1)
+        return {"video": video, "latent": latent, "fps": job.fps, "frames": job.frames,
+                "width": inputs.width, "height": inputs.height, "seed": job.seed}
+
+    def _encode_prompts(self, job: I2VJob) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 runs on rank 0 only (its 11 GB stay off the other GPUs); the embeddings are broadcast."""
+        from pipeline.i2v import encode_prompts
+
+        pair: list[Any] = [None]
+        if self.ranks.master:
+            context, context_null = encode_prompts(self.models, job.prompt, job.negative_prompt)
+            pair = [(context.cpu(), context_null.cpu())]
+        dist.broadcast_object_list(pair, src=0, group=self.ranks.control)
+        context, context_null = pair[0]
+        return context.to(self.ranks.device), context_null.to(self.ranks.device)
+
+
+class I2VJob:
+    """The fields of a resolved i2v job (inbox_schema Job.to_dict()) that generation needs."""
+
+    def __init__(self, command: dict[str, Any], max_area_cap: int | None) -> None:
+        params = command["params"]
+        if "image" not in command["inputs"]:
+            raise JobInputError(f"inputs: got roles {sorted(command['inputs'])}, expected 'image' for an i2v job")
+        self.image = command["inputs"]["image"]
+        if not Path(self.image).is_file():
+            raise JobInputError(f"inputs.image: {self.image} does not exist (expected the prepared image)")
+        self.prompt = str(param(params, "prompt"))
+        self.negative_prompt = params.get("negative_prompt") or None
+        self.max_area = int(param(params, "video.max_area"))
+        if max_area_cap is not None:
+            self.max_area = min(self.max_area, max_area_cap)
+        self.frames = int(param(params, "video.frames"))
+        self.fps = float(param(params, "video.fps"))
+        sampling = param(params, "sampling")
+        self.steps, self.shift = int(param(params, "sampling.steps")), float(param(params, "sampling.shift"))
+        guide = param(params, "sampling.guide_scale")
+        self.guide_scale = tuple(guide) if isinstance(guide, list) else guide
+        self.solver = str(param(params, "sampling.solver"))
+        self.seed = param(params, "sampling.seed")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise JobInputError(f"params.sampling.seed: got {self.seed!r}, expected an integer fixed at acceptance")
+        self.boundary = float(sampling.get("boundary") or 0.9)
+        self.timesteps = sampling.get("timesteps")
+
+    @classmethod
+    def from_command(cls, command: dict[str, Any], max_area_cap: int | None) -> I2VJob:
+        return cls(command, max_area_cap)
+
+
+class AnimateFamily:
+    """Animate-14B: the pool loads, but this build has no animate generation loop yet (says so per job)."""
+
+    def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
+        self.args, self.ranks = args, ranks
+        self.parallel = {"world_size": ranks.world_size, "cfg": 1, "ulysses": ranks.world_size,
+                         "sharding": "replicate"}
+
+    def load(self) -> None:
+        if not (Path(self.args.checkpoint_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{self.args.checkpoint_dir}/config.json: not an Animate-14B checkpoint dir")
+
+    def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
+        raise AnimateUnavailable(ANIMATE_UNAVAILABLE)
+
+
+class AnimateUnavailable(JobFailure):
+    """A job kind this build cannot run; retrying cannot help."""
+
+    kind = "internal"
+    retryable = False
+
+
+def _dit_attention() -> Any:
+    from pipeline.models.attention import attention
+
+    return attention
+
+
+def open_family(args: argparse.Namespace, ranks: Any) -> I2VFamily | AnimateFamily:
+    """The family for `--model`, planned (groups, sharding) but not loaded yet."""
+    return I2VFamily(args, ranks) if args.model == "i2v-A14B" else AnimateFamily(args, ranks)

@@ -1,0 +1,79 @@
+"""Where the DiT weights live: a full copy on every GPU when they fit, FSDP2-sharded per block when they do not.
+
+Decides from parameter bytes and free memory (overridable) and wraps modules; it must not load checkpoints
+or change any computation (an FSDP forward gathers the very same weights before each block).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SHARDINGS = ("auto", "replicate", "fsdp")
+# Activations, the VAE, caches and allocator slack beside the weights on one GPU: 480p needs about 10 GiB,
+# 720p about 25 GiB at 81 frames on one GPU; Ulysses divides most of it by the number of ranks.
+ACTIVATION_RESERVE = 24 * 2**30
+
+
+def expert_parameter_bytes(ckpt_dir: Path, dtype: torch.dtype) -> int:
+    """Bytes both I2V experts occupy in `dtype`, read from the checkpoint's tensor headers (no loading)."""
+    from pipeline.weights.loader import tensor_shapes
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for expert in ("high_noise_model", "low_noise_model"):
+        for shape in tensor_shapes(ckpt_dir / expert).values():
+            numel = 1
+            for size in shape:
+                numel *= size
+            total += numel * itemsize
+    return total
+
+
+def decide(requested: str, weight_bytes: int, free_bytes: int, reserve: int = ACTIVATION_RESERVE) -> str:
+    """'replicate' when the weights plus the reserve fit in the smallest free memory, else 'fsdp'."""
+    if requested not in SHARDINGS:
+        raise ValueError(f"sharding: got {requested!r}, expected one of {', '.join(SHARDINGS)}")
+    if requested != "auto":
+        return requested
+    return "replicate" if weight_bytes + reserve <= free_bytes else "fsdp"
+
+
+def choose_sharding(requested: str, ckpt_dir: Path, device: torch.device, dtype: torch.dtype,
+                    group: dist.ProcessGroup | None = None) -> str:
+    """The same decision on every rank: based on the least free memory of any rank. CPU pools replicate."""
+    if requested != "auto" or device.type != "cuda":
+        return decide(requested if requested != "auto" else "replicate", 0, 0)
+    free = torch.tensor([torch.cuda.mem_get_info(device)[0]], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
+    return decide("auto", expert_parameter_bytes(ckpt_dir, dtype), int(free.item()))
+
+
+def shard_module(model: torch.nn.Module, device: torch.device, blocks_attr: str = "blocks") -> torch.nn.Module:
+    """FSDP2 `fully_shard` on every transformer block, then on the root (embeddings, head).
+
+    The parameters move to `device` as 1/world shards; each block's full weights are gathered just before
+    its forward and freed after it, so peak weight memory is one shard of everything plus one block.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in getattr(model, blocks_attr):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def shard_experts(models: Any, device: torch.device) -> None:
+    """Shard both I2V experts in place (the VAE and text encoder are small: they are moved whole)."""
+    shard_module(models.high_noise, device)
+    shard_module(models.low_noise, device)
+    for part in (models.vae, models.text_encoder):
+        move = getattr(part, "to", None)
+        if move is not None:
+            move(device)

@@ -1,0 +1,331 @@
+"""The warm pool: a torchrun entry point that loads a model family once and runs the supervisor's jobs on it.
+
+Rank 0 alone talks to the supervisor (JSON lines on a Unix socket) and fans commands out over a gloo group;
+it must not touch the ledger, the inbox or the outbox: it only writes the output file it is told to.
+
+    torchrun --standalone --nproc-per-node N -m pipeline.worker --model i2v-A14B --socket S --checkpoint-dir D
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from daemon import protocol
+from pipeline.parallel.families import JobCancelled, PoolShutdown, open_family
+from pipeline.video import DEFAULT_CRF, write_mp4
+
+MODELS = ("i2v-A14B", "animate-14B")
+IDLE_FOREVER = timedelta(days=365)  # the control group waits for the next job however long the queue is idle
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.worker", description=__doc__)
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--socket", required=True, help="the supervisor's Unix socket (rank 0 connects)")
+    p.add_argument("--checkpoint-dir", required=True, help="the model's checkpoint directory")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for tests and the demo")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on two halves of the ranks")
+    p.add_argument("--sharding", default="auto", choices=("auto", "replicate", "fsdp"))
+    p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (reference: 10)")
+    p.add_argument("--max-area", type=int, default=None, help="cap every job's pixel area (tiny models, demo)")
+    p.add_argument("--collective-timeout", type=float, default=600.0,
+                   help="seconds a compute collective may wait before the pool is declared dead")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    return p.parse_args(argv)
+
+
+# --- 1. set up: ranks, devices, process groups ---------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    control: dist.ProcessGroup  # gloo, CPU tensors, long timeout: commands and bookkeeping, never compute
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def set_up(args: argparse.Namespace) -> Ranks:
+    """Join the process group torchrun prepared (or a group of one when started directly)."""
+    if "RANK" not in os.environ:  # started without torchrun: a pool of one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = timedelta(seconds=args.collective_timeout)
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=IDLE_FOREVER)
+    return Ranks(rank, world_size, local_rank, device, control)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def describe_devices(ranks: Ranks) -> list[dict[str, Any]]:
+    """Every rank's device name and memory, gathered on all ranks (for `hello`)."""
+    if ranks.device.type == "cuda":
+        props = torch.cuda.get_device_properties(ranks.device)
+        mine = {"rank": ranks.rank, "name": props.name, "memory_total": props.total_memory}
+    else:
+        mine = {"rank": ranks.rank, "name": "cpu", "memory_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    every: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(every, mine, group=ranks.control)
+    return every
+
+
+# --- 2. the supervisor link (rank 0) and the fan-out to the other ranks ----------------------------
+
+
+class Link:
+    """Rank 0's socket to the supervisor plus the broadcast of its commands; on other ranks only the latter."""
+
+    def __init__(self, ranks: Ranks, channel: protocol.Channel | None) -> None:
+        self.ranks = ranks
+        self.channel = channel
+        self.waiting: list[dict[str, Any]] = []  # commands read while a job ran, handled after it
+
+    def say(self, msg: dict[str, Any]) -> None:
+        if self.channel is not None:
+            self.channel.send(msg)
+
+    def next_command(self) -> dict[str, Any]:
+        """The next command, identical on every rank; a closed socket reads as shutdown."""
+        command = None
+        if self.ranks.master:
+            command = self.waiting.pop(0) if self.waiting else self._read()
+        return self._share(command)
+
+    def cancel_requested(self, job: str) -> bool:
+        """At a step boundary: did a cancel (or shutdown) for `job` arrive? Same answer on every rank."""
+        verdict = None
+        if self.ranks.master:
+            verdict = self._poll(job)
+        verdict = self._share(verdict)
+        if verdict == "shutdown":
+            raise PoolShutdown("the pool is shutting down")
+        return verdict == "cancel"
+
+    def _read(self) -> dict[str, Any]:
+        assert self.channel is not None
+        try:
+            msg = self.channel.recv()
+        except protocol.ProtocolError as exc:
+            print(f"worker: ignoring a garbled line from the supervisor: {exc}", file=sys.stderr)
+            return self._read()
+        return msg if msg is not None else {"type": "shutdown", "reason": "supervisor closed the socket"}
+
+    def _poll(self, job: str) -> str | None:
+        assert self.channel is not None
+        while True:
+            try:
+                msg = self.channel.recv(timeout=0.001)
+            except TimeoutError:
+                return None
+            except protocol.ProtocolError as exc:
+                print(f"worker: ignoring a garbled line from the supervisor: {exc}", file=sys.stderr)
+                continue
+            if msg is None or msg["type"] == "shutdown":
+                self.waiting.insert(0, {"type": "shutdown"})
+                return "shutdown"
+            if msg["type"] == "cancel" and msg["job"] == job:
+                return "cancel"
+            if msg["type"] == "run":
+                self.waiting.append(msg)  # the supervisor sent the next job early: keep it
+            # a cancel for a job that is not running is already satisfied: nothing to do
+
+    def _share(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.ranks.control)
+        return box[0]
+
+
+def connect_supervisor(args: argparse.Namespace, ranks: Ranks) -> Link:
+    channel = protocol.connect(args.socket, timeout=args.connect_timeout) if ranks.master else None
+    return Link(ranks, channel)
+
+
+# --- 3. one job --------------------------------------------------------------------------------
+
+
+@dataclass
+class JobReport:
+    """What rank 0 tells the supervisor about a job: phases timed as progress reports come in."""
+
+    job: str
+    link: Link
+    started: float = field(default_factory=time.monotonic)
+    phases: dict[str, float] = field(default_factory=dict)
+    _phase: str | None = None
+    _phase_start: float = 0.0
+
+    def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
+        now = time.monotonic()
+        if phase != self._phase:
+            self._close_phase(now)
+            self._phase, self._phase_start = phase, now
+        self.link.say({"type": "progress", "job": self.job, "phase": phase, "step": int(step), "total": int(total)})
+
+    def finish(self) -> None:
+        self._close_phase(time.monotonic())
+        self._phase = None
+
+    def _close_phase(self, now: float) -> None:
+        if self._phase is not None:
+            self.phases[self._phase] = round(self.phases.get(self._phase, 0.0) + now - self._phase_start, 3)
+
+
+def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args: argparse.Namespace,
+            first_job: bool, load_seconds: float) -> dict[str, Any]:
+    """Run one `run` command on every rank; the message rank 0 sends back (done or error)."""
+    job = command["job"]
+    report = JobReport(job, link)
+    reset_peak_memory(ranks.device)
+    failure: dict[str, Any] | None = None
+    result: dict[str, Any] = {}
+    try:
+        result = family.run(command, report=report, should_cancel=lambda: link.cancel_requested(job))
+        if ranks.master:
+            report.progress("write", 0, 1)
+            write_mp4(result["video"], command["output"], fps=result["fps"], crf=args.crf)
+            report.progress("write", 1, 1)
+    except PoolShutdown:
+        failure = error_message(job, "cancelled", "the pool shut down during the job; it will run again", True)
+    except JobCancelled:
+        failure = error_message(job, "cancelled", "cancelled at a step boundary", False)
+    except Exception as exc:
+        failure = classify_failure(job, exc)
+    report.finish()
+    # Every rank reports its outcome so that a failure on any rank reaches the supervisor.
+    outcomes = gather_on_control(ranks, (failure, peak_memory(ranks.device)))
+    failures = [f for f, _ in outcomes if f is not None]
+    if failures:
+        return failures[0]
+    stats = {
+        "phases": report.phases,
+        "gpu_seconds": round((time.monotonic() - report.started) * ranks.world_size, 3),
+        "peak_memory": [memory for _, memory in outcomes],
+        "model_load": first_job,
+        "frames": result["frames"], "width": result["width"], "height": result["height"],
+        "fps": result["fps"], "seed": result["seed"],
+    }
+    if first_job:
+        stats["load_seconds"] = round(load_seconds, 3)
+    return {"type": "done", "job": job, "output": command["output"], "stats": stats}
+
+
+def error_message(job: str | None, kind: str, message: str, retryable: bool) -> dict[str, Any]:
+    return {"type": "error", "job": job, "kind": kind, "message": message, "retryable": retryable}
+
+
+def classify_failure(job: str, exc: BaseException) -> dict[str, Any]:
+    """An exception as an `error` message a person can act on (OOM says what to change)."""
+    traceback.print_exception(exc, file=sys.stderr)
+    if hasattr(exc, "kind") and hasattr(exc, "retryable"):  # families.JobFailure: it knows what it is
+        return error_message(job, exc.kind, first_line(exc), bool(exc.retryable))
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return error_message(job, "oom", f"out of memory: {first_line(exc)}; use fewer frames, a smaller size, "
+                             "more GPUs, or --sharding fsdp", False)
+    if isinstance(exc, (ValueError, FileNotFoundError, KeyError, TypeError)):
+        return error_message(job, "input", f"{type(exc).__name__}: {first_line(exc)}", False)
+    return error_message(job, "internal", f"{type(exc).__name__}: {first_line(exc)}", True)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:2000]
+
+
+def gather_on_control(ranks: Ranks, value: Any) -> list[Any]:
+    every: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(every, value, group=ranks.control)
+    return every
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes of this job on a GPU; on a CPU the process's peak resident size (for the whole run)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop the finished job's tensors before the next one (the pool stays up for weeks)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- 4. the pool: set up, load, loop over jobs, report ------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ranks = set_up(args)
+    link = connect_supervisor(args, ranks)
+    devices = describe_devices(ranks)
+
+    started = time.monotonic()
+    try:
+        family = open_family(args, ranks)
+        link.say({"type": "hello", "model": args.model, "world_size": ranks.world_size, "pid": os.getpid(),
+                  "devices": devices, "parallel": family.parallel})
+        family.load()
+    except Exception as exc:
+        traceback.print_exception(exc, file=sys.stderr)
+        link.say(error_message(None, "internal", f"could not load {args.model}: {first_line(exc)}", False))
+        return 1
+    load_seconds = time.monotonic() - started
+    link.say({"type": "ready", "load_seconds": round(load_seconds, 3)})
+
+    jobs_run = 0
+    while True:
+        command = link.next_command()
+        if command["type"] == "shutdown":
+            break
+        if command["type"] != "run":
+            continue  # a cancel for a job that already ended
+        reply = run_job(family, command, ranks, link, args, first_job=jobs_run == 0, load_seconds=load_seconds)
+        link.say(reply)
+        jobs_run += 1
+        free_memory(ranks.device)
+
+    dist.barrier(group=ranks.control)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
