@@ -1,0 +1,267 @@
+"""The daemon's configuration: one TOML file with documented defaults, resolved to absolute paths.
+
+Reads and checks settings only; it must not create directories, open the ledger or start anything.
+Unknown keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SYSTEM_CONFIG = Path("/etc/wanbox/config.toml")
+DEFAULT_ROOT = Path("/var/lib/wanbox")
+
+# The model families the pool can load, and the directory name `wanbox models pull` gives each.
+MODEL_FAMILIES = {"i2v-A14B": "Wan2.2-I2V-A14B", "animate-14B": "Wan2.2-Animate-14B"}
+
+# `{python}` is this interpreter, so the pool runs in the daemon's environment without relying on PATH.
+DEFAULT_WORKER_COMMAND = (
+    "{python}", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "{nproc}",
+    "-m", "pipeline.worker", "--model", "{model}", "--socket", "{socket}",
+    "--checkpoint-dir", "{checkpoint_dir}", "--device", "{device}",
+)
+
+
+class ConfigError(ValueError):
+    """A setting that is wrong: names the file, the key, the value and what was expected."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    inbox: Path
+    outbox: Path
+    failed: Path
+    work: Path
+    state: Path
+    ledger: Path
+    socket: Path
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    settle_seconds: float = 5.0  # size and mtime unchanged this long = the upload finished
+    staged_deadline_seconds: float = 3600.0  # a job whose inputs never become complete is rejected then
+    rescan_seconds: float = 30.0  # full rescan even with inotify (it can overflow; NFS/SMB send nothing)
+    polling: bool = False  # poll instead of inotify (network shares)
+    dedupe: str = "skip"  # "skip": reject an identical resubmission; "run": run it again
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    max_attempts: int = 3
+    backoff_base_seconds: float = 30.0  # retry after base * 2**(attempts-1) ...
+    backoff_cap_seconds: float = 3600.0  # ... but never later than this
+    tick_seconds: float = 0.5  # the supervisor loop's pace when idle
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    nproc: int = 1  # processes (GPUs) in the torchrun pool
+    gpus: str = "all"  # "all" or a CUDA_VISIBLE_DEVICES list like "0,1"
+    device: str = "cuda"  # "cuda" or "cpu" (tiny models, tests, the demo)
+    command: tuple[str, ...] = DEFAULT_WORKER_COMMAND
+    env: dict[str, str] = field(default_factory=dict)  # added to the worker's environment
+    models_dir: Path = DEFAULT_ROOT / "models"
+    checkpoint_dirs: dict[str, Path] = field(default_factory=dict)  # family -> dir; default models_dir/<name>
+    heartbeat_seconds: float = 300.0  # a running job silent this long = hung pool
+    load_deadline_seconds: float = 1800.0  # loading the models may take this long before hello+ready
+    relaunch_base_seconds: float = 5.0  # relaunch backoff after a pool death, doubling ...
+    relaunch_cap_seconds: float = 300.0  # ... up to this
+    stop_grace_seconds: float = 60.0  # on shutdown/switch, wait this long before SIGTERM, then SIGKILL
+    max_switch_wait_seconds: float = 1800.0  # a job of another model waits at most this long
+
+    def checkpoint_dir(self, model: str) -> Path:
+        return self.checkpoint_dirs.get(model, self.models_dir / MODEL_FAMILIES.get(model, model))
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    workers: int = 2  # CPU processes preparing the next jobs while the GPUs sample
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    poster: bool = True  # write <name>.jpg, the first frame
+    crf: int = 18  # H.264 quality of the delivered mp4 (lower = better, bigger)
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: Paths
+    inbox: InboxSettings = InboxSettings()
+    jobs: JobSettings = JobSettings()
+    pool: PoolSettings = PoolSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    source: Path | None = None  # the file it came from, for messages
+
+    @property
+    def all_dirs(self) -> list[Path]:
+        p = self.paths
+        return [p.inbox, p.outbox, p.failed, p.work, p.state]
+
+
+_SECTIONS: dict[str, type] = {
+    "inbox": InboxSettings,
+    "jobs": JobSettings,
+    "pool": PoolSettings,
+    "preprocess": PreprocessSettings,
+    "outbox": OutboxSettings,
+}
+_PATH_KEYS = ("root", "inbox", "outbox", "failed", "work", "state", "ledger", "socket")
+
+
+def _where(source: Path | None, key: str) -> str:
+    return f"{source}: {key}" if source else key
+
+
+def _unknown(source: Path | None, key: str, allowed: list[str]) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{_where(source, key)}: unknown key{hint}; expected one of {', '.join(allowed)}")
+
+
+def _coerce(source: Path | None, key: str, value: Any, default: Any) -> Any:
+    """The value converted to the default's type, or ConfigError saying what was expected."""
+    expected = type(default)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and value >= 0:
+            if isinstance(default, int) and not isinstance(value, int):
+                raise ConfigError(f"{_where(source, key)} = {value!r}: expected a whole number")
+            return expected(value)
+        if isinstance(value, (int, float)):
+            raise ConfigError(f"{_where(source, key)} = {value!r}: expected a number >= 0")
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, Path) and isinstance(value, str):
+        return Path(value)
+    elif isinstance(default, tuple) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    elif isinstance(default, dict) and isinstance(value, dict):
+        return {str(k): (Path(v) if key.endswith("checkpoint_dirs") else str(v)) for k, v in value.items()}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             tuple: "a list of strings", dict: "a table"}
+    want = names.get(expected, "a path string" if isinstance(default, Path) else expected.__name__)
+    raise ConfigError(f"{_where(source, key)} = {value!r}: expected {want}")
+
+
+def _section(source: Path | None, name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_where(source, name)}: expected a table [{name}], got {table!r}")
+    defaults = cls()
+    allowed = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in table.items():
+        if key not in allowed:
+            raise _unknown(source, f"{name}.{key}", allowed)
+        values[key] = _coerce(source, f"{name}.{key}", value, getattr(defaults, key))
+    return replace(defaults, **values)
+
+
+def _check_choices(cfg: Config) -> None:
+    where = cfg.source
+    if cfg.inbox.dedupe not in ("skip", "run"):
+        raise ConfigError(f"{_where(where, 'inbox.dedupe')} = {cfg.inbox.dedupe!r}: expected \"skip\" or \"run\"")
+    if cfg.pool.device not in ("cuda", "cpu"):
+        raise ConfigError(f"{_where(where, 'pool.device')} = {cfg.pool.device!r}: expected \"cuda\" or \"cpu\"")
+    if cfg.pool.nproc < 1:
+        raise ConfigError(f"{_where(where, 'pool.nproc')} = {cfg.pool.nproc}: expected at least 1")
+    if cfg.jobs.max_attempts < 1:
+        raise ConfigError(f"{_where(where, 'jobs.max_attempts')} = {cfg.jobs.max_attempts}: expected at least 1")
+    if not 0 <= cfg.outbox.crf <= 51:
+        raise ConfigError(f"{_where(where, 'outbox.crf')} = {cfg.outbox.crf}: expected 0..51 (H.264 crf)")
+    if cfg.preprocess.workers < 1:
+        raise ConfigError(f"{_where(where, 'preprocess.workers')} = {cfg.preprocess.workers}: expected >= 1")
+    for model in cfg.pool.checkpoint_dirs:
+        if model not in MODEL_FAMILIES:
+            raise _unknown(where, f"pool.checkpoint_dirs.{model}", list(MODEL_FAMILIES))
+    if not cfg.pool.command:
+        raise ConfigError(f"{_where(where, 'pool.command')}: expected a non-empty list of strings")
+
+
+def _paths(source: Path | None, table: Any, root_override: Path | None) -> Paths:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_where(source, 'paths')}: expected a table [paths], got {table!r}")
+    for key, value in table.items():
+        if key not in _PATH_KEYS:
+            raise _unknown(source, f"paths.{key}", list(_PATH_KEYS))
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{_where(source, 'paths.' + key)} = {value!r}: expected a non-empty path string")
+    base = source.parent if source else Path.cwd()
+    root = root_override or Path(table.get("root", DEFAULT_ROOT))
+    root = (base / root).resolve() if not root.is_absolute() else root
+
+    def under(key: str, default: str) -> Path:
+        path = Path(table.get(key, default))
+        return path if path.is_absolute() else root / path
+
+    state = under("state", "state")
+    ledger_value = table.get("ledger")
+    socket_value = table.get("socket")
+    return Paths(
+        root=root,
+        inbox=under("inbox", "inbox"),
+        outbox=under("outbox", "outbox"),
+        failed=under("failed", "failed"),
+        work=under("work", "work"),
+        state=state,
+        ledger=(root / ledger_value) if ledger_value and not Path(ledger_value).is_absolute()
+        else Path(ledger_value) if ledger_value else state / "wanbox.db",
+        socket=(root / socket_value) if socket_value and not Path(socket_value).is_absolute()
+        else Path(socket_value) if socket_value else state / "pool.sock",
+    )
+
+
+def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | None = None) -> Config:
+    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox)."""
+    allowed = ["paths", *_SECTIONS]
+    for key in data:
+        if key not in allowed:
+            raise _unknown(source, key, allowed)
+    sections = {name: _section(source, name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    paths = _paths(source, data.get("paths", {}), root)
+    pool = sections["pool"]
+    # Relative model paths live under the root, like every other data path.
+    models_dir = Path(data.get("pool", {}).get("models_dir", "models"))
+    pool = replace(pool, models_dir=models_dir if models_dir.is_absolute() else paths.root / models_dir)
+    dirs = {k: (v if v.is_absolute() else paths.root / v) for k, v in pool.checkpoint_dirs.items()}
+    sections["pool"] = replace(pool, checkpoint_dirs=dirs)
+    cfg = Config(paths=paths, source=source, **sections)
+    _check_choices(cfg)
+    return cfg
+
+
+def load_config(path: Path | None = None, root: Path | None = None) -> Config:
+    """The config from `path` (or /etc/wanbox/config.toml when it exists), with `root` overriding paths.root.
+
+    With neither a file nor a root, WANBOX_ROOT or /var/lib/wanbox is the root.
+    """
+    if path is None and root is None and SYSTEM_CONFIG.is_file():
+        path = SYSTEM_CONFIG
+    if path is None:
+        env_root = os.environ.get("WANBOX_ROOT")
+        return parse_config({}, None, root or (Path(env_root) if env_root else DEFAULT_ROOT))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, Path(path).resolve(), root.resolve() if root else None)

@@ -1,0 +1,148 @@
+"""Moving a job's files between inbox/, work/<job-id>/ and failed/<name>/, and writing error.txt.
+
+Only renames (or copy + fsync + unlink across filesystems); it must never delete the only copy of an
+input, and must not touch the ledger (the supervisor records what happened).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.outbox import fsync_dir
+
+INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
+PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
+OUTPUT_FILE = "output.mp4"
+ERROR_FILE = "error.txt"
+FAILED_POINTER = "failed_dir.txt"  # work/<id>/failed_dir.txt: where a failed job's inputs went
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """What belongs to one job in the inbox: the manifest, its inputs, and its folder (folder layout)."""
+
+    inbox: Path
+    manifest: Path
+    folder: Path | None  # inbox/<name>/ for the folder layout, else None
+    inputs: tuple[Path, ...]  # absolute paths of the inputs (top-level layout: siblings of the manifest)
+
+    def base(self) -> Path:
+        """The directory that relative input paths start from."""
+        return self.folder if self.folder is not None else self.inbox
+
+
+def move_file(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest` (never replacing); across filesystems copy, fsync, then unlink the source."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dest):
+        raise FileExistsError(f"{dest} already exists: refusing to replace it with {src}")
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_then_unlink(src, dest)
+    fsync_dir(dest.parent)
+
+
+def _copy_then_unlink(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, symlinks=True)
+        shutil.rmtree(src)  # the copy is complete (copytree raises otherwise)
+        return
+    temp = dest.with_name(f".{dest.name}.copying")
+    shutil.copy2(src, temp)
+    with open(temp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.rename(temp, dest)
+    os.unlink(src)
+
+
+def copy_file(src: Path, dest: Path) -> None:
+    """Copy (hard link when possible) `src` to `dest`: for an input that another job still needs."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        temp = dest.with_name(f".{dest.name}.copying")
+        shutil.copy2(src, temp)
+        with open(temp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.rename(temp, dest)
+
+
+def work_inputs_dir(work: Path, job_id: str) -> Path:
+    return work / job_id / INPUTS_DIR
+
+
+def take_into_work(files: JobFiles, dest: Path, shared: set[Path] = frozenset()) -> None:  # type: ignore[assignment]
+    """Move the job's files to `dest` (work/<id>/inbox/): inputs first, the manifest last.
+
+    Inputs in `shared` are still named by another job waiting in the inbox, so they are copied.
+    """
+    if files.folder is not None:
+        move_file(files.folder, dest)  # one rename takes the folder with everything in it
+        return
+    for src in files.inputs:
+        target = dest / src.relative_to(files.inbox)
+        if src in shared:
+            copy_file(src, target)
+        else:
+            move_file(src, target)
+    move_file(files.manifest, dest / files.manifest.name)
+
+
+def return_to_inbox(src_dir: Path, inbox: Path, folder_name: str | None) -> list[Path]:
+    """Undo an interrupted `take_into_work`: put the files back where they were. Returns what stayed.
+
+    A file whose original name is taken again in the inbox stays where it is (never overwrite).
+    """
+    if folder_name is not None:
+        if not os.path.lexists(inbox / folder_name):
+            move_file(src_dir, inbox / folder_name)
+            return []
+        return [src_dir]
+    stayed = []
+    for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+        target = inbox / path.relative_to(src_dir)
+        if os.path.lexists(target):
+            stayed.append(path)
+        else:
+            move_file(path, target)
+    return stayed
+
+
+def free_dir(parent: Path, name: str) -> Path:
+    for n in range(1, 10_000):
+        candidate = parent / (name if n == 1 else f"{name}-{n}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(f"{parent}: too many entries named {name}")
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def to_failed(failed: Path, name: str, sources: list[tuple[Path, Path]], error_text: str) -> Path:
+    """Move (src, relative destination) pairs into a fresh failed/<name>/ and write error.txt there.
+
+    error.txt is written first, so a person who finds the folder always learns why.
+    """
+    dest = free_dir(failed, name)
+    dest.mkdir(parents=True)
+    write_text_durably(dest / ERROR_FILE, error_text)
+    for src, rel in sources:
+        if os.path.lexists(src):
+            move_file(src, dest / rel)
+    return dest

@@ -1,0 +1,163 @@
+"""Delivery to the outbox: check that the mp4 decodes, then publish mp4, poster JPEG and JSON sidecar.
+
+Every file is written under a temporary dotfile name, fsynced, and linked to its final name without
+ever overwriting (a collision takes the suffix -2, -3, ...). It must not touch inputs or the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+
+MAX_COLLISIONS = 10_000
+
+
+class OutputInvalid(ValueError):
+    """The worker's mp4 does not decode or is not what was asked for."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    frames: int
+    width: int
+    height: int
+    fps: float
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Decode every frame (a header can lie; a truncated file fails here, not at the user's)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise OutputInvalid(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            frames = sum(1 for _ in container.decode(stream))
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            width, height = stream.codec_context.width, stream.codec_context.height
+    except (av.FFmpegError, OSError) as exc:
+        raise OutputInvalid(f"{path}: does not decode as a video ({exc})") from None
+    if frames == 0:
+        raise OutputInvalid(f"{path}: no decodable frames")
+    return VideoInfo(frames, width, height, fps)
+
+
+def write_poster(video: Path, dest: Path, quality: int = 90) -> None:
+    """The first frame of `video` as a JPEG at `dest` (decoded with PyAV)."""
+    with av.open(str(video)) as container:
+        frame = next(container.decode(video=0))
+        frame.to_image().save(dest, format="JPEG", quality=quality)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(outbox: Path, final_name: str) -> Path:
+    # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress.
+    return outbox / f".{final_name}.{secrets.token_hex(4)}.tmp"
+
+
+def free_base(outbox: Path, base: str, suffixes: tuple[str, ...]) -> str:
+    """`base`, or `base-2`, `base-3`, ... so that no `<base><suffix>` exists yet."""
+    for n in range(1, MAX_COLLISIONS):
+        candidate = base if n == 1 else f"{base}-{n}"
+        if not any(os.path.lexists(outbox / f"{candidate}{s}") for s in suffixes):
+            return candidate
+    raise FileExistsError(f"{outbox}: more than {MAX_COLLISIONS} outputs named {base!r}")
+
+
+def publish(temp: Path, final: Path) -> None:
+    """Give a complete, fsynced temp file its final name; never replaces an existing file."""
+    os.link(temp, final)  # fails with FileExistsError instead of overwriting (rename would overwrite)
+    os.unlink(temp)
+    fsync_dir(final.parent)
+
+
+class Outbox:
+    """The delivery folder: `deliver` puts one job's results there under one free base name."""
+
+    def __init__(self, root: Path, poster: bool = True) -> None:
+        self.root = root
+        self.poster = poster
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return (".mp4", ".json", ".jpg") if self.poster else (".mp4", ".json")
+
+    def _stage_copy(self, src: Path, final_name: str) -> Path:
+        temp = _temp_name(self.root, final_name)
+        shutil.copyfile(src, temp)
+        _fsync_file(temp)
+        return temp
+
+    def _stage_bytes(self, data: bytes, final_name: str) -> Path:
+        temp = _temp_name(self.root, final_name)
+        with open(temp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return temp
+
+    def _stage_poster(self, video: Path, final_name: str) -> Path:
+        temp = _temp_name(self.root, final_name)
+        write_poster(video, temp)
+        _fsync_file(temp)
+        return temp
+
+    def deliver(self, video: Path, base: str, sidecar: dict[str, Any]) -> dict[str, str]:
+        """Publish video (+ poster) + sidecar; returns {"video": path, "poster": path, "sidecar": path}.
+
+        The video is checked by decoding first; the sidecar is written last, so its presence means the
+        delivery is complete. The source video is copied, not moved (the caller removes it afterwards).
+        """
+        info = probe_video(video)
+        self.root.mkdir(parents=True, exist_ok=True)
+        staged: list[Path] = []
+        try:
+            staged.append(self._stage_copy(video, f"{base}.mp4"))
+            if self.poster:
+                staged.append(self._stage_poster(video, f"{base}.jpg"))
+            return self._publish_all(staged, base, info, sidecar)
+        finally:
+            for temp in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+
+    def _publish_all(self, staged: list[Path], base: str, info: VideoInfo, sidecar: dict[str, Any]) -> dict:
+        # A concurrent writer could take the name between the check and the link: try the next one.
+        for _ in range(MAX_COLLISIONS):
+            name = free_base(self.root, base, self._suffixes())
+            outputs = {"video": str(self.root / f"{name}.mp4"), "sidecar": str(self.root / f"{name}.json")}
+            if self.poster:
+                outputs["poster"] = str(self.root / f"{name}.jpg")
+            try:
+                publish(staged[0], self.root / f"{name}.mp4")
+            except FileExistsError:
+                continue
+            if self.poster:
+                publish(staged[1], self.root / f"{name}.jpg")
+            document = {**sidecar, "outputs": outputs, "video": info.__dict__}
+            data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
+            publish(self._stage_bytes(data, f"{name}.json"), self.root / f"{name}.json")
+            return outputs
+        raise FileExistsError(f"{self.root}: could not find a free name for {base!r}")

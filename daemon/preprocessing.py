@@ -1,0 +1,91 @@
+"""CPU preprocessing of an accepted job, run in a separate process of the supervisor's process pool.
+
+Turns the job's original inputs in work/<id>/inbox/ into what the warm pool reads (prepared image,
+pose/face/mask videos) and records them in work/<id>/prepared.json. It must not import torch, touch
+the ledger or the inbox; it reports errors as PreprocessFailed with a retryable flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.jobfiles import PREPARED_FILE
+
+
+class PreprocessFailed(Exception):
+    """Preparation failed: `retryable` False for a bad input (same input, same failure)."""
+
+    def __init__(self, message: str, kind: str = "input", retryable: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survive the trip back from the pool process
+        return (PreprocessFailed, (str(self), self.kind, self.retryable))
+
+
+def max_area(params: dict[str, Any]) -> int:
+    width, height = (int(v) for v in str(params["video"]["size"]).split("*"))
+    return width * height
+
+
+def _prepare_i2v(params: dict[str, Any], work_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    from pipeline.preprocess.image import ImageInputError, prepare_image
+
+    source = params["inputs"]["image"]["path"]
+    try:
+        info = prepare_image(source, work_dir / "prepared.png", max_area(params))
+    except ImageInputError as exc:
+        raise PreprocessFailed(f"inputs.image: {exc}") from None
+    return {"image": str(work_dir / "prepared.png")}, info
+
+
+def _prepare_animate(params: dict[str, Any], work_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    try:
+        from pipeline.preprocess.animate import preprocess_animate_job  # type: ignore[attr-defined]
+    except ImportError:
+        raise PreprocessFailed(
+            "animate preprocessing is not available in this build of wanbox", "internal", False
+        ) from None
+    result = preprocess_animate_job(params, work_dir)
+    return dict(result["inputs"]), dict(result.get("info", {}))
+
+
+def prepared_inputs(work_dir: Path) -> dict[str, str] | None:
+    """The run inputs recorded by a finished preprocessing, if it and every file it names still exist."""
+    try:
+        record = json.loads((work_dir / PREPARED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict) or not all(os.path.isfile(p) for p in inputs.values()):
+        return None
+    return inputs
+
+
+def prepare_job(kind: str, params: dict[str, Any], work_dir: str) -> dict[str, Any]:
+    """Prepare one job (runs in a pool process); returns {"inputs": role -> path, "info", "seconds"}."""
+    started = time.monotonic()
+    work = Path(work_dir)
+    try:
+        if kind == "i2v":
+            inputs, info = _prepare_i2v(params, work)
+        elif kind == "animate":
+            inputs, info = _prepare_animate(params, work)
+        else:
+            raise PreprocessFailed(f"kind = {kind!r}: expected i2v or animate")
+    except PreprocessFailed:
+        raise
+    except (OSError, ValueError) as exc:
+        raise PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "input", False) from None
+    except Exception as exc:  # a bug or resource problem, not the user's input: try again later
+        raise PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "internal", True) from None
+    record = {"inputs": inputs, "info": info, "seconds": round(time.monotonic() - started, 3)}
+    temp = work / f".{PREPARED_FILE}.tmp"
+    temp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    os.replace(temp, work / PREPARED_FILE)  # written last: its presence means preparation finished
+    return record
