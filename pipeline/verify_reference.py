@@ -253,11 +253,12 @@ def check_clip(folder: Path) -> Iterator[CaseResult]:
 
     fx = Fixture(folder)
     config = folder / "config.json"
-    clip = ClipVision.load(fx.file(fx.cases["checkpoint"]["file"]), config=config if config.is_file() else None)
+    clip = ClipVision.from_checkpoint(fx.file(fx.cases["checkpoint"]["file"]),
+                                      config=config if config.is_file() else None)
 
     def check(case: dict[str, Any]) -> CaseResult:
         with torch.no_grad():
-            got = clip.encode(fx.tensor(case["inputs"]["image"]))
+            got = clip(fx.tensor(case["inputs"]["image"]))
         expected = fx.tensor(case["expected"]["features"])
         return judge("clip", case["name"], [("features", got.reshape(expected.shape), expected)],
                      Tolerance.of(case["tolerance"]))
