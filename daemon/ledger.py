@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -147,7 +148,7 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer)
     progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     timings_json: Mapped[dict[str, float] | None] = mapped_column(JSON(none_as_null=True))  # phase -> s
-    gpu_seconds: Mapped[float | None] = mapped_column()
+    gpu_seconds: Mapped[float | None] = mapped_column(Float)
     outputs_json: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -582,7 +583,7 @@ class Ledger:
         """How many jobs are in each state (every state present, 0 if none)."""
         stmt = select(Job.state, func.count()).group_by(Job.state)
         with self._reading() as session:
-            found = dict(session.execute(stmt).tuples().all())
+            found = dict(session.execute(stmt).all())
         return {state: found.get(state, 0) for state in JobState}
 
     def audit(self) -> list[str]:
@@ -592,10 +593,10 @@ class Ledger:
         the last event's target.
         """
         with self._reading() as session:
-            states = dict(session.execute(select(Job.id, Job.state)).tuples().all())
+            states = dict(session.execute(select(Job.id, Job.state)).all())
             rows = session.execute(select(Event.job_id, Event.from_state, Event.to_state).order_by(Event.id))
             chains: dict[str, list[tuple[JobState | None, JobState]]] = {}
-            for job_id, frm, to in rows.tuples():
+            for job_id, frm, to in rows:
                 chains.setdefault(job_id, []).append((frm, to))
         return [p for job_id, state in states.items() for p in _audit_job(job_id, state, chains.get(job_id, []))]
 

@@ -100,3 +100,30 @@ def parse_state(text: str) -> JobState:
     except ValueError:
         legal = ", ".join(s.value for s in JobState)
         raise ValueError(f"unknown job state {text!r}: expected one of {legal}") from None
+
+
+def shortest_path(from_state: JobState, to_state: JobState) -> list[JobState]:
+    """The fewest legal moves from one state to another (the states after `from_state`), e.g. to drive
+    a job into a given state in tests or to explain in `wanbox show` how a job could get somewhere.
+
+    Raises ValueError when `to_state` cannot be reached (e.g. anything from `done`).
+    """
+    start, goal = JobState(from_state), JobState(to_state)
+    came_from: dict[JobState, JobState] = {}
+    frontier = [start]
+    while frontier and goal not in came_from and goal != start:
+        next_frontier = []
+        for state in frontier:
+            for nxt in sorted(ALLOWED[state], key=list(JobState).index):
+                if nxt not in came_from and nxt != start:
+                    came_from[nxt] = state
+                    next_frontier.append(nxt)
+        frontier = next_frontier
+    if goal == start:
+        return []
+    if goal not in came_from:
+        raise ValueError(f"no legal path from {start.value} to {goal.value}")
+    path = [goal]
+    while path[-1] in came_from and came_from[path[-1]] != start:
+        path.append(came_from[path[-1]])
+    return path[::-1]

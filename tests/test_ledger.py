@@ -1,0 +1,409 @@
+"""The ledger on real SQLite files: schema and migrations, connection settings, ids and look-ups, claim
+order, dedupe, progress, cancel/retry, and two processes sharing one database file.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
+
+from daemon.ledger import (
+    AmbiguousJobId,
+    Base,
+    IllegalTransition,
+    JobNotFound,
+    Ledger,
+    LedgerError,
+    database_url,
+)
+from daemon.states import JobState, shortest_path
+
+S = JobState
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path):
+    with Ledger.open(tmp_path / "wanbox.db") as opened:
+        yield opened
+
+
+def add(ledger: Ledger, name: str = "cat", state: JobState = S.STAGED, at: datetime = T0, **options) -> str:
+    """A job created at `at` and driven to `state` along legal moves (all stamped `at`)."""
+    job = ledger.add_staged(name, options.pop("kind", "i2v"), f"inbox/{name}.toml", None, now=at, **options)
+    current = S.STAGED
+    for nxt in shortest_path(S.STAGED, state):
+        assert ledger.transition(job.id, current, nxt, f"to {nxt}", now=at)
+        current = nxt
+    return job.id
+
+
+# ---- schema and migrations ----------------------------------------------------------------------
+
+
+def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
+    with ledger.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        revision = MigrationContext.configure(conn).get_current_revision()
+        tables = set(inspect(conn).get_table_names())
+        claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
+    assert diff == []
+    assert revision == "0001"
+    assert tables == {"jobs", "events", "alembic_version"}
+    assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
+
+
+def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "wanbox.db"
+    path.parent.mkdir()
+    with Ledger.open(path) as first:
+        job_id = add(first, state=S.QUEUED)
+    with Ledger.open(path) as second, Ledger.open(str(path)) as third:
+        assert second.get(job_id).state == S.QUEUED
+        assert [e.to_state for e in third.events(job_id)] == [S.STAGED, S.QUEUED]
+        with third.engine.connect() as conn:
+            assert MigrationContext.configure(conn).get_current_revision() == "0001"
+            assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+
+
+def test_a_ledger_from_a_newer_wanbox_is_refused_with_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    Ledger.open(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE alembic_version SET version_num = '0999'")
+    with pytest.raises(LedgerError, match=r"cannot upgrade the ledger at sqlite:///.*wanbox\.db.*0999.*newer wanbox"):
+        Ledger.open(path)
+
+
+def test_paths_and_urls_name_the_same_database(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    assert database_url(path) == f"sqlite:///{path}"
+    assert database_url(f"sqlite:///{path}") == f"sqlite:///{path}"
+    with Ledger.open(path) as by_path:
+        job_id = add(by_path)
+    with Ledger.open(f"sqlite:///{path}") as by_url:
+        assert by_url.get(job_id).name == "cat"
+
+
+# ---- connection settings ------------------------------------------------------------------------
+
+
+def test_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "wanbox.db", busy_timeout_s=2.5) as ledger:
+        connections = [ledger.engine.connect() for _ in range(3)]  # several pooled connections at once
+        for conn in connections:
+            pragma = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in
+                      ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")}  # fmt: skip
+            assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 2500}
+        for conn in connections:
+            conn.close()
+
+
+def test_foreign_keys_are_enforced(ledger: Ledger) -> None:
+    with ledger.engine.connect() as conn, pytest.raises(Exception, match="FOREIGN KEY constraint failed"):
+        conn.exec_driver_sql(
+            "INSERT INTO events (job_id, at, to_state, message) VALUES ('nope', '2026-01-01 00:00:00', 'queued', '')"
+        )
+        conn.commit()
+
+
+def test_a_reader_never_blocks_a_write_and_a_held_write_lock_times_out_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    with Ledger.open(path, busy_timeout_s=0.3) as ledger:
+        job_id = add(ledger)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT state FROM jobs").fetchone() == ("staged",)
+        assert ledger.transition(job_id, S.STAGED, S.QUEUED, "accepted")  # WAL: the open read is no obstacle
+        assert reader.execute("SELECT state FROM jobs").fetchone() == ("staged",)  # its snapshot is stable
+        reader.execute("COMMIT")
+
+        writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError, match="database is locked"):
+            ledger.transition(job_id, S.QUEUED, S.PREPROCESSING, "blocked")
+        writer.execute("ROLLBACK")
+        assert ledger.transition(job_id, S.QUEUED, S.PREPROCESSING, "free again")
+        assert ledger.audit() == []
+        reader.close()
+        writer.close()
+
+
+# ---- ids, time and look-ups ---------------------------------------------------------------------
+
+
+def test_new_jobs_get_sortable_typable_ids_and_a_creation_event(ledger: Ledger) -> None:
+    ids = [add(ledger, f"job{i}", at=T0 + timedelta(seconds=i // 3)) for i in range(9)]
+    assert len(set(ids)) == 9
+    for job_id in ids:
+        assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-hjkmnp-tv-z]{4}", job_id), job_id
+    assert ids[0].startswith("20261121-120000-") and ids[-1].startswith("20261121-120002-")
+    first = ledger.events(ids[0])
+    assert [(e.from_state, e.to_state, e.message) for e in first] == [(None, S.STAGED, "manifest found in the inbox")]
+
+
+def test_add_staged_stores_what_it_is_given(ledger: Ledger) -> None:
+    deadline = T0 + timedelta(minutes=10)
+    job = ledger.add_staged(
+        "surf", "animate", Path("inbox/surf/job.toml"), deadline, model_id="animate-14B", priority=5,
+        max_attempts=4, input_hash="h1", params_json={"mode": "replacement"}, now=T0,
+    )  # fmt: skip
+    stored = ledger.get(job.id)
+    assert (stored.name, stored.kind, stored.manifest_path, stored.model_id) == (
+        "surf", "animate", "inbox/surf/job.toml", "animate-14B"
+    )
+    assert (stored.priority, stored.max_attempts, stored.attempts, stored.input_hash) == (5, 4, 0, "h1")
+    assert stored.params_json == {"mode": "replacement"}
+    assert stored.staged_deadline == deadline and stored.created_at == T0 and stored.updated_at == T0
+    with pytest.raises(ValueError, match="max_attempts=0: expected at least 1"):
+        ledger.add_staged("bad", "i2v", "inbox/bad.toml", None, max_attempts=0)
+
+
+def test_times_come_back_as_utc_aware_and_naive_times_are_refused(ledger: Ledger) -> None:
+    paris = timezone(timedelta(hours=1))
+    job = ledger.add_staged("cat", "i2v", "inbox/cat.toml", datetime(2026, 11, 21, 13, 0, tzinfo=paris), now=T0)
+    stored = ledger.get(job.id)
+    assert stored.created_at.tzinfo == timezone.utc
+    assert stored.staged_deadline == T0 and stored.staged_deadline.tzinfo == timezone.utc
+    with pytest.raises(Exception, match="naive datetime .* expected a timezone-aware UTC time"):
+        ledger.add_staged("cat", "i2v", "inbox/cat.toml", datetime(2026, 11, 21, 13, 0))
+
+
+def test_get_by_id_or_unique_prefix(ledger: Ledger) -> None:
+    a = add(ledger, "a", at=T0)
+    b = add(ledger, "b", at=T0 + timedelta(hours=1))
+    assert ledger.get(a).name == "a"
+    assert ledger.get(f"  {b}  ").name == "b"
+    assert ledger.get(b[:-1]).id == b or ledger.get(b[:-2]).id == b
+    assert ledger.get("20261121-13").id == b
+    with pytest.raises(AmbiguousJobId, match=r"'20261121-1' matches several jobs: .*\(a\), .*\(b\); type more"):
+        ledger.get("20261121-1")
+    with pytest.raises(JobNotFound, match="no job with id or id prefix '2099'"):
+        ledger.get("2099")
+    with pytest.raises(JobNotFound):
+        ledger.get("2026%")  # SQL wildcards are matched literally
+    with pytest.raises(JobNotFound):
+        ledger.get("")
+
+
+def test_find_duplicate_prefers_a_delivered_job_and_ignores_rejected_ones(ledger: Ledger) -> None:
+    rejected = add(ledger, "r", S.REJECTED, at=T0, input_hash="same")
+    assert ledger.find_duplicate("same") is None
+    assert ledger.find_duplicate("same", exclude_id=rejected) is None
+    done = add(ledger, "d", S.DONE, at=T0 + timedelta(minutes=1), input_hash="same")
+    newer = add(ledger, "n", S.QUEUED, at=T0 + timedelta(minutes=2), input_hash="same")
+    assert ledger.find_duplicate("same").id == done
+    assert ledger.find_duplicate("same", exclude_id=done).id == newer
+    assert ledger.find_duplicate("other") is None
+
+
+def test_find_by_manifest_and_staged_deadlines(ledger: Ledger) -> None:
+    early = ledger.add_staged("a", "i2v", "inbox/a.toml", T0 + timedelta(minutes=1), now=T0)
+    late = ledger.add_staged("b", "i2v", "inbox/b.toml", T0 + timedelta(minutes=9), now=T0)
+    ledger.add_staged("c", "i2v", "inbox/c.toml", None, now=T0)
+    assert ledger.find_by_manifest("inbox/a.toml").id == early.id
+    assert ledger.find_by_manifest(Path("inbox/b.toml")).id == late.id
+    assert ledger.find_by_manifest("inbox/zzz.toml") is None
+    assert [j.id for j in ledger.staged_past_deadline(T0 + timedelta(minutes=5))] == [early.id]
+    assert ledger.transition(early.id, S.STAGED, S.REJECTED, "deadline passed")
+    assert ledger.staged_past_deadline(T0 + timedelta(minutes=5)) == []
+    assert ledger.find_by_manifest("inbox/a.toml") is None
+    assert ledger.find_by_manifest("inbox/a.toml", states=[S.REJECTED]).id == early.id
+
+
+def test_list_and_counts(ledger: Ledger) -> None:
+    ids = [add(ledger, f"j{i}", state, at=T0 + timedelta(minutes=i))
+           for i, state in enumerate([S.QUEUED, S.DONE, S.QUEUED, S.FAILED])]  # fmt: skip
+    assert [j.id for j in ledger.list()] == ids[::-1]
+    assert [j.id for j in ledger.list(newest_first=False, limit=2)] == ids[:2]
+    assert [j.id for j in ledger.list(states=[S.QUEUED])] == [ids[2], ids[0]]
+    counts = ledger.counts_by_state()
+    assert set(counts) == set(JobState)
+    assert (counts[S.QUEUED], counts[S.DONE], counts[S.FAILED], counts[S.SAMPLING]) == (2, 1, 1, 0)
+
+
+# ---- claiming ----------------------------------------------------------------------------------
+
+
+def test_claim_takes_highest_priority_then_oldest(ledger: Ledger) -> None:
+    old_low = add(ledger, "old-low", S.QUEUED, at=T0)
+    new_high = add(ledger, "new-high", S.QUEUED, at=T0 + timedelta(minutes=2), priority=5)
+    mid_low = add(ledger, "mid-low", S.QUEUED, at=T0 + timedelta(minutes=1))
+    later = T0 + timedelta(hours=1)
+    order = [ledger.claim_next(S.QUEUED, S.PREPROCESSING, now=later) for _ in range(4)]
+    assert [j.id if j else None for j in order] == [new_high, old_low, mid_low, None]
+    claimed = ledger.get(new_high)
+    assert claimed.state == S.PREPROCESSING and claimed.updated_at == later
+    assert ledger.events(new_high)[-1].message == "taken for preprocessing"
+
+
+def test_claim_skips_jobs_whose_retry_time_has_not_come(ledger: Ledger) -> None:
+    waiting = add(ledger, "waiting", S.READY, at=T0)
+    assert ledger.claim_next(S.READY, S.SAMPLING, now=T0) is not None
+    assert ledger.record_failure(waiting, S.SAMPLING, "CUDA out of memory", "oom", True, now=T0) == S.READY
+    fresh = add(ledger, "fresh", S.READY, at=T0 + timedelta(seconds=1))
+    assert ledger.claim_next(S.READY, S.SAMPLING, now=T0 + timedelta(seconds=5)).id == fresh
+    assert ledger.claim_next(S.READY, S.SAMPLING, now=T0 + timedelta(seconds=29)) is None
+    assert ledger.claim_next(S.READY, S.SAMPLING, now=T0 + timedelta(seconds=30)).id == waiting
+
+
+def test_claim_prefers_the_loaded_model_but_not_over_priority(ledger: Ledger) -> None:
+    other_old = add(ledger, "other-old", S.READY, at=T0, model_id="animate-14B")
+    mine_new = add(ledger, "mine-new", S.READY, at=T0 + timedelta(minutes=1), model_id="i2v-A14B")
+    urgent = add(ledger, "urgent", S.READY, at=T0 + timedelta(minutes=2), model_id="animate-14B", priority=9)
+    now = T0 + timedelta(minutes=3)
+    take = [ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", now=now).id for _ in range(3)]
+    assert take == [urgent, mine_new, other_old]
+
+
+def test_claim_with_max_wait_lets_a_starved_model_go_first(ledger: Ledger) -> None:
+    starved = add(ledger, "starved", S.READY, at=T0, model_id="animate-14B")
+    mine = add(ledger, "mine", S.READY, at=T0 + timedelta(minutes=1), model_id="i2v-A14B")
+    patience = timedelta(minutes=30)
+    soon = T0 + timedelta(minutes=10)
+    job = ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", max_wait=patience, now=soon)
+    assert job.id == mine
+    assert ledger.transition(mine, S.SAMPLING, S.READY, "put back")  # updated_at: now it waits afresh
+    late = T0 + timedelta(minutes=45)
+    job = ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", max_wait=patience, now=late)
+    assert job.id == starved
+
+
+def test_claim_filters_by_kind_and_checks_the_edge(ledger: Ledger) -> None:
+    i2v = add(ledger, "still", S.QUEUED, kind="i2v")
+    animate = add(ledger, "dance", S.QUEUED, kind="animate")
+    assert ledger.claim_next(S.QUEUED, S.PREPROCESSING, kinds=["animate"], now=T0).id == animate
+    assert ledger.claim_next(S.QUEUED, S.PREPROCESSING, kinds=["animate"], now=T0) is None
+    assert ledger.claim_next(S.QUEUED, S.PREPROCESSING, kinds={"i2v", "animate"}, now=T0).id == i2v
+    with pytest.raises(IllegalTransition, match="queued -> sampling is not a legal move"):
+        ledger.claim_next(S.QUEUED, S.SAMPLING)
+
+
+def test_claim_sets_fields_and_message(ledger: Ledger) -> None:
+    job_id = add(ledger, state=S.READY)
+    job = ledger.claim_next(S.READY, S.SAMPLING, message="sent to the pool (pid 42)", phase="load", now=T0)
+    assert job.id == job_id and job.phase == "load"
+    assert ledger.events(job_id)[-1].message == "sent to the pool (pid 42)"
+
+
+# ---- progress, timings, cancel, retry ----------------------------------------------------------
+
+
+def test_progress_is_recorded_only_while_running(ledger: Ledger) -> None:
+    queued = add(ledger, "q", S.QUEUED)
+    running = add(ledger, "s", S.SAMPLING)
+    events = len(ledger.events(running))
+    assert ledger.record_progress(running, "sampling", 3, 40, now=T0)
+    assert not ledger.record_progress(queued, "sampling", 3, 40)
+    job = ledger.get(running)
+    assert (job.phase, job.step, job.total_steps, job.progress_at) == ("sampling", 3, 40, T0)
+    assert len(ledger.events(running)) == events  # progress is not a state change
+    assert ledger.get(queued).step is None
+
+
+def test_timings_add_up_per_phase(ledger: Ledger) -> None:
+    job_id = add(ledger, state=S.SAMPLING)
+    ledger.record_timing(job_id, "preprocess", 1.5)
+    ledger.record_timing(job_id, "sampling", 10.25)
+    ledger.record_timing(job_id, "sampling", 2.0)
+    assert ledger.get(job_id).timings_json == {"preprocess": 1.5, "sampling": 12.25}
+    with pytest.raises(JobNotFound):
+        ledger.record_timing("20990101-000000-zzzz", "sampling", 1.0)
+
+
+def test_cancel_from_each_unfinished_state_and_not_after_the_end(ledger: Ledger) -> None:
+    for state in [S.STAGED, S.QUEUED, S.PREPROCESSING, S.READY, S.SAMPLING, S.FINALIZING]:
+        job_id = add(ledger, state.value, state)
+        assert ledger.cancel(job_id, "changed my mind") == state
+        assert ledger.get(job_id).state == S.CANCELLED
+        assert ledger.events(job_id)[-1].message == "changed my mind"
+    for state in [S.DONE, S.FAILED, S.REJECTED, S.CANCELLED]:
+        job_id = add(ledger, state.value, state)
+        with pytest.raises(IllegalTransition, match=f"cannot cancel: it has already ended \\({state.value}\\)"):
+            ledger.cancel(job_id)
+        assert ledger.get(job_id).state == state
+
+
+def test_retry_gives_a_fresh_attempt_budget_and_keeps_the_history(ledger: Ledger) -> None:
+    job_id = add(ledger, state=S.SAMPLING, max_attempts=1)
+    ledger.record_progress(job_id, "sampling", 7, 40)
+    assert ledger.record_failure(job_id, S.SAMPLING, "NaN in latents", "internal", True, now=T0) == S.FAILED
+    failed = ledger.get(job_id)
+    assert (failed.attempts, failed.error_kind, failed.last_error) == (1, "internal", "NaN in latents")
+
+    job = ledger.retry(job_id[:12])
+    assert job.state == S.QUEUED
+    assert (job.attempts, job.last_error, job.error_kind, job.retry_after, job.step) == (0, None, None, None, None)
+    messages = [e.message for e in ledger.events(job_id)]
+    assert any("NaN in latents" in m for m in messages) and messages[-1] == "retried by user"
+    with pytest.raises(IllegalTransition, match="queued -> queued is not a legal move"):
+        ledger.retry(job_id)
+
+
+def test_retry_of_a_job_cancelled_before_acceptance_asks_for_a_resubmission(ledger: Ledger) -> None:
+    job_id = add(ledger, state=S.STAGED)
+    ledger.cancel(job_id)
+    with pytest.raises(IllegalTransition, match="cancelled before it was accepted; submit the manifest again"):
+        ledger.retry(job_id)
+    accepted = add(ledger, "accepted", S.QUEUED)
+    ledger.cancel(accepted)
+    assert ledger.retry(accepted).state == S.QUEUED
+    for state in (S.DONE, S.REJECTED):
+        with pytest.raises(IllegalTransition):
+            ledger.retry(add(ledger, state.value, state))
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+CLAIMER = textwrap.dedent(
+    """
+    import sys
+    from daemon.ledger import Ledger
+    from daemon.states import JobState as S
+    ledger = Ledger.open(sys.argv[1], busy_timeout_s=20)
+    sys.stdin.readline()  # start together
+    taken = []
+    while (job := ledger.claim_next(S.QUEUED, S.PREPROCESSING)) is not None:
+        taken.append(job.id)
+        ledger.record_progress(job.id, "prepare", 1, 1)
+        assert ledger.transition(job.id, S.PREPROCESSING, S.READY, "prepared by " + sys.argv[2])
+    for i in range(10):
+        ledger.add_staged(f"{sys.argv[2]}-{i}", "i2v", "inbox/x.toml", None)
+    print(" ".join(taken))
+    """
+)
+
+
+def test_two_processes_share_the_queue_without_locking_errors_or_double_claims(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    with Ledger.open(path) as ledger:
+        ids = {add(ledger, f"job{i}", S.QUEUED, at=T0 + timedelta(seconds=i)) for i in range(30)}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), name], cwd=REPO, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        for name in ("A", "B")
+    ]
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    results = [worker.communicate(timeout=120) for worker in workers]
+    for worker, (_, err) in zip(workers, results, strict=True):
+        assert worker.returncode == 0, err
+    taken = [out.split() for out, _ in results]
+    assert sorted(taken[0] + taken[1]) == sorted(ids)  # every job exactly once
+    with Ledger.open(path) as ledger:
+        counts = ledger.counts_by_state()
+        assert (counts[S.READY], counts[S.STAGED], counts[S.QUEUED]) == (30, 20, 0)
+        assert ledger.audit() == []
