@@ -38,6 +38,8 @@ def manifest_hash(manifest_bytes: bytes, input_sha256s: dict[str, str]) -> str:
     for volatile in ("name", "priority"):
         del canonical[volatile]
     canonical["inputs"] = _input_hashes(set(job.inputs), input_sha256s)
+    for orientation_only in ("size", "width", "height"):
+        del canonical["video"][orientation_only]  # both kinds use only the area; the inputs set the aspect
     blob = json.dumps([HASH_VERSION, canonical], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
