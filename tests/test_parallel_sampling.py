@@ -1,4 +1,4 @@
-"""The I2V denoising loop on 2 gloo ranks (Ulysses, then CFG-parallel) gives the 1-process final latent.
+"""The I2V denoising loop on 2 gloo ranks (Ulysses, CFG-parallel, FSDP2 + Ulysses) gives the 1-process latent.
 
 Real reference-fixture experts, the real solver and MoE switch; this file is also the torchrun script.
 """
@@ -19,7 +19,7 @@ GRID = (3, 6, 10)  # latent [T, h, w]: 3 * 3 * 5 = 45 tokens, odd, so 2 ranks ne
 STEPS = 4  # UniPC with shift 5: timesteps 999, 937 (high-noise expert), 833, 624 (low-noise expert)
 
 
-def sample(sp, guidance) -> torch.Tensor:
+def sample(sp, guidance, fsdp: bool = False) -> torch.Tensor:
     """Fixed seeded inputs through sample_i2v with the given sequence-parallel object and guidance."""
     from pipeline.i2v import I2VInputs, I2VModels, sample_i2v, sequence_length
     from pipeline.sampling import make_solver
@@ -27,6 +27,10 @@ def sample(sp, guidance) -> torch.Tensor:
     from pipeline.weights.loader import load_i2v_experts
 
     high, low = load_i2v_experts(DIT_I2V, dtype=torch.float32)
+    if fsdp:  # each rank keeps half of every weight; blocks gather theirs just in time
+        from pipeline.parallel.sharding import shard_module
+
+        high, low = shard_module(high, torch.device("cpu")), shard_module(low, torch.device("cpu"))
     models = I2VModels(high, low, vae=None, text_encoder=None, device=torch.device("cpu"), dtype=torch.float32)
     g = torch.Generator().manual_seed(2024)
     t, h, w = GRID
@@ -51,12 +55,13 @@ def main(out_dir: str) -> None:
     results = {"ulysses": sample(UlyssesParallel(), None)}
     cfg = CfgParallel()
     results["cfg"] = sample(cfg.sp, cfg)
+    results["fsdp+ulysses"] = sample(UlyssesParallel(), None, fsdp=True)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_ranks_ulysses_and_cfg_parallel_match_one_process(tmp_path) -> None:
+def test_two_ranks_ulysses_cfg_parallel_and_fsdp_match_one_process(tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
            str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -68,7 +73,7 @@ def test_two_ranks_ulysses_and_cfg_parallel_match_one_process(tmp_path) -> None:
     scale = expected.abs().max()
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        for mode in ("ulysses", "cfg"):
+        for mode in ("ulysses", "cfg", "fsdp+ulysses"):
             diff = (got[mode] - expected).abs().max() / scale
             assert diff < 1e-5, f"rank {rank} {mode}: relative max diff {diff:.2e}"
     assert torch.isfinite(expected).all() and not torch.allclose(expected, torch.zeros_like(expected))

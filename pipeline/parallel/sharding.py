@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 
 SHARDINGS = ("auto", "replicate", "fsdp")
-# Activations, the VAE, caches and allocator slack beside the weights on one GPU: 480p needs about 10 GiB,
-# 720p about 25 GiB at 81 frames on one GPU; Ulysses divides most of it by the number of ranks.
-ACTIVATION_RESERVE = 24 * 2**30
+# Activations, the VAE, caches and allocator slack beside the weights on one GPU: the reference's 720p
+# forward peaked at 59.3 GiB with 26.6 GiB of weights, so ~32 GiB at 81 frames (Ulysses divides most of it).
+ACTIVATION_RESERVE = 32 * 2**30
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 
 
 def expert_parameter_bytes(ckpt_dir: Path, dtype: torch.dtype) -> int:
-    """Bytes both I2V experts occupy in `dtype`, read from the checkpoint's tensor headers (no loading)."""
+    """Bytes both I2V experts occupy in `dtype` (headers, no loading), plus the text encoder rank 0 holds."""
     from pipeline.weights.loader import tensor_shapes
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -30,7 +31,8 @@ def expert_parameter_bytes(ckpt_dir: Path, dtype: torch.dtype) -> int:
             for size in shape:
                 numel *= size
             total += numel * itemsize
-    return total
+    t5 = ckpt_dir / T5_FILE  # stored in bf16, the dtype it runs in
+    return total + (t5.stat().st_size if t5.is_file() else 0)
 
 
 def decide(requested: str, weight_bytes: int, free_bytes: int, reserve: int = ACTIVATION_RESERVE) -> str:
