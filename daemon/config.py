@@ -28,7 +28,7 @@ MODEL_FAMILIES = {"i2v-A14B": "Wan2.2-I2V-A14B", "animate-14B": "Wan2.2-Animate-
 DEFAULT_WORKER_COMMAND = (
     "{python}", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "{nproc}",
     "-m", "pipeline.worker", "--model", "{model}", "--socket", "{socket}",
-    "--checkpoint-dir", "{checkpoint_dir}", "--device", "{device}",
+    "--checkpoint-dir", "{checkpoint_dir}", "--device", "{device}", "--crf", "{crf}",
 )
 
 
@@ -88,6 +88,7 @@ class PoolSettings:
 @dataclass(frozen=True)
 class PreprocessSettings:
     workers: int = 2  # CPU processes preparing the next jobs while the GPUs sample
+    mediapipe_dir: Path = Path("models/mediapipe")  # the animate preprocessing's mediapipe task files
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | 
     pool = replace(pool, models_dir=models_dir if models_dir.is_absolute() else paths.root / models_dir)
     dirs = {k: (v if v.is_absolute() else paths.root / v) for k, v in pool.checkpoint_dirs.items()}
     sections["pool"] = replace(pool, checkpoint_dirs=dirs)
+    prep = sections["preprocess"]
+    if not prep.mediapipe_dir.is_absolute():
+        sections["preprocess"] = replace(prep, mediapipe_dir=paths.root / prep.mediapipe_dir)
     cfg = Config(paths=paths, source=source, **sections)
     _check_choices(cfg)
     return cfg

@@ -51,8 +51,9 @@ class PoolEvent:
 class WarmPool:
     """One torchrun process group with one model loaded; states: stopped, loading, idle, busy."""
 
-    def __init__(self, settings: PoolSettings, socket_path: Path) -> None:
+    def __init__(self, settings: PoolSettings, socket_path: Path, crf: int = 18) -> None:
         self.settings = settings
+        self.crf = crf
         self.socket_path = socket_path
         self.state = "stopped"
         self.model: str | None = None
@@ -88,6 +89,7 @@ class WarmPool:
             "checkpoint_dir": str(self.settings.checkpoint_dir(model)),
             "models_dir": str(self.settings.models_dir),
             "device": self.settings.device,
+            "crf": str(self.crf),
         }
         try:
             return [part.format(**values) for part in self.settings.command]

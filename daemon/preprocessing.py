@@ -44,15 +44,30 @@ def _prepare_i2v(params: dict[str, Any], work_dir: Path) -> tuple[dict[str, str]
     return {"image": str(work_dir / "prepared.png")}, info
 
 
-def _prepare_animate(params: dict[str, Any], work_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+# Files of the animate preprocessing that the worker reads (preview and stats are for people).
+ANIMATE_RUN_INPUTS = ("pose", "face", "ref", "bg", "mask")
+
+
+def _prepare_animate(params: dict[str, Any], work_dir: Path, models_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    from pipeline.preprocess.animate import PreprocessError, preprocess_animate_job
+    from pipeline.preprocess.animate.errors import DetectorError
+
+    options = params.get("animate") or {}
+    width, height = (int(v) for v in str(params["video"]["size"]).split("*"))
+    fps = options.get("preprocess_fps", 30)
     try:
-        from pipeline.preprocess.animate import preprocess_animate_job  # type: ignore[attr-defined]
-    except ImportError:
-        raise PreprocessFailed(
-            "animate preprocessing is not available in this build of wanbox", "internal", False
-        ) from None
-    result = preprocess_animate_job(params, work_dir)
-    return dict(result["inputs"]), dict(result.get("info", {}))
+        stats = preprocess_animate_job(
+            Path(params["inputs"]["video"]["path"]), Path(params["inputs"]["character"]["path"]),
+            work_dir / "animate", mode=options.get("mode", "animation"), resolution_area=(width, height),
+            fps=fps if fps and fps > 0 else -1, retarget=bool(options.get("retarget", False)),
+            models_dir=models_dir,
+        )
+    except DetectorError as exc:  # the detector crashed or hung: not the input's fault, try again
+        raise PreprocessFailed(f"animate preprocessing: {exc}", "internal", True) from None
+    except PreprocessError as exc:
+        raise PreprocessFailed(f"animate preprocessing: {exc}", "input", False) from None
+    files = stats.get("files", {})
+    return {role: files[role] for role in ANIMATE_RUN_INPUTS if role in files}, stats
 
 
 def prepared_inputs(work_dir: Path) -> dict[str, str] | None:
@@ -67,7 +82,7 @@ def prepared_inputs(work_dir: Path) -> dict[str, str] | None:
     return inputs
 
 
-def prepare_job(kind: str, params: dict[str, Any], work_dir: str) -> dict[str, Any]:
+def prepare_job(kind: str, params: dict[str, Any], work_dir: str, models_dir: str = "") -> dict[str, Any]:
     """Prepare one job (runs in a pool process); returns {"inputs": role -> path, "info", "seconds"}."""
     started = time.monotonic()
     work = Path(work_dir)
@@ -75,7 +90,7 @@ def prepare_job(kind: str, params: dict[str, Any], work_dir: str) -> dict[str, A
         if kind == "i2v":
             inputs, info = _prepare_i2v(params, work)
         elif kind == "animate":
-            inputs, info = _prepare_animate(params, work)
+            inputs, info = _prepare_animate(params, work, Path(models_dir))
         else:
             raise PreprocessFailed(f"kind = {kind!r}: expected i2v or animate")
     except PreprocessFailed:

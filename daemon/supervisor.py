@@ -109,7 +109,7 @@ class Supervisor:
         self.ledger: Ledger | None = None
         self.watcher = InboxWatcher(self.paths.inbox, config.inbox.rescan_seconds, config.inbox.polling)
         self.tracker = StabilityTracker(config.inbox.settle_seconds)
-        self.pool = WarmPool(config.pool, self.paths.socket)
+        self.pool = WarmPool(config.pool, self.paths.socket, config.outbox.crf)
         self.outbox = Outbox(self.paths.outbox, config.outbox.poster)
         self.notifier = Notifier()
         self.staging: dict[str, Staging] = {}  # manifest path -> what we know
@@ -468,7 +468,8 @@ class Supervisor:
                 return
             if not self._inputs_in_work(job):
                 continue
-            future = self.executor.submit(prepare_job, job.kind, job.params_json, job.work_dir)
+            future = self.executor.submit(prepare_job, job.kind, job.params_json, job.work_dir,
+                                          str(self.cfg.preprocess.mediapipe_dir))
             self.preparing[job.id] = (future, time.monotonic())
             self.ledger.record_progress(job.id, "preprocess", None, None)
             jlog(logging.INFO, job.id, "preprocessing")

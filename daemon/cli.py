@@ -1,0 +1,369 @@
+"""The `wanbox` command line: serve, submit, status, show, cancel, retry, validate, doctor, models, ...
+
+Read commands and cancel/retry talk to the ledger only (the running supervisor notices changes);
+it must not import torch, and must never move or delete files of jobs the supervisor owns.
+
+Exit codes: 0 ok, 1 failure, 2 usage error or invalid input, 3 job/file not found, 4 bad config,
+5 not available in this build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon.config import MODEL_FAMILIES, Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
+EPILOG = ("exit codes: 0 ok, 1 failure, 2 usage error or invalid input, 3 job or file not found, "
+          "4 bad configuration, 5 not available in this build")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.root)
+
+
+def _open_ledger(cfg: Config, create: bool = False) -> Any:
+    from daemon.ledger import Ledger
+
+    if not create and "://" not in str(cfg.paths.ledger) and not cfg.paths.ledger.exists():
+        raise FileNotFoundError(
+            f"no ledger at {cfg.paths.ledger}: has `wanbox serve` run with this root ({cfg.paths.root})? "
+            "Use --root DIR or --config FILE"
+        )
+    return Ledger.open(cfg.paths.ledger)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _age(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def job_summary(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id, "name": job.name, "kind": job.kind, "model_id": job.model_id, "state": job.state.value,
+        "priority": job.priority, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "phase": job.phase, "step": job.step, "total_steps": job.total_steps,
+        "last_error": job.last_error, "error_kind": job.error_kind, "created_at": job.created_at,
+        "updated_at": job.updated_at, "retry_after": job.retry_after, "outputs": job.outputs_json,
+    }  # fmt: skip
+
+
+def progress_bar(step: int | None, total: int | None, width: int = 20) -> str:
+    if not total or step is None:
+        return ""
+    filled = int(width * min(step, total) / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+
+
+def eta(job: Any) -> str:
+    """Remaining time from the pace so far in this phase (a rough guide, shown as such)."""
+    if not job.total_steps or not job.step or job.progress_at is None or job.phase != "sampling":
+        return ""
+    started = job.updated_at  # the transition into sampling
+    elapsed = (job.progress_at - started).total_seconds()
+    if elapsed <= 0:
+        return ""
+    remaining = elapsed / job.step * (job.total_steps - job.step)
+    return f"ETA ~{remaining:.0f}s"
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.supervisor import serve
+
+    return serve(_config(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        while True:
+            jobs = ledger.list(limit=args.limit)
+            counts = {s.value: n for s, n in ledger.counts_by_state().items()}
+            if args.json:
+                _print_json({"counts": counts, "jobs": [job_summary(j) for j in jobs]})
+                return EXIT_OK
+            text = render_status(jobs, counts)
+            if not args.watch:
+                print(text)
+                return EXIT_OK
+            sys.stdout.write("\x1b[2J\x1b[H" + text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+
+
+def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
+    header = f"{'JOB':<22} {'NAME':<24} {'KIND':<8} {'STATE':<13} {'AGE':>5}  PROGRESS"
+    lines = [header]
+    for job in jobs:
+        progress = ""
+        if job.phase:
+            progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}".strip()
+        if job.state.value in ("failed", "rejected") and job.last_error:
+            progress = job.last_error.splitlines()[0][:80]
+        lines.append(f"{job.id:<22} {job.name[:24]:<24} {job.kind:<8} {job.state.value:<13} "
+                     f"{_age(job.created_at):>5}  {progress}")
+    lines.append("")
+    lines.append("  ".join(f"{state}: {n}" for state, n in counts.items() if n))
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        job = ledger.get(args.job)
+        events = ledger.events(job.id)
+    if args.json:
+        _print_json({**job_summary(job), "parameters": job.params_json, "timings": job.timings_json,
+                     "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
+                     "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
+                                for e in events]})  # fmt: skip
+        return EXIT_OK
+    print(f"job {job.id}  {job.name}  ({job.kind}, {job.model_id or '?'})  state: {job.state.value}")
+    print(f"  manifest: {job.manifest_path}")
+    print(f"  attempts: {job.attempts} of {job.max_attempts}   priority: {job.priority}")
+    if job.phase:
+        print(f"  progress: {job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}")
+    if job.last_error:
+        print(f"  last error ({job.error_kind}): {job.last_error}")
+    for key, value in (job.outputs_json or {}).items():
+        print(f"  {key}: {value}")
+    if job.timings_json:
+        print("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings_json.items()))
+    if job.params_json:
+        sampling = job.params_json.get("sampling", {})
+        video = job.params_json.get("video", {})
+        print(f"  parameters: size {video.get('size')}, frames {video.get('frames')}, fps {video.get('fps')}, "
+              f"steps {sampling.get('steps')}, seed {sampling.get('seed')}")
+    print("  events:")
+    for e in events:
+        frm = e.from_state.value if e.from_state else "-"
+        print(f"    {e.at:%Y-%m-%d %H:%M:%S}  {frm:>13} -> {e.to_state.value:<13} {e.message}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        job = ledger.get(args.job)
+        was = ledger.cancel(job.id, "cancelled by user (wanbox cancel)")
+    print(f"cancelled {job.id} ({job.name}), which was {was.value}"
+          + ("; the running pool stops it at the next step" if was.value == "sampling" else ""))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        job = ledger.retry(args.job, "retried by user (wanbox retry)")
+    print(f"{job.id} ({job.name}) is queued again")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from inbox_schema.cli import main as validate_main
+
+    return validate_main(args.rest)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from daemon.submit import submit
+
+    cfg = _config(args)
+    for line in submit(Path(args.file), cfg.paths.inbox, name=args.name):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from daemon.doctor import run_checks
+
+    cfg = _config(args)
+    results = run_checks(cfg)
+    if args.json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            print(f"[{r.status.upper():4}] {r.name}: {r.detail}")
+    return EXIT_FAILURE if any(r.status == "fail" for r in results) else EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        from pipeline.weights import hub
+    except ImportError:
+        print("wanbox models: the model hub module is not available in this build", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    cfg = _config(args)
+    if args.action == "list":
+        return int(hub.main_list(cfg.pool.models_dir))
+    dest = cfg.pool.checkpoint_dir(args.family) if args.dest is None else Path(args.dest)
+    action = hub.main_pull if args.action == "pull" else hub.main_verify
+    return int(action(args.family, dest))
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    return int(args.preprocess_run(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from daemon import demo
+    except ImportError:
+        print("wanbox demo: not available in this build (daemon/demo.py is missing)", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    return int(demo.main(args.rest))
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=argparse.SUPPRESS,
+                        help="data root holding inbox/, outbox/, failed/, work/, state/")
+    parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="config file (default /etc/wanbox/config.toml when present)")
+
+
+def _preprocess_parser(sub: Any) -> None:
+    try:
+        from pipeline.preprocess.animate import cli as animate_cli
+    except ImportError:
+        animate_cli = None
+    p = sub.add_parser("preprocess", help="animate preprocessing of one video by hand (pose, face, mask)")
+    _common(p)
+    if animate_cli is None:
+        p.set_defaults(func=lambda _a: _unavailable("preprocess"))
+        return
+    animate_cli.add_arguments(p)
+    p.set_defaults(func=cmd_preprocess, preprocess_run=animate_cli.run)
+
+
+def _unavailable(what: str) -> int:
+    print(f"wanbox {what}: not available in this build", file=sys.stderr)
+    return EXIT_UNAVAILABLE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanbox", description="Drop a job into a folder, get a video out.",
+                                     epilog=EPILOG)
+    _common(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon (under systemd: wanbox.service)")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("submit", help="copy a manifest and its media into the inbox safely (media first)")
+    _common(p)
+    p.add_argument("file", help="the manifest (name.toml, or a folder with job.toml)")
+    p.add_argument("--name", help="name in the inbox (default: the manifest's or folder's name)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="jobs and their progress")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="refresh with live progress until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=30)
+    p.set_defaults(func=cmd_status)
+
+    for name, func, text in (("show", cmd_show, "a job's timeline, parameters, errors and outputs"),
+                             ("cancel", cmd_cancel, "cancel a job (a running one stops at its next step)"),
+                             ("retry", cmd_retry, "run a failed or cancelled job again")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("job", help="job id or a unique prefix of it")
+        if name == "show":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("validate", help="check a manifest (prints the resolved job or the errors)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("doctor", help="check paths, permissions, disk, GPUs, models, memory")
+    _common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("models", help="download, verify or list model checkpoints")
+    _common(p)
+    p.add_argument("action", choices=("pull", "verify", "list"))
+    p.add_argument("family", nargs="?", choices=list(MODEL_FAMILIES), help="model family (pull, verify)")
+    p.add_argument("--dest", help="directory (default: the configured checkpoint dir)")
+    p.set_defaults(func=cmd_models)
+
+    _preprocess_parser(sub)
+
+    p = sub.add_parser("demo", help="a first run: tiny model, throwaway root, one job from a real photo",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.root = getattr(args, "root", None)
+    args.config = getattr(args, "config", None)
+    if args.command == "models" and args.action != "list" and args.family is None:
+        parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(MODEL_FAMILIES)}")
+    _setup_logging(args.verbose)
+    from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound
+    from daemon.submit import SubmitError
+    from inbox_schema import ManifestInvalid
+
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"wanbox: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (JobNotFound, AmbiguousJobId, FileNotFoundError) as exc:
+        print(f"wanbox: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except IllegalTransition as exc:
+        print(f"wanbox: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "status" else EXIT_FAILURE
+    except (SubmitError, ManifestInvalid) as exc:
+        print(f"wanbox {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"wanbox {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

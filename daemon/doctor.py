@@ -1,0 +1,151 @@
+"""`wanbox doctor`: checks that a host can run the daemon (paths, permissions, disk, GPUs, models, RAM).
+
+Read-only: it creates, moves and deletes nothing, and must not import torch (GPUs via nvidia-smi).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import protocol
+from daemon.config import MODEL_FAMILIES, Config
+
+MIN_FREE_GIB = 20  # one 720p job's intermediates plus room for outputs; below it, warn
+CRITICAL_FREE_GIB = 2
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok" | "warn" | "fail"
+    detail: str
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_dirs(cfg: Config) -> list[Check]:
+    found = []
+    for label in ("inbox", "outbox", "failed", "work", "state"):
+        path: Path = getattr(cfg.paths, label)
+        if path.is_dir():
+            ok = os.access(path, os.W_OK | os.X_OK)
+            found.append(Check(f"{label} dir", "ok" if ok else "fail",
+                               f"{path}" + ("" if ok else " is not writable by this user")))
+        else:
+            parent = _nearest_existing(path)
+            ok = os.access(parent, os.W_OK)
+            found.append(Check(f"{label} dir", "warn" if ok else "fail",
+                               f"{path} does not exist yet" + (" (serve creates it)" if ok else
+                                                               f"; {parent} is not writable")))
+    return found
+
+
+def check_same_filesystem(cfg: Config) -> Check:
+    """inbox and work must share a filesystem, so that accepting a job is a rename, not a copy."""
+    try:
+        inbox_dev = os.stat(_nearest_existing(cfg.paths.inbox)).st_dev
+        work_dev = os.stat(_nearest_existing(cfg.paths.work)).st_dev
+    except OSError as exc:
+        return Check("inbox/work filesystem", "warn", str(exc))
+    if inbox_dev == work_dev:
+        return Check("inbox/work filesystem", "ok", "same filesystem: accepting a job is a rename")
+    return Check("inbox/work filesystem", "warn", "different filesystems: accepted inputs are copied (slower)")
+
+
+def check_disk(cfg: Config) -> Check:
+    usage = shutil.disk_usage(_nearest_existing(cfg.paths.root))
+    free_gib = usage.free / 2**30
+    status = "fail" if free_gib < CRITICAL_FREE_GIB else "warn" if free_gib < MIN_FREE_GIB else "ok"
+    return Check("free disk", status, f"{free_gib:.1f} GiB free under {cfg.paths.root}")
+
+
+def check_memory() -> Check:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return Check("memory", "warn", "cannot read /proc/meminfo")
+    info = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.split()[1:]}
+    total, available = info.get("MemTotal", 0) / 2**20, info.get("MemAvailable", 0) / 2**20
+    status = "warn" if total < 64 else "ok"
+    return Check("memory", status, f"{total:.0f} GiB total, {available:.0f} GiB available"
+                 + (" (14B models want 64+ GiB of host RAM to load)" if status == "warn" else ""))
+
+
+def check_gpus(cfg: Config) -> Check:
+    smi = shutil.which("nvidia-smi")
+    wanted = "fail" if cfg.pool.device == "cuda" else "ok"
+    if smi is None:
+        return Check("GPUs", wanted, "nvidia-smi not found" + (" but pool.device = cuda" if wanted == "fail" else
+                                                                 " (pool.device = cpu)"))
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError) as exc:
+        return Check("GPUs", wanted, f"nvidia-smi failed: {exc}")
+    gpus = [line.strip() for line in out.splitlines() if line.strip()]
+    if len(gpus) < cfg.pool.nproc and cfg.pool.device == "cuda":
+        return Check("GPUs", "fail", f"{len(gpus)} GPU(s), but pool.nproc = {cfg.pool.nproc}: {gpus}")
+    return Check("GPUs", "ok", f"{len(gpus)}: " + "; ".join(gpus))
+
+
+def check_models(cfg: Config) -> list[Check]:
+    found = []
+    try:
+        from pipeline.weights.hub import check_installed  # type: ignore[import-not-found]
+    except ImportError:
+        check_installed = None
+    for family in MODEL_FAMILIES:
+        path = cfg.pool.checkpoint_dir(family)
+        if check_installed is not None:
+            try:
+                problem = check_installed(family, path)
+            except Exception as exc:  # a broken checkpoint dir must not crash doctor
+                problem = f"{type(exc).__name__}: {exc}"
+            found.append(Check(f"model {family}", "warn" if problem else "ok", str(problem or path)))
+        else:
+            ok = path.is_dir() and any(path.iterdir())
+            found.append(Check(f"model {family}", "ok" if ok else "warn",
+                               f"{path}" + ("" if ok else f" is missing: wanbox models pull {family}")))
+    return found
+
+
+def check_worker(cfg: Config) -> list[Check]:
+    from daemon.pool import WarmPool
+
+    pool = WarmPool(cfg.pool, cfg.paths.socket)
+    found = []
+    try:
+        argv = pool.command(next(iter(MODEL_FAMILIES)))
+        program = shutil.which(argv[0])
+        found.append(Check("worker command", "ok" if program else "fail",
+                           " ".join(argv) if program else f"{argv[0]} not found on PATH"))
+    except ValueError as exc:
+        found.append(Check("worker command", "fail", str(exc)))
+    try:
+        protocol.check_socket_path(cfg.paths.socket)
+        found.append(Check("pool socket", "ok", str(cfg.paths.socket)))
+    except ValueError as exc:
+        found.append(Check("pool socket", "fail", str(exc)))
+    return found
+
+
+def run_checks(cfg: Config) -> list[Check]:
+    source = str(cfg.source) if cfg.source else "built-in defaults"
+    return [
+        Check("config", "ok", source),
+        *check_dirs(cfg),
+        check_same_filesystem(cfg),
+        check_disk(cfg),
+        check_memory(),
+        check_gpus(cfg),
+        *check_models(cfg),
+        *check_worker(cfg),
+    ]
