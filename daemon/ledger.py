@@ -285,12 +285,21 @@ class Ledger:
         self.close()
 
     def upgrade(self) -> None:
-        """Run Alembic `upgrade head` in one write transaction (concurrent openers wait for each other)."""
+        """Run Alembic `upgrade head` in one write transaction (concurrent openers wait for each other).
+
+        An up-to-date ledger is only read, so opening it never waits for a busy writer.
+        """
         from alembic import command
+        from alembic.migration import MigrationContext
+        from alembic.script import ScriptDirectory
         from alembic.util.exc import CommandError
 
+        config = alembic_config(self.url)
+        with self.engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+        if current == set(ScriptDirectory.from_config(config).get_heads()):
+            return
         with self.engine.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
-            config = alembic_config(self.url)
             config.attributes["connection"] = conn
             try:
                 command.upgrade(config, "head")

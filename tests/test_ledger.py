@@ -372,29 +372,32 @@ CLAIMER = textwrap.dedent(
     import sys
     from daemon.ledger import Ledger
     from daemon.states import JobState as S
-    ledger = Ledger.open(sys.argv[1], busy_timeout_s=20)
-    sys.stdin.readline()  # start together
+    path, name = sys.argv[1], sys.argv[2]
+    ledger = Ledger.open(path, busy_timeout_s=20)  # both processes create/upgrade the new file at once
+    for i in range(15):
+        job = ledger.add_staged(f"{name}-{i}", "i2v", f"inbox/{name}-{i}.toml", None)
+        assert ledger.transition(job.id, S.STAGED, S.QUEUED, "accepted")
+    print("added", flush=True)
+    sys.stdin.readline()  # claim together
     taken = []
     while (job := ledger.claim_next(S.QUEUED, S.PREPROCESSING)) is not None:
         taken.append(job.id)
         ledger.record_progress(job.id, "prepare", 1, 1)
-        assert ledger.transition(job.id, S.PREPROCESSING, S.READY, "prepared by " + sys.argv[2])
-    for i in range(10):
-        ledger.add_staged(f"{sys.argv[2]}-{i}", "i2v", "inbox/x.toml", None)
+        assert ledger.transition(job.id, S.PREPROCESSING, S.READY, "prepared by " + name)
     print(" ".join(taken))
     """
 )
 
 
-def test_two_processes_share_the_queue_without_locking_errors_or_double_claims(tmp_path: Path) -> None:
+def test_two_processes_share_one_new_file_without_locking_errors_or_double_claims(tmp_path: Path) -> None:
     path = tmp_path / "wanbox.db"
-    with Ledger.open(path) as ledger:
-        ids = {add(ledger, f"job{i}", S.QUEUED, at=T0 + timedelta(seconds=i)) for i in range(30)}
     workers = [
         subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), name], cwd=REPO, text=True,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         for name in ("A", "B")
     ]
+    for worker in workers:
+        assert worker.stdout.readline() == "added\n", worker.stderr.read()
     for worker in workers:
         worker.stdin.write("go\n")
         worker.stdin.flush()
@@ -402,8 +405,9 @@ def test_two_processes_share_the_queue_without_locking_errors_or_double_claims(t
     for worker, (_, err) in zip(workers, results, strict=True):
         assert worker.returncode == 0, err
     taken = [out.split() for out, _ in results]
-    assert sorted(taken[0] + taken[1]) == sorted(ids)  # every job exactly once
     with Ledger.open(path) as ledger:
-        counts = ledger.counts_by_state()
-        assert (counts[S.READY], counts[S.STAGED], counts[S.QUEUED]) == (30, 20, 0)
+        ids = [job.id for job in ledger.list(limit=None)]
+        assert len(ids) == 30
+        assert sorted(taken[0] + taken[1]) == sorted(ids)  # every job exactly once
+        assert ledger.counts_by_state()[S.READY] == 30
         assert ledger.audit() == []
