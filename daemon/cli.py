@@ -35,7 +35,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _open_ledger(cfg: Config, create: bool = False) -> Any:
     from daemon.ledger import Ledger
 
-    if not create and "://" not in str(cfg.paths.ledger) and not cfg.paths.ledger.exists():
+    if not create and "://" not in str(cfg.paths.ledger) and not Path(cfg.paths.ledger).exists():
         raise FileNotFoundError(
             f"no ledger at {cfg.paths.ledger}: has `wanbox serve` run with this root ({cfg.paths.root})? "
             "Use --root DIR or --config FILE"

@@ -44,7 +44,7 @@ class Paths:
     failed: Path
     work: Path
     state: Path
-    ledger: Path
+    ledger: Path | str  # a file path (SQLite) or a database URL
     socket: Path
 
 
@@ -221,11 +221,19 @@ def _paths(source: Path | None, table: Any, root_override: Path | None) -> Paths
         failed=under("failed", "failed"),
         work=under("work", "work"),
         state=state,
-        ledger=(root / ledger_value) if ledger_value and not Path(ledger_value).is_absolute()
-        else Path(ledger_value) if ledger_value else state / "wanbox.db",
+        ledger=_ledger_location(root, state, ledger_value),
         socket=(root / socket_value) if socket_value and not Path(socket_value).is_absolute()
         else Path(socket_value) if socket_value else state / "pool.sock",
     )
+
+
+def _ledger_location(root: Path, state: Path, value: str | None) -> Path | str:
+    """A database URL stays a string (PostgreSQL); a path is resolved under the root."""
+    if not value:
+        return state / "wanbox.db"
+    if "://" in value:
+        return value
+    return Path(value) if Path(value).is_absolute() else root / value
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | None = None) -> Config:

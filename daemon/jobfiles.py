@@ -12,13 +12,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.outbox import fsync_dir
-
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
 OUTPUT_FILE = "output.mp4"
 ERROR_FILE = "error.txt"
 FAILED_POINTER = "failed_dir.txt"  # work/<id>/failed_dir.txt: where a failed job's inputs went
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or link in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 import av
 
+from daemon.jobfiles import fsync_dir
+
 MAX_COLLISIONS = 10_000
 
 
@@ -58,15 +60,6 @@ def write_poster(video: Path, dest: Path, quality: int = 90) -> None:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or link in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -82,6 +82,11 @@ def prepared_inputs(work_dir: Path) -> dict[str, str] | None:
     return inputs
 
 
+def warm_up() -> None:
+    """Import the image preparation in a fresh pool process, so the first job does not pay for it."""
+    import pipeline.preprocess.image  # noqa: F401
+
+
 def prepare_job(kind: str, params: dict[str, Any], work_dir: str, models_dir: str = "") -> dict[str, Any]:
     """Prepare one job (runs in a pool process); returns {"inputs": role -> path, "info", "seconds"}."""
     started = time.monotonic()

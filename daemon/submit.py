@@ -12,7 +12,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from daemon.outbox import fsync_dir
+from daemon.jobfiles import fsync_dir
 from daemon.watcher import FOLDER_MANIFEST
 from inbox_schema import load_manifest
 

@@ -27,7 +27,7 @@ from daemon.ledger import Backoff, Ledger, LedgerError
 from daemon.notify import Notifier
 from daemon.outbox import Outbox, OutputInvalid
 from daemon.pool import PoolEvent, WarmPool
-from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs
+from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs, warm_up
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import ManifestError, ManifestInvalid, load_manifest, render_errors
@@ -127,7 +127,9 @@ class Supervisor:
         backoff = Backoff(self.cfg.jobs.backoff_base_seconds, self.cfg.jobs.backoff_cap_seconds)
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
         self.recover()
+        # spawn, not fork: this process has threads (watcher, pool reader) that fork would copy mid-state.
         self.executor = ProcessPoolExecutor(self.cfg.preprocess.workers, mp_context=get_context("spawn"))
+        self.executor.submit(warm_up)  # start the processes now, not when the first job is waiting
         self.pool.open()
         self.watcher.start()
         log.info("wanbox %s serving %s (inbox %s, outbox %s)", software_version(), self.paths.root,

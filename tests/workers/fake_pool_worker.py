@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     args, _unknown = parser.parse_known_args(argv)
     ctl = Control(args.socket)
+    pid_dir = os.environ.get("FAKE_WORKER_PID_DIR")
+    if pid_dir:  # so tests can check that the whole process group is gone after a kill
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / str(os.getpid())).write_text(args.model)
     knobs = knobs_for(None)
     ctl.send(protocol.Hello(model=args.model, world_size=ctl.world, pid=os.getpid(),
                             devices=[{"name": "fake-cpu", "memory_total": 0}] * ctl.world))

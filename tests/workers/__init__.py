@@ -1,0 +1,1 @@
+"""Test helpers: the protocol-speaking fake worker and the harness that runs real daemons around it."""
