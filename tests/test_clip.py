@@ -1,0 +1,109 @@
+"""CLIP vision tower against the reference fixtures (every case in clip/cases.json), preprocessing, config
+resolution and the strict `visual.*` key rules. Must not hard-code the case list.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.models.clip import CLIP_FILE, CONFIG_FILE, ClipVision
+from pipeline.models.t5 import CheckpointError
+
+CLIP_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wan_ref" / "clip"
+
+
+def _case_names() -> list[str]:
+    path = CLIP_DIR / "cases.json"
+    if not path.is_file():
+        return ["<clip/cases.json missing>"]
+    return [case["name"] for case in json.loads(path.read_text())["cases"]]
+
+
+@pytest.fixture(scope="module")
+def cases(wan_ref: Path) -> dict:
+    return {c["name"]: c for c in json.loads((wan_ref / "clip" / "cases.json").read_text())["cases"]}
+
+
+@pytest.fixture(scope="module")
+def tensors(wan_ref: Path) -> dict[str, torch.Tensor]:
+    return load_file(wan_ref / "clip" / "cases.safetensors")
+
+
+@pytest.fixture(scope="module")
+def clip(wan_ref: Path) -> ClipVision:
+    return ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config=wan_ref / "clip" / "config.json")
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_matches_reference_case(name: str, cases: dict, tensors: dict, clip: ClipVision) -> None:
+    case = cases[name]
+    image = tensors[case["inputs"]["image"]["key"]]
+    expected = tensors[case["expected"]["features"]["key"]]
+    if "preprocessed" in case.get("debug", {}):
+        torch.testing.assert_close(clip.preprocess(image), tensors[case["debug"]["preprocessed"]["key"]])
+    out = clip(image)
+    assert out.shape == expected.shape == (1, clip.config.tokens, clip.config.vision_dim)
+    rel = ((out - expected).norm() / expected.norm()).item()
+    worst = (out - expected).abs().max().item()
+    tol = case["tolerance"]
+    assert rel <= tol["rel_l2"] and worst <= tol["max_abs"], f"{name}: rel {rel:.2e} max {worst:.2e}"
+
+
+def test_sizes_come_from_the_file_and_config(wan_ref: Path, clip: ClipVision) -> None:
+    fixture = json.loads((wan_ref / "clip" / "config.json").read_text())
+    cfg = clip.config
+    assert (cfg.vision_dim, cfg.vision_heads, cfg.vision_layers) == (
+        fixture["vision_dim"], fixture["vision_heads"], fixture["vision_layers"],
+    )  # fmt: skip
+    assert (cfg.image_size, cfg.patch_size, cfg.tokens) == (224, 14, 257)
+    assert len(clip.tower.transformer) == cfg.vision_layers - 1  # penultimate-block features
+
+
+def test_config_beside_the_file_is_used(wan_ref: Path, tmp_path: Path, clip: ClipVision) -> None:
+    shutil.copy(wan_ref / "clip" / CLIP_FILE, tmp_path / CLIP_FILE)
+    with pytest.raises(CheckpointError, match="vision width 64 is not a multiple of 80.*vision_heads"):
+        ClipVision.from_checkpoint(tmp_path / CLIP_FILE)
+    shutil.copy(wan_ref / "clip" / "config.json", tmp_path / CONFIG_FILE)
+    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(ClipVision.from_checkpoint(tmp_path / CLIP_FILE)(image), clip(image))
+
+
+def test_config_that_disagrees_with_the_file_is_an_error(wan_ref: Path) -> None:
+    config = json.loads((wan_ref / "clip" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="vision_layers = 4, but .* has 3"):
+        ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config=dict(config, vision_layers=4))
+
+
+def _rewrite(wan_ref: Path, tmp_path: Path, change) -> Path:
+    state = dict(torch.load(wan_ref / "clip" / CLIP_FILE, weights_only=True))
+    change(state)
+    path = tmp_path / CLIP_FILE
+    torch.save(state, path)
+    shutil.copy(wan_ref / "clip" / "config.json", tmp_path / CONFIG_FILE)
+    return path
+
+
+def test_visual_keys_are_strict_textual_ones_ignored(wan_ref: Path, tmp_path: Path) -> None:
+    path = _rewrite(wan_ref, tmp_path, lambda s: s.pop("visual.transformer.1.mlp.2.bias"))
+    with pytest.raises(CheckpointError, match=r"missing key 'visual.transformer.1.mlp.2.bias'"):
+        ClipVision.from_checkpoint(path)
+    path = _rewrite(wan_ref, tmp_path, lambda s: s.update({"visual.proj_extra": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'visual.proj_extra'"):
+        ClipVision.from_checkpoint(path)
+    path = _rewrite(wan_ref, tmp_path, lambda s: s.update({"visual.pre_norm.bias": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"key 'visual.pre_norm.bias' has shape \[3\]"):
+        ClipVision.from_checkpoint(path)
+    # Dropping the whole text tower and log_scale changes nothing: they are not read.
+    path = _rewrite(wan_ref, tmp_path, lambda s: [s.pop(k) for k in list(s) if not k.startswith("visual.")])
+    assert ClipVision.from_checkpoint(path).config.vision_dim == 64
+
+
+def test_bad_image_shape_is_named(clip: ClipVision) -> None:
+    with pytest.raises(ValueError, match=r"image: shape \[1, 3, 32, 32\], expected \[3, height, width\]"):
+        clip(torch.zeros(1, 3, 32, 32))

@@ -1,0 +1,157 @@
+"""Wan2.1 VAE against the reference fixtures (every case in vae/cases.json), plus causality, split decodes
+and checkpoint errors. Must not hard-code the case list: it is read from cases.json.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.models.t5 import CheckpointError
+from pipeline.models.vae import FeatureCache, WanVAE
+
+VAE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wan_ref" / "vae"
+CKPT = "Wan2.1_VAE.pth"
+
+
+def _case_names() -> list[str]:
+    path = VAE_DIR / "cases.json"
+    if not path.is_file():
+        return ["<vae/cases.json missing>"]
+    return [case["name"] for case in json.loads(path.read_text())["cases"]]
+
+
+@pytest.fixture(scope="module")
+def cases(wan_ref: Path) -> dict:
+    return {c["name"]: c for c in json.loads((wan_ref / "vae" / "cases.json").read_text())["cases"]}
+
+
+@pytest.fixture(scope="module")
+def tensors(wan_ref: Path) -> dict[str, torch.Tensor]:
+    return load_file(wan_ref / "vae" / "cases.safetensors")
+
+
+@pytest.fixture(scope="module")
+def vae(wan_ref: Path) -> WanVAE:
+    return WanVAE.from_checkpoint(wan_ref / "vae" / CKPT)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
+    rel = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    worst = (actual - expected).abs().max().item()
+    assert rel <= tol["rel_l2"] and worst <= tol["max_abs"], f"{what}: rel_l2 {rel:.2e}, max_abs {worst:.2e}"
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_matches_reference_case(name: str, cases: dict, tensors: dict, vae: WanVAE) -> None:
+    case = cases[name]
+    ((_, given),) = case["inputs"].items()
+    ((_, wanted),) = case["expected"].items()
+    x, expected = tensors[given["key"]], tensors[wanted["key"]]
+    assert case["kind"] in ("encode", "decode"), f"unknown case kind {case['kind']!r}"
+    actual = vae.encode(x) if case["kind"] == "encode" else vae.decode(x)
+    assert actual.dtype == torch.float32
+    _assert_close(actual, expected, case["tolerance"], name)
+    if case["kind"] == "decode":
+        assert actual.abs().max() <= 1.0  # clamped like the reference wrapper
+
+
+def test_encoder_is_causal(vae: WanVAE) -> None:
+    """Latent frames depend only on earlier pixel frames: a shorter clip gives the same leading latents."""
+    video = torch.rand(3, 9, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    full, head = vae.encode(video), vae.encode(video[:, :5])
+    assert full.shape == (16, 3, 2, 3) and head.shape == (16, 2, 2, 3)
+    torch.testing.assert_close(head, full[:, :2], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full[:, 2], torch.zeros_like(full[:, 2]))
+
+
+def test_decode_in_time_slices_equals_whole(vae: WanVAE) -> None:
+    latent = torch.randn(16, 4, 2, 3, generator=torch.Generator().manual_seed(2))
+    whole = vae.decode(latent)
+    assert whole.shape == (3, 13, 16, 24)
+    cache = FeatureCache()
+    parts = [vae.decode_frames(latent, cache, a, b) for a, b in ((0, 1), (1, 3), (3, 4))]
+    assert [p.shape[1] for p in parts] == [1, 8, 4]
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+    # A prefix decodes to the same leading frames (causal decoder).
+    torch.testing.assert_close(vae.decode(latent[:, :2]), whole[:, :5], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_as_layer_pipeline_equals_whole(vae: WanVAE) -> None:
+    """Two 'ranks', each with its own cache, each running half of the decoder layers frame by frame."""
+    latent = torch.randn(16, 3, 2, 3, generator=torch.Generator().manual_seed(3))
+    cut = vae.decoder_layer_count() // 2
+    first, second = FeatureCache(), FeatureCache()
+    frames = []
+    for t in range(latent.shape[1]):
+        hidden = vae.run_decoder_layers(vae.decoder_input(latent[:, t : t + 1]), first, 0, cut)
+        out = vae.run_decoder_layers(hidden, second, cut, vae.decoder_layer_count())
+        frames.append(vae.decoder_output(out))
+    assert not set(first.frames) & set(second.frames)
+    assert torch.equal(torch.cat(frames, dim=1), vae.decode(latent))
+
+
+def test_decode_stream_yields_one_then_four_frames(vae: WanVAE) -> None:
+    latent = torch.randn(16, 3, 2, 3, generator=torch.Generator().manual_seed(4))
+    pieces = list(vae.decode_stream(latent))
+    assert [p.shape[1] for p in pieces] == [1, 4, 4]
+    assert torch.equal(torch.cat(pieces, dim=1), vae.decode(latent))
+
+
+def test_frames_not_4n_plus_1_warn_and_follow_reference(vae: WanVAE) -> None:
+    video = torch.rand(3, 7, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with pytest.warns(UserWarning, match="7 frames is not 4n\\+1"):
+        latent = vae.encode(video)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(latent, vae.encode(video[:, :5]))
+
+
+def test_bad_shapes_are_named(vae: WanVAE) -> None:
+    with pytest.raises(ValueError, match=r"video: shape \[9, 32, 48\]"):
+        vae.encode(torch.zeros(9, 32, 48))
+    with pytest.raises(ValueError, match=r"latent: shape \[8, 1, 4, 6\], expected \[16"):
+        vae.decode(torch.zeros(8, 1, 4, 6))
+    with pytest.raises(ValueError, match="cache"):
+        vae.decode_frames(torch.zeros(16, 2, 4, 6), FeatureCache(), 1, 2)
+
+
+def test_bf16_option_is_close_to_float32(wan_ref: Path, vae: WanVAE) -> None:
+    bf16 = WanVAE.from_checkpoint(wan_ref / "vae" / CKPT, dtype=torch.bfloat16)
+    video = torch.rand(3, 5, 16, 24, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    ref, low = vae.encode(video), bf16.encode(video)
+    assert low.dtype == torch.float32
+    rel = ((low - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 3e-2, rel
+
+
+def test_checkpoint_errors_name_file_and_key(wan_ref: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.pth"
+    with pytest.raises(CheckpointError, match="nothing.pth: checkpoint file not found"):
+        WanVAE.from_checkpoint(missing)
+    state = torch.load(wan_ref / "vae" / CKPT, weights_only=True)
+    broken = dict(state)
+    del broken["decoder.upsamples.3.time_conv.weight"]
+    path = tmp_path / "no_key.pth"
+    torch.save(broken, path)
+    with pytest.raises(
+        CheckpointError, match=r"no_key.pth: missing key 'decoder.upsamples.3.time_conv.weight'"
+    ):
+        WanVAE.from_checkpoint(path)
+    reshaped = dict(state)
+    reshaped["decoder.head.2.bias"] = torch.zeros(4)
+    path = tmp_path / "bad_shape.pth"
+    torch.save(reshaped, path)
+    with pytest.raises(CheckpointError, match=r"bad_shape.pth: key 'decoder.head.2.bias' has shape \[4\]"):
+        WanVAE.from_checkpoint(path)
+    extra = dict(state, **{"encoder.extra.weight": torch.zeros(1)})
+    path = tmp_path / "extra.pth"
+    torch.save(extra, path)
+    with pytest.raises(CheckpointError, match="unexpected key 'encoder.extra.weight'"):
+        WanVAE.from_checkpoint(path)
