@@ -4,6 +4,7 @@ Everything the daemon, the ledger and `wanbox validate` import lives here; it mu
 or touch the ledger, and must never move, hash or delete inbox files on its own.
 """
 
+from inbox_schema.checks import file_sha256, input_problems
 from inbox_schema.errors import MISSING, ManifestError, ManifestInvalid, render_errors
 from inbox_schema.hashing import manifest_hash
 from inbox_schema.job import AnimateSettings, InputFile, Job, SamplingSettings, VideoSettings
@@ -13,6 +14,6 @@ from inbox_schema.paths import is_temporary_name
 
 __all__ = [
     "MISSING", "AnimateSettings", "InputFile", "Job", "ManifestError", "ManifestInvalid", "SamplingSettings",
-    "VideoSettings", "is_temporary_name", "json_schema", "load_manifest", "manifest_hash",
+    "VideoSettings", "file_sha256", "input_problems", "is_temporary_name", "json_schema", "load_manifest", "manifest_hash",
     "parse_manifest_text", "render_errors",
 ]

@@ -7,14 +7,14 @@ files are warnings, because the daemon waits for uploads. It must not change any
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from inbox_schema.checks import input_problems
 from inbox_schema.errors import ManifestInvalid
-from inbox_schema.job import InputFile, Job
+from inbox_schema.job import Job
 from inbox_schema.jsonschema import json_schema_text
 from inbox_schema.manifest import load_manifest
 
@@ -23,28 +23,8 @@ EXIT_INVALID = 2
 
 
 def input_warnings(job: Job, verify_sha256: bool = True) -> list[str]:
-    """What would keep the job waiting in `staged`: inputs missing, or not (yet) the size/hash declared."""
-    return [warning for item in job.inputs.values() if (warning := _input_warning(item, verify_sha256))]
-
-
-def _input_warning(item: InputFile, verify_sha256: bool) -> str | None:
-    field = f"inputs.{item.role}"
-    if not item.path.exists():
-        return f'{field} = "{item.relpath}": file not found yet (upload it before the manifest)'
-    size = item.path.stat().st_size
-    if item.size is not None and size != item.size:
-        return f'{field} = "{item.relpath}": file has {size} bytes, the manifest says size = {item.size}'
-    if verify_sha256 and item.sha256 is not None and _sha256(item.path) != item.sha256:
-        return f'{field} = "{item.relpath}": file content does not match the manifest\'s sha256'
-    return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """What would keep the job waiting in `staged`, one line each (see checks.input_problems)."""
+    return [str(problem) for problem in input_problems(job, verify_sha256)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def render_value(value: object) -> str:
         return "{ " + ", ".join(f"{k} = {render_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(render_value(v) for v in value) + "]"
-    return repr(value) if not isinstance(value, (int, float)) else str(value)
+    return str(value)  # numbers, and TOML dates and times as TOML writes them
 
 
 @dataclass(frozen=True)

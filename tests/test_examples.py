@@ -6,6 +6,7 @@ committed manifest.schema.json must equal json_schema(), and agree with load_man
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -88,9 +89,14 @@ def test_changed_media_is_a_warning_not_an_error(inbox: Path) -> None:
     (inbox / "media" / "i2v_input.jpg").write_bytes(b"half an upload")
     job = load_manifest(inbox / "i2v_full.toml", inbox)
     assert input_warnings(job) == [
-        'inputs.image = "media/i2v_input.jpg": file has 14 bytes, the manifest says size = 250628']
+        "inputs.image.size = 250628: expected the file's size, but the file has 14 bytes"]
+    (inbox / "media" / "i2v_input.jpg").write_bytes(b"x" * 250628)
+    assert input_warnings(job) == [
+        "inputs.image.sha256 = \"077e3d965090c9028c69c00931675f42e1acc815c6eb450ab291b3b72d211a8e\": expected the "
+        f"file's sha256, but the file has {hashlib.sha256(b'x' * 250628).hexdigest()}"]
     (inbox / "media" / "i2v_input.jpg").unlink()
-    assert "file not found yet" in input_warnings(job)[0]
+    assert input_warnings(job) == ['inputs.image = "media/i2v_input.jpg": expected an existing file beside the '
+                                   "manifest (not found yet: upload the media before the manifest)"]
 
 
 def test_cli_prints_the_resolved_job(inbox: Path, capsys: pytest.CaptureFixture[str]) -> None:

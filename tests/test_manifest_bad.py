@@ -6,6 +6,7 @@ Real TOML text through the real parser, real files and symlinks in tmp_path; not
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,31 @@ def test_error_rendering_is_one_line_each(tmp_path: Path) -> None:
     assert str(caught.value) == "cat.toml: 1 problem\n  video.frames = 80: expected 4n+1 (e.g. 81) (line 9)"
     assert str(ManifestError("inputs.image", MISSING, "a path")) == "inputs.image is missing: expected a path"
     assert os.linesep not in str(caught.value.errors[0])
+
+
+def test_random_edits_of_the_examples_never_crash(tmp_path: Path) -> None:
+    # Whatever is dropped, the answer is a Job or ManifestInvalid with printable errors, never a traceback.
+    examples = sorted((Path(__file__).parents[1] / "inbox_schema" / "examples").rglob("*.toml"))
+    texts = [p.read_text(encoding="utf-8").splitlines() for p in examples]
+    values = ["1", "-1", '"x"', "[1, 2]", "[]", "{}", "true", "nan", "1.5", '"../a.jpg"', "{ path = 3 }",
+              "2024-01-01", "[[1]]", "99999999999999999999"]
+    lines_to_add = ["[video]", "[animate]", "[inputs.image]", 'kind = "animate"', "frames = 81", "video = 3",
+                    'inputs = "a"']
+    rng = random.Random(20261121)
+    outcomes = {"job": 0, "invalid": 0}
+    for _ in range(400):
+        lines = list(rng.choice(texts))
+        k = rng.randrange(len(lines))
+        if "=" in lines[k] and rng.random() < 0.6:
+            lines[k] = lines[k].split("=")[0] + "= " + rng.choice(values)
+        elif rng.random() < 0.5:
+            del lines[k]
+        else:
+            lines.insert(k, rng.choice(lines_to_add))
+        try:
+            parse_manifest_text("\n".join(lines), "fuzz.toml", tmp_path, tmp_path, check_inputs=False)
+            outcomes["job"] += 1
+        except ManifestInvalid as invalid:
+            assert invalid.errors and all(str(error) for error in invalid.errors)
+            outcomes["invalid"] += 1
+    assert outcomes["job"] > 50 and outcomes["invalid"] > 50
