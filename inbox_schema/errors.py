@@ -16,6 +16,9 @@ class _Missing:
     def __repr__(self) -> str:
         return "(missing)"
 
+    def __reduce__(self) -> str:
+        return "MISSING"  # unpickles as the module's singleton, so `is MISSING` keeps working
+
 
 MISSING = _Missing()
 
@@ -65,6 +68,10 @@ class ManifestInvalid(Exception):
         self.errors: list[ManifestError] = list(errors)
         self.source_name = source_name
         super().__init__(self.__str__())
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep the error list when sent between processes (the default would rebuild it from the text).
+        return (ManifestInvalid, (self.errors, self.source_name))
 
     def __str__(self) -> str:
         count = len(self.errors)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 
 from inbox_schema import (
+    MISSING,
     Job,
     ManifestError,
     ManifestInvalid,
@@ -200,6 +202,20 @@ def test_manifest_error_rendering() -> None:
     assert str(ManifestError("prompt", "hi", "x")) == 'prompt = "hi": expected x'
     assert str(ManifestError("animate.retarget", True, "false")) == "animate.retarget = true: expected false"
     assert error.to_dict()["message"] == str(error)
+
+
+def test_errors_survive_pickling_between_processes(tmp_path: Path) -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse(I2V.replace('image = "cat.jpg"\n', "") + "\n[video]\nframes = 80\n", tmp_path)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert copy.errors == caught.value.errors and copy.source_name == "cat.toml"
+    assert copy.errors[0].value is MISSING and str(copy) == str(caught.value)
+
+
+def test_windows_line_endings_keep_line_numbers(tmp_path: Path) -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse((I2V + "\n[video]\nframes = 80\n").replace("\n", "\r\n"), tmp_path)
+    assert [(e.field, e.line) for e in caught.value.errors] == [("video.frames", 9)]
 
 
 def test_render_errors_says_what_and_how_to_resubmit() -> None:
