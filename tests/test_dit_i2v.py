@@ -23,6 +23,15 @@ FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "
 CASES = json.loads((FIXTURE / "cases.json").read_text())["cases"] if FIXTURE.is_dir() else []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny models: intra-op threads only add contention on a shared 2-core machine (10x slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def experts() -> dict[str, WanDiT]:
     high, low = load_i2v_experts(FIXTURE, torch.float32, "cpu")

@@ -272,9 +272,7 @@ class Head(nn.Module):
 class WanDiT(nn.Module):
     """WanModel (i2v): patch embedding, text/time embeddings, `num_layers` blocks, head, unpatchify."""
 
-    block_has_image_attention = False
-
-    def __init__(self, config: DiTConfig) -> None:
+    def __init__(self, config: DiTConfig, image_attention: bool = False) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -286,7 +284,7 @@ class WanDiT(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(
-            DiTBlock(config, self.block_has_image_attention) for _ in range(config.num_layers)
+            DiTBlock(config, image_attention) for _ in range(config.num_layers)
         )
         self.head = Head(config)
 
