@@ -93,9 +93,10 @@ def describe_devices(ranks: Ranks) -> list[dict[str, Any]]:
     """Every rank's device name and memory, gathered on all ranks (for `hello`)."""
     if ranks.device.type == "cuda":
         props = torch.cuda.get_device_properties(ranks.device)
-        mine = {"rank": ranks.rank, "name": props.name, "memory_total": props.total_memory}
+        mine = {"name": props.name, "memory_total": props.total_memory}
     else:
-        mine = {"rank": ranks.rank, "name": "cpu", "memory_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+        mine = {"name": "cpu", "memory_total": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    mine.update(rank=ranks.rank, pid=os.getpid())
     every: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(every, mine, group=ranks.control)
     return every
@@ -214,7 +215,8 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
         result = family.run(command, report=report, should_cancel=lambda: link.cancel_requested(job))
         if ranks.master:
             report.progress("write", 0, 1)
-            write_mp4(result["video"], command["output"], fps=result["fps"], crf=args.crf)
+            crf = command.get("crf") if command.get("crf") is not None else args.crf
+            write_mp4(result["video"], command["output"], fps=result["fps"], crf=crf)
             report.progress("write", 1, 1)
     except PoolShutdown:
         failure = error_message(job, "cancelled", "the pool shut down during the job; it will run again", True)
