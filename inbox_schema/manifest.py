@@ -141,14 +141,19 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
 
 
 def _schema_ok(r: Reader, data: dict) -> bool:
+    """False only for another schema version: its fields may mean other things, so stop there.
+
+    A missing or mistyped version is reported, and the rest is still checked as schema 1.
+    """
     value = data.get("schema", MISSING)
     if value is MISSING:
         r.error("schema", value, f"schema = {d.SCHEMA_VERSION} (the manifest format version) at the top")
-    elif not is_int(value) or value != d.SCHEMA_VERSION:
+    elif not is_int(value):
+        r.error("schema", value, f"{d.SCHEMA_VERSION} (a whole number, without quotes)")
+    elif value != d.SCHEMA_VERSION:
         r.error("schema", value, f"{d.SCHEMA_VERSION} (this wanbox reads schema {d.SCHEMA_VERSION} manifests)")
-    else:
-        return True
-    return False
+        return False
+    return True
 
 
 def _name(r: Reader, data: dict, source_name: str, base_dir: Path) -> str:

@@ -42,7 +42,7 @@ CASES = [
     ("unsupported schema", I2V.replace("schema = 1", "schema = 2"), "schema", 2,
      "1 (this wanbox reads schema 1 manifests)", 1),
     ("schema as string", I2V.replace("schema = 1", 'schema = "1"'), "schema", "1",
-     "1 (this wanbox reads schema 1 manifests)", 1),
+     "1 (a whole number, without quotes)", 1),
     ("unknown kind", I2V.replace('"i2v"', '"t2v"'), "kind", "t2v",
      'one of "i2v", "animate"; did you mean "i2v"?', 2),
     ("missing kind", I2V.replace('kind = "i2v"\n', ""), "kind", MISSING,
@@ -228,6 +228,11 @@ def test_invalid_kind_still_reports_typos_and_common_fields(tmp_path: Path) -> N
 def test_unsupported_schema_stops_before_other_checks(tmp_path: Path) -> None:
     errors = errors_of('schema = 3\nkind = "nope"\nfoo = 1\n', tmp_path)
     assert [e.field for e in errors] == ["schema"]
+
+
+def test_missing_schema_still_checks_the_rest_as_schema_1(tmp_path: Path) -> None:
+    errors = errors_of(I2V.replace("schema = 1\n", "") + "\n[video]\nframes = 80\n", tmp_path)
+    assert [(e.field, e.line) for e in errors] == [("video.frames", 8), ("schema", None)]
 
 
 def test_name_from_unsafe_file_name_is_reported(tmp_path: Path) -> None:
