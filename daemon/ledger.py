@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import Select
 
 from daemon.states import ALLOWED, RETRY_STATE, RUNNING, TERMINAL, JobState
 
@@ -210,6 +211,18 @@ def database_url(path_or_url: str | Path) -> str:
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
+def _check_sqlite_folder(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    folder = Path(parsed.database).parent
+    if not folder.is_dir():
+        raise LedgerError(
+            f"the ledger's folder {folder} does not exist: create it (it is the daemon's state directory, "
+            "on a local disk) or point the ledger setting elsewhere"
+        )
+
+
 def _make_engine(url: str, busy_timeout_s: float) -> Engine:
     if make_url(url).get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -262,6 +275,7 @@ class Ledger:
         migrate: bool = True,
     ) -> None:
         self.url = database_url(path_or_url)
+        _check_sqlite_folder(self.url)
         self.backoff = backoff or Backoff()
         self.engine = _make_engine(self.url, busy_timeout_s)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
@@ -663,24 +677,45 @@ def _pick(
     max_wait: timedelta | None,
     now: datetime,
 ) -> Job | None:
-    due = select(Job).where(Job.state == from_state, or_(Job.retry_after.is_(None), Job.retry_after <= now))
-    if kinds is not None:
-        due = due.where(Job.kind.in_(list(kinds)))
     if model_id is not None and max_wait is not None:
-        starved = due.where(or_(Job.model_id.is_(None), Job.model_id != model_id), Job.updated_at <= now - max_wait)
-        job = _first(session, starved.order_by(Job.priority.desc(), Job.updated_at, Job.id))
+        job = _first(session, starved_query(from_state, kinds, model_id, now, max_wait))
         if job is not None:
             return job
+    return _first(session, claim_query(from_state, kinds, model_id, now))
+
+
+def _due(from_state: JobState, kinds: Iterable[str] | None, now: datetime) -> Select[tuple[Job]]:
+    due = select(Job).where(Job.state == from_state, or_(Job.retry_after.is_(None), Job.retry_after <= now))
+    return due if kinds is None else due.where(Job.kind.in_(list(kinds)))
+
+
+def claim_query(
+    from_state: JobState, kinds: Iterable[str] | None, model_id: str | None, now: datetime
+) -> Select[tuple[Job]]:
+    """The next due job: highest priority, then the loaded model's, then oldest; locked, skipping locked rows."""
     order = [Job.priority.desc()]
     if model_id is not None:
         order.append(case((Job.model_id == model_id, 0), else_=1))
-    return _first(session, due.order_by(*order, Job.created_at, Job.id))
+    return _locked(_due(from_state, kinds, now).order_by(*order, Job.created_at, Job.id))
 
 
-def _first(session: Session, stmt: Any) -> Job | None:
+def starved_query(
+    from_state: JobState, kinds: Iterable[str] | None, model_id: str, now: datetime, max_wait: timedelta
+) -> Select[tuple[Job]]:
+    """A due job of another model that has waited in `from_state` for `max_wait` or longer."""
+    other = or_(Job.model_id.is_(None), Job.model_id != model_id)
+    stmt = _due(from_state, kinds, now).where(other, Job.updated_at <= now - max_wait)
+    return _locked(stmt.order_by(Job.priority.desc(), Job.updated_at, Job.id))
+
+
+def _locked(stmt: Select[tuple[Job]]) -> Select[tuple[Job]]:
     # FOR UPDATE SKIP LOCKED lets several PostgreSQL hosts claim from one queue; SQLite ignores it
     # (there the IMMEDIATE write transaction already serialises claimers).
-    return session.scalars(stmt.limit(1).with_for_update(skip_locked=True)).first()
+    return stmt.limit(1).with_for_update(skip_locked=True)
+
+
+def _first(session: Session, stmt: Select[tuple[Job]]) -> Job | None:
+    return session.scalars(stmt).first()
 
 
 def _get_for_update(session: Session, job_id: str) -> Job:

@@ -4,18 +4,22 @@ order, dedupe, progress, cancel/retry, and two processes sharing one database fi
 
 from __future__ import annotations
 
+import io
 import re
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
 from daemon.ledger import (
@@ -25,7 +29,10 @@ from daemon.ledger import (
     JobNotFound,
     Ledger,
     LedgerError,
+    alembic_config,
+    claim_query,
     database_url,
+    starved_query,
 )
 from daemon.states import JobState, shortest_path
 
@@ -95,6 +102,38 @@ def test_paths_and_urls_name_the_same_database(tmp_path: Path) -> None:
         job_id = add(by_path)
     with Ledger.open(f"sqlite:///{path}") as by_url:
         assert by_url.get(job_id).name == "cat"
+
+
+def test_a_missing_state_folder_is_named_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match=f"the ledger's folder {tmp_path / 'nope'} does not exist: create it"):
+        Ledger.open(tmp_path / "nope" / "wanbox.db")
+
+
+def test_the_schema_and_the_claim_query_are_portable_to_postgresql() -> None:
+    out = io.StringIO()
+    config = alembic_config("postgresql://wanbox@db.example/wanbox")
+    config.output_buffer = out
+    command.upgrade(config, "head", sql=True)  # offline: renders the DDL, connects to nothing
+    ddl = out.getvalue()
+    assert "CREATE TABLE jobs" in ddl and "CREATE TABLE events" in ddl
+    assert "retry_after TIMESTAMP WITH TIME ZONE" in ddl and "params_json JSON" in ddl
+    assert "state VARCHAR(16) NOT NULL" in ddl and "PRAGMA" not in ddl
+
+    for query in (claim_query(S.READY, ["i2v"], "i2v-A14B", T0),
+                  starved_query(S.READY, None, "i2v-A14B", T0, timedelta(minutes=5))):  # fmt: skip
+        on_postgres = str(query.compile(dialect=postgresql.dialect()))
+        assert on_postgres.rstrip().endswith("FOR UPDATE SKIP LOCKED")
+        assert "FOR UPDATE" not in str(query.compile(dialect=sqlite.dialect()))
+
+
+def test_migrations_command_reports_the_schema_up_to_date(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    run = [sys.executable, "-m", "daemon.migrations"]
+    upgraded = subprocess.run([*run, "upgrade", "--db", str(path)], cwd=REPO, capture_output=True, text=True)
+    assert upgraded.returncode == 0, upgraded.stderr
+    checked = subprocess.run([*run, "check", "--db", str(path)], cwd=REPO, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert "No new upgrade operations detected" in checked.stdout
 
 
 # ---- connection settings ------------------------------------------------------------------------
@@ -363,6 +402,28 @@ def test_retry_of_a_job_cancelled_before_acceptance_asks_for_a_resubmission(ledg
     for state in (S.DONE, S.REJECTED):
         with pytest.raises(IllegalTransition):
             ledger.retry(add(ledger, state.value, state))
+
+
+def test_threads_sharing_one_ledger_claim_each_job_once(ledger: Ledger) -> None:
+    ids = {add(ledger, f"job{i}", S.QUEUED, at=T0 + timedelta(seconds=i)) for i in range(12)}
+    taken: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim_all() -> None:
+        try:
+            while (job := ledger.claim_next(S.QUEUED, S.PREPROCESSING)) is not None:
+                taken.append(job.id)
+                ledger.record_progress(job.id, "prepare", 1, 1)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(taken) == sorted(ids)
 
 
 # ---- several processes ----------------------------------------------------------------------------
