@@ -1,11 +1,6 @@
-"""The content hash that recognises identical resubmissions of a job.
+"""The content hash that recognises identical resubmissions: same job, same input contents.
 
-Identical means: the same video would come out. So the hash covers the resolved job (defaults
-filled in, so `steps = 40` written out equals leaving it at the default) plus the sha256 of each
-input's content, and leaves out what does not change the video: the name, the priority, the
-input file names and where the manifest lies. A manifest without a seed hashes with seed = null,
-so resubmitting it is recognised even though each acceptance draws its own random seed.
-It must not read input files: the caller (the watcher) hashes them while staging.
+It must not read input files (the watcher hashes them while staging) nor depend on names or places.
 """
 
 from __future__ import annotations
@@ -24,6 +19,13 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def manifest_hash(manifest_bytes: bytes, input_sha256s: dict[str, str]) -> str:
     """sha256 hex of the canonical job; `input_sha256s` maps each input role to its file's sha256.
+
+    Identical means: the same video would come out. The hash covers the resolved job (defaults
+    filled in, so `steps = 40` written out equals leaving it out) plus the sha256 of each input's
+    content, and leaves out what does not change the video: the name, the priority, the input file
+    names, where the manifest lies, and the orientation of video.size (only its area is used).
+    A manifest without a seed hashes with seed = null, so its resubmission is recognised even though
+    each acceptance draws its own random seed.
 
     Raises ManifestInvalid for a manifest that does not validate, ValueError when the roles given
     are not exactly the job's inputs or a hash is not 64 hex digits.
