@@ -318,6 +318,8 @@ def _guide_scale(r: Reader, table: dict, kind: str) -> float | tuple[float, floa
 def _solver(r: Reader, table: dict) -> tuple[str, tuple[int, ...] | None]:
     solver = r.choice(table, "solver", "sampling.solver", d.DEFAULT_SOLVER, d.SOLVERS)
     raw = table.get("timesteps", MISSING)
+    if table.get("solver", solver) != solver:
+        return solver, None  # the solver is wrong (reported): whether timesteps fit it is unknowable
     if solver == "euler" and raw is MISSING:
         r.error("sampling.solver", "euler",
                 '"unipc" or "dpm++"; "euler" only together with sampling.timesteps = [...]')

@@ -230,6 +230,12 @@ def test_unsupported_schema_stops_before_other_checks(tmp_path: Path) -> None:
     assert [e.field for e in errors] == ["schema"]
 
 
+def test_wrong_solver_does_not_also_blame_the_timesteps(tmp_path: Path) -> None:
+    errors = errors_of(I2V + '\n[sampling]\nsolver = "eulr"\ntimesteps = [1000, 500]\n', tmp_path)
+    assert [(e.field, e.expected) for e in errors] == [
+        ("sampling.solver", 'one of "unipc", "dpm++", "euler"; did you mean "euler"?')]
+
+
 def test_missing_schema_still_checks_the_rest_as_schema_1(tmp_path: Path) -> None:
     errors = errors_of(I2V.replace("schema = 1\n", "") + "\n[video]\nframes = 80\n", tmp_path)
     assert [(e.field, e.line) for e in errors] == [("video.frames", 8), ("schema", None)]
