@@ -7,6 +7,7 @@ records it. SQLite files must live on a local disk (WAL locking does not work ov
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from sqlalchemy.sql import Select
 
 from daemon.states import ALLOWED, RETRY_STATE, RUNNING, TERMINAL, JobState
 
+log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32: no i, l, o, u to misread
 
@@ -504,8 +506,8 @@ class Ledger:
             stuck = list(session.scalars(select(Job).where(Job.state.in_(RUNNING)).order_by(Job.created_at)))
         moved = []
         for job in stuck:
-            prepared = job.state == JobState.PREPROCESSING or has_prepared_inputs is None
-            to_state = self._recover_one(job, now, prepared or has_prepared_inputs(job))
+            prepared = job.state == JobState.PREPROCESSING or _still_prepared(job, has_prepared_inputs)
+            to_state = self._recover_one(job, now, prepared)
             if to_state is not None:
                 moved.append((job.id, job.state, to_state))
         return moved
@@ -525,7 +527,9 @@ class Ledger:
         else:
             to_state = RETRY_STATE[job.state] if prepared else JobState.QUEUED
             fields["last_error"] = f"interrupted in {where} (the supervisor or the worker pool stopped)"
-            fields["retry_after"] = now + self.backoff.delay(attempts)
+            # No backoff here: the restart itself was the pause (systemd's RestartSec), and the attempt
+            # count still stops a job that keeps killing the daemon.
+            fields["retry_after"] = None
             text = f"recovered at start-up: {fields['last_error']}; attempt {attempts} of {job.max_attempts}"
             if not prepared:
                 text += "; its prepared inputs are gone, so it is prepared again"
@@ -638,6 +642,17 @@ class Ledger:
 
 # ---------------------------------------------------------------------------------------------------
 # the SQL, one small function per statement (all run inside a caller's transaction)
+
+
+def _still_prepared(job: Job, has_prepared_inputs: Callable[[Job], bool] | None) -> bool:
+    if has_prepared_inputs is None:
+        return True
+    try:
+        return bool(has_prepared_inputs(job))
+    except Exception:
+        # A raising callback must not stop the recovery of the other jobs: preparing again is always safe.
+        log.exception("job %s: checking its prepared inputs failed; it will be prepared again", job.id)
+        return False
 
 
 def _event(job_id: str, at: datetime, frm: JobState | None, to: JobState, message: str) -> Event:

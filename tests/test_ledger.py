@@ -22,6 +22,7 @@ from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
+from daemon import ledger as ledger_module
 from daemon.ledger import (
     AmbiguousJobId,
     Base,
@@ -191,6 +192,16 @@ def test_new_jobs_get_sortable_typable_ids_and_a_creation_event(ledger: Ledger) 
     assert ids[0].startswith("20261121-120000-") and ids[-1].startswith("20261121-120002-")
     first = ledger.events(ids[0])
     assert [(e.from_state, e.to_state, e.message) for e in first] == [(None, S.STAGED, "manifest found in the inbox")]
+
+
+def test_an_id_clash_draws_a_new_id(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = iter(["20261121-120000-aaaa", "20261121-120000-aaaa", "20261121-120000-bbbb"])
+    monkeypatch.setattr(ledger_module, "new_job_id", lambda now: next(drawn))
+    first = ledger.add_staged("a", "i2v", "inbox/a.toml", None, now=T0)
+    second = ledger.add_staged("b", "i2v", "inbox/b.toml", None, now=T0)
+    assert (first.id, second.id) == ("20261121-120000-aaaa", "20261121-120000-bbbb")
+    assert [ledger.get(first.id).name, ledger.get(second.id).name] == ["a", "b"]
+    assert [len(ledger.events(first.id)), len(ledger.events(second.id))] == [1, 1]
 
 
 def test_add_staged_stores_what_it_is_given(ledger: Ledger) -> None:

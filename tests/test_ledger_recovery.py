@@ -125,7 +125,7 @@ def test_recovery_puts_each_running_state_back_in_line_and_counts_the_attempt(le
     for state, job_id in jobs.items():
         job = ledger.get(job_id)
         if state in RUNNING:
-            assert (job.attempts, job.error_kind, job.retry_after) == (1, "interrupted", later + timedelta(seconds=10))
+            assert (job.attempts, job.error_kind, job.retry_after) == (1, "interrupted", None)  # due at once
             message = ledger.events(job_id)[-1].message
             assert message.startswith(f"recovered at start-up: interrupted in {state.value}")
             assert message.endswith("attempt 1 of 3")
@@ -149,6 +149,19 @@ def test_recovery_asks_whether_prepared_inputs_survived(ledger: Ledger) -> None:
     assert sorted(asked) == sorted([lost, kept])  # preprocessing jobs are prepared again anyway
     assert {job_id: to for job_id, _, to in moved} == {lost: S.QUEUED, kept: S.READY, preparing: S.QUEUED}
     assert ledger.events(lost)[-1].message.endswith("its prepared inputs are gone, so it is prepared again")
+
+
+def test_a_raising_check_does_not_stop_the_recovery_of_the_others(ledger: Ledger) -> None:
+    first = add(ledger, S.SAMPLING, name="first")
+    second = add(ledger, S.FINALIZING, name="second")
+
+    def broken(job: Job) -> bool:
+        if job.id == first:
+            raise PermissionError(f"work/{job.id}: permission denied")
+        return True
+
+    moved = ledger.recover_interrupted(T0, has_prepared_inputs=broken)
+    assert {job_id: to for job_id, _, to in moved} == {first: S.QUEUED, second: S.READY}
 
 
 def test_a_job_that_keeps_killing_the_pool_is_failed_instead_of_looping(ledger: Ledger) -> None:
