@@ -1,0 +1,111 @@
+"""The daemon config: documented defaults, paths under the root, and errors naming key, value and expectation.
+
+Real TOML files in tmp_path, parsed by the real loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import DEFAULT_WORKER_COMMAND, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_root_only_gives_every_folder_under_it_and_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_config(None, tmp_path / "r")
+    p = cfg.paths
+    assert (p.inbox, p.outbox, p.failed, p.work, p.state) == tuple(
+        tmp_path / "r" / n for n in ("inbox", "outbox", "failed", "work", "state"))
+    assert p.ledger == tmp_path / "r" / "state" / "wanbox.db"
+    assert p.socket == tmp_path / "r" / "state" / "pool.sock"
+    assert cfg.inbox.settle_seconds == 5.0 and cfg.inbox.dedupe == "skip" and cfg.jobs.max_attempts == 3
+    assert cfg.pool.command == DEFAULT_WORKER_COMMAND and cfg.pool.device == "cuda"
+    assert cfg.pool.checkpoint_dir("i2v-A14B") == tmp_path / "r" / "models" / "Wan2.2-I2V-A14B"
+
+
+def test_overrides_relative_and_absolute_paths_and_root_flag_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[paths]
+root = "data"
+inbox = "/srv/share/in"
+ledger = "db/x.db"
+[pool]
+nproc = 2
+models_dir = "/models"
+checkpoint_dirs = { "animate-14B" = "anim" }
+command = ["worker", "--model", "{model}"]
+env = { NCCL_DEBUG = "WARN" }
+[inbox]
+settle_seconds = 1
+polling = true
+dedupe = "run"
+""")
+    cfg = load_config(path)
+    assert cfg.paths.root == tmp_path / "data"
+    assert cfg.paths.inbox == Path("/srv/share/in")
+    assert cfg.paths.ledger == tmp_path / "data" / "db" / "x.db"
+    assert cfg.pool.nproc == 2 and cfg.pool.command == ("worker", "--model", "{model}")
+    assert cfg.pool.checkpoint_dir("animate-14B") == tmp_path / "data" / "anim"
+    assert cfg.pool.checkpoint_dir("i2v-A14B") == Path("/models/Wan2.2-I2V-A14B")
+    assert cfg.pool.env == {"NCCL_DEBUG": "WARN"}
+    assert cfg.inbox.settle_seconds == 1.0 and isinstance(cfg.inbox.settle_seconds, float)
+    assert cfg.inbox.polling is True and cfg.inbox.dedupe == "run"
+    assert load_config(path, tmp_path / "other").paths.outbox == tmp_path / "other" / "outbox"
+
+
+def test_database_url_is_kept_as_is(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[paths]\nledger = "postgresql+psycopg://db/wanbox"\n'))
+    assert cfg.paths.ledger == "postgresql+psycopg://db/wanbox"
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("[inbox]\nsettle_secs = 3\n", ["inbox.settle_secs", "unknown key", "did you mean 'settle_seconds'"]),
+        ("[inboxx]\n", ["inboxx", "did you mean 'inbox'"]),
+        ("[paths]\nroots = \"/x\"\n", ["paths.roots", "did you mean 'root'"]),
+        ("[inbox]\nsettle_seconds = \"5\"\n", ["inbox.settle_seconds = '5'", "expected a number"]),
+        ("[inbox]\nsettle_seconds = -1\n", ["inbox.settle_seconds = -1", "expected a number >= 0"]),
+        ("[jobs]\nmax_attempts = 2.5\n", ["jobs.max_attempts = 2.5", "whole number"]),
+        ("[jobs]\nmax_attempts = 0\n", ["jobs.max_attempts = 0", "at least 1"]),
+        ("[inbox]\npolling = 1\n", ["inbox.polling = 1", "true or false"]),
+        ("[inbox]\ndedupe = \"never\"\n", ["inbox.dedupe = 'never'", "\"skip\" or \"run\""]),
+        ("[pool]\ndevice = \"tpu\"\n", ["pool.device = 'tpu'", "\"cuda\" or \"cpu\""]),
+        ("[pool]\ncommand = \"torchrun\"\n", ["pool.command = 'torchrun'", "a list of strings"]),
+        ("[pool.checkpoint_dirs]\n\"t2v\" = \"/x\"\n", ["pool.checkpoint_dirs.t2v", "i2v-A14B"]),
+        ("[outbox]\ncrf = 60\n", ["outbox.crf = 60", "0..51"]),
+        ("inbox = 3\n", ["inbox", "expected a table"]),
+        ("[inbox\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_settings_name_the_key_the_value_and_what_was_expected(tmp_path: Path, text: str,
+                                                                    needles: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_the_commented_example_config_is_valid_and_equals_the_defaults() -> None:
+    example = load_config(REPO / "systemd" / "config.example.toml")
+    defaults = load_config(None, Path("/var/lib/wanbox"))
+    assert example.inbox == defaults.inbox and example.jobs == defaults.jobs
+    assert example.pool == defaults.pool and example.outbox == defaults.outbox
+    assert example.preprocess == defaults.preprocess and example.paths == defaults.paths
