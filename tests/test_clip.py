@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models.clip import CLIP_FILE, CONFIG_FILE, ClipVision
+from pipeline.models.clip import CLIP_FILE, CONFIG_FILE, ClipVision, ClipVisionConfig, VisionTower
 from pipeline.models.t5 import CheckpointError
 
 CLIP_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wan_ref" / "clip"
@@ -107,3 +107,41 @@ def test_visual_keys_are_strict_textual_ones_ignored(wan_ref: Path, tmp_path: Pa
 def test_bad_image_shape_is_named(clip: ClipVision) -> None:
     with pytest.raises(ValueError, match=r"image: shape \[1, 3, 32, 32\], expected \[3, height, width\]"):
         clip(torch.zeros(1, 3, 32, 32))
+
+
+def test_real_size_architecture_matches_the_release() -> None:
+    """ViT-H/14: 1280 wide, 16 heads of 80, 31 of 32 blocks built, released key shapes."""
+    cfg = ClipVisionConfig()
+    with torch.device("meta"):
+        tower = VisionTower(cfg)
+    state = tower.state_dict()
+    assert len(tower.transformer) == 31 and tower.transformer[0].attn.heads == 16
+    assert len(state) == 5 + 31 * 12
+    shapes = {
+        "patch_embedding.weight": (1280, 3, 14, 14),
+        "cls_embedding": (1, 1, 1280),
+        "pos_embedding": (1, 257, 1280),
+        "transformer.30.attn.to_qkv.weight": (3840, 1280),
+        "transformer.30.mlp.0.weight": (5120, 1280),
+        "transformer.30.mlp.2.weight": (1280, 5120),
+    }
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict) -> None:
+    """float32 on CUDA (TF32 off) meets the tolerances; float16 (the reference's GPU dtype) stays close."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        config = wan_ref / "clip" / "config.json"
+        fp32 = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config=config, device="cuda")
+        fp16 = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config, torch.float16, "cuda")
+        for name, case in cases.items():
+            image = tensors[case["inputs"]["image"]["key"]].cuda()
+            want = tensors[case["expected"]["features"]["key"]]
+            got, low = fp32(image).cpu(), fp16(image).float().cpu()
+            assert ((got - want).norm() / want.norm()).item() <= case["tolerance"]["rel_l2"], name
+            assert ((low - want).norm() / want.norm()).item() < 2e-2, name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

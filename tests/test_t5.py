@@ -12,7 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models.t5 import CONFIG_FILE, T5_FILE, TOKENIZER_SUBDIR, CheckpointError, T5Encoder, TextEncoder
+from pipeline.models.t5 import (
+    CONFIG_FILE,
+    T5_FILE,
+    TOKENIZER_SUBDIR,
+    CheckpointError,
+    T5Config,
+    T5Encoder,
+    TextEncoder,
+    relative_buckets,
+)
 from pipeline.models.tokenizer import Umt5Tokenizer, write_tiny_tokenizer
 
 T5_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wan_ref" / "t5"
@@ -128,3 +137,39 @@ def test_text_encoder_from_checkpoint_dir(wan_ref: Path, tmp_path: Path, encoder
     assert out[1].shape[0] == 1 and out[2].shape[0] == 16  # empty prompt = EOS only; long one truncated
     for got, want in zip(out, encoder.encode(ids, mask), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_real_size_architecture_matches_the_release() -> None:
+    """umT5-XXL: 242 tensors, 5,680,910,336 parameters, one position table per block."""
+    with torch.device("meta"):
+        model = T5Encoder(T5Config())
+    state = model.state_dict()
+    assert len(state) == 242
+    assert sum(t.numel() for t in state.values()) == 5_680_910_336
+    assert tuple(state["blocks.23.pos_embedding.embedding.weight"].shape) == (32, 64)
+    assert tuple(state["blocks.0.ffn.gate.0.weight"].shape) == (10240, 4096)
+
+
+def test_relative_buckets_follow_the_t5_rule() -> None:
+    buckets = relative_buckets(1, 300, 32, torch.device("cpu"))[0]  # query 0, keys 0..299: rel = +k
+    assert buckets[:8].tolist() == [0] + [16 + k for k in range(1, 8)]  # exact region, +16 for rel > 0
+    assert buckets[8].item() == 16 + 8 and buckets[127].item() == 16 + 15 and buckets[299].item() == 31
+    assert relative_buckets(300, 1, 32, torch.device("cpu"))[299, 0].item() == 15  # rel = -299
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict) -> None:
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        fp32 = T5Encoder.from_checkpoint(wan_ref / "t5" / T5_FILE, device="cuda")
+        bf16 = T5Encoder.from_checkpoint(wan_ref / "t5" / T5_FILE, dtype=torch.bfloat16, device="cuda")
+        for name, case in cases.items():
+            ids, mask = tensors[case["inputs"]["ids"]["key"]], tensors[case["inputs"]["mask"]["key"]]
+            expected = [tensors[item["key"]] for item in case["expected"]["trimmed"]]
+            for got, low, want in zip(fp32.encode(ids, mask), bf16.encode(ids, mask), expected, strict=True):
+                got, low = got.cpu(), low.float().cpu()
+                assert ((got - want).norm() / want.norm()).item() <= case["tolerance"]["rel_l2"], name
+                assert ((low - want).norm() / want.norm()).item() < 5e-2, name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

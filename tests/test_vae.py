@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models.t5 import CheckpointError
-from pipeline.models.vae import FeatureCache, WanVAE
+from pipeline.models.vae import FeatureCache, VaeConfig, VideoVAE, WanVAE
 
 VAE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "wan_ref" / "vae"
 CKPT = "Wan2.1_VAE.pth"
@@ -155,3 +155,42 @@ def test_checkpoint_errors_name_file_and_key(wan_ref: Path, tmp_path: Path) -> N
     torch.save(extra, path)
     with pytest.raises(CheckpointError, match="unexpected key 'encoder.extra.weight'"):
         WanVAE.from_checkpoint(path)
+
+
+def test_real_size_architecture_matches_the_release() -> None:
+    """At dim 96 the network has the released file's 194 tensors and 126,892,531 parameters."""
+    with torch.device("meta"):
+        model = VideoVAE(VaeConfig())
+    state = model.state_dict()
+    assert len(state) == 194
+    assert sum(t.numel() for t in state.values()) == 126_892_531
+    shapes = {
+        "encoder.conv1.weight": (96, 3, 3, 3, 3),
+        "encoder.head.2.weight": (32, 384, 3, 3, 3),
+        "conv1.weight": (32, 32, 1, 1, 1),
+        "conv2.weight": (16, 16, 1, 1, 1),
+        "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),
+        "decoder.upsamples.11.resample.1.weight": (96, 192, 3, 3),
+        "decoder.head.2.weight": (3, 96, 3, 3, 3),
+    }
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict) -> None:
+    """float32 on CUDA (TF32 off) meets the fixture tolerances; bf16 stays close."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        fp32 = WanVAE.from_checkpoint(wan_ref / "vae" / CKPT, device="cuda")
+        bf16 = WanVAE.from_checkpoint(wan_ref / "vae" / CKPT, dtype=torch.bfloat16, device="cuda")
+        for name, case in cases.items():
+            ((_, given),) = case["inputs"].items()
+            ((_, wanted),) = case["expected"].items()
+            x, expected = tensors[given["key"]].cuda(), tensors[wanted["key"]]
+            run = (lambda v, x=x: v.encode(x)) if case["kind"] == "encode" else (lambda v, x=x: v.decode(x))
+            _assert_close(run(fp32).cpu(), expected, case["tolerance"], name)
+            low = run(bf16).cpu()
+            assert ((low - expected).norm() / expected.norm()).item() < 5e-2, name
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
