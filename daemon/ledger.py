@@ -213,6 +213,24 @@ def database_url(path_or_url: str | Path) -> str:
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph",
+                                  "glusterfs", "fuse.glusterfs", "lustre", "fuse.s3fs", "fuse.rclone"})  # fmt: skip
+
+
+def network_filesystem(path: Path, mounts: str) -> str | None:
+    """The network filesystem type `path` lives on, from /proc/mounts text; None for a local disk."""
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = path == Path(mount_point) or Path(mount_point) in path.parents
+        if inside and len(mount_point) >= len(best):  # the deepest mount point holding the path wins
+            best, fstype = mount_point, fields[2]
+    return fstype if fstype in NETWORK_FILESYSTEMS else None
+
+
 def _check_sqlite_folder(url: str) -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
@@ -222,6 +240,17 @@ def _check_sqlite_folder(url: str) -> None:
         raise LedgerError(
             f"the ledger's folder {folder} does not exist: create it (it is the daemon's state directory, "
             "on a local disk) or point the ledger setting elsewhere"
+        )
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:
+        return  # not Linux: nothing to check against
+    fstype = network_filesystem(folder.resolve(), mounts)
+    if fstype is not None:
+        raise LedgerError(
+            f"the ledger {parsed.database} is on a network filesystem ({fstype}): SQLite's locking does not "
+            "work there and the ledger could be corrupted. Keep the state directory on a local disk (the "
+            "inbox and outbox may stay on the share), or use a PostgreSQL URL for a shared queue"
         )
 
 
@@ -484,7 +513,7 @@ class Ledger:
                 to_state = retry_to
             else:
                 to_state = JobState.FAILED
-                text = _failure_text(error, kind, retryable, attempts, job.max_attempts)
+                text = _failure_text(error, kind, retryable and retry_to is not None, attempts, job.max_attempts)
             _check_edge(job_id, from_state, to_state)
             _move(session, job_id, from_state, to_state, text, now, fields)
             return to_state

@@ -33,6 +33,7 @@ from daemon.ledger import (
     alembic_config,
     claim_query,
     database_url,
+    network_filesystem,
     starved_query,
 )
 from daemon.states import JobState, shortest_path
@@ -108,6 +109,23 @@ def test_paths_and_urls_name_the_same_database(tmp_path: Path) -> None:
 def test_a_missing_state_folder_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match=f"the ledger's folder {tmp_path / 'nope'} does not exist: create it"):
         Ledger.open(tmp_path / "nope" / "wanbox.db")
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /run tmpfs rw,nosuid,nodev 0 0
+nas:/export/wanbox /srv/wanbox nfs4 rw,relatime,vers=4.2 0 0
+//nas/media /srv/wanbox/inbox\\040share cifs rw,relatime 0 0
+/dev/nvme0n1p2 /srv/wanbox/state ext4 rw,relatime 0 0
+"""
+
+
+def test_network_filesystems_are_recognised_from_the_mount_table() -> None:
+    assert network_filesystem(Path("/srv/wanbox/work/x"), MOUNTS) == "nfs4"
+    assert network_filesystem(Path("/srv/wanbox/inbox share/a"), MOUNTS) == "cifs"
+    assert network_filesystem(Path("/srv/wanbox/state"), MOUNTS) is None  # a local disk mounted inside
+    assert network_filesystem(Path("/srv/wanboxes"), MOUNTS) is None  # a name prefix is not a parent
+    assert network_filesystem(Path("/home/me"), MOUNTS) is None
 
 
 def test_the_schema_and_the_claim_query_are_portable_to_postgresql() -> None:
