@@ -186,3 +186,29 @@ def test_lora_errors_name_the_key(model: WanAnimateDiT) -> None:
     with pytest.raises(ValueError, match="do not fit Linear"):
         merge_lora(copy.deepcopy(model), {"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(2, 5),
                                           "blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(64, 2)})
+
+
+def test_loader_merges_a_lora_checkpoint(tmp_path: Path, model: WanAnimateDiT) -> None:
+    """relighting_lora.ckpt layout ({'state_dict': ...}) merged at load: W' = W + B @ A."""
+    lora = _random_lora(model, rank=3, peft_layout=False)
+    path = tmp_path / "relighting_lora.ckpt"
+    torch.save({"state_dict": lora}, path)
+    merged = load_animate_dit(FIXTURE / "model", torch.float32, "cpu", lora_path=path)
+    key = next(iter(lora)).removesuffix(".lora_A.default.weight")
+    a, b = lora[f"{key}.lora_A.default.weight"], lora[f"{key}.lora_B.default.weight"]
+    want = model.get_submodule(key).weight + b @ a
+    assert torch.allclose(merged.get_submodule(key).weight, want, atol=1e-6)
+    torch.save({"state_dict": {"blocks.0.nope.lora_A.default.weight": a}}, path)
+    with pytest.raises(ValueError, match="relighting_lora.ckpt: LoRA module 'blocks.0.nope' lacks"):
+        load_animate_dit(FIXTURE / "model", torch.float32, "cpu", lora_path=path)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_autocast_close_to_reference(tensors: dict) -> None:
+    gpu_model = load_animate_dit(FIXTURE / "model", torch.bfloat16, "cuda")
+    for case in CASES:
+        inp = {k: v.cuda() for k, v in _inputs(case, tensors).items()}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = _run(gpu_model, case, inp)
+        rel, _ = _errors(out.cpu(), tensors[case["expected"]["out"]["key"]])
+        assert rel < 5e-2, f"{case['name']}: bf16 rel-L2 {rel:.3g}"

@@ -189,3 +189,25 @@ def test_gpu_bf16_autocast_close_to_reference(tensors: dict) -> None:
             out = model(inp["x"], inp["t"], inp["context"], case["seq_len"], inp["y"])
         rel, _ = _errors(out.cpu(), tensors[case["expected"]["out"]["key"]])
         assert rel < 5e-2, f"{case['name']}: bf16 rel-L2 {rel:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "fa3", "math"])
+def test_gpu_attention_backends_agree_with_math(backend: str) -> None:
+    attn_mod.set_backend(backend)
+    try:
+        q, k, v = (torch.randn(1, 300, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        got = attn_mod.attention(q, k, v, k_len=250).float()
+        want = attn_mod.attention_math(q, k, v, 250).float()
+        assert ((got - want).norm() / want.norm()) < 2e-2, attn_mod.active_backend()
+    finally:
+        attn_mod.set_backend("auto")
+
+
+@pytest.mark.parametrize("family", ["i2v", "animate"])
+def test_bench_runs_tiny_on_cpu(family: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.bench_dit_forward import main
+
+    assert main(["--tiny", "--family", family, "--iters", "1", "--warmup", "0"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["bench"] == "dit_build" and lines[1]["finite"] and lines[1]["tokens"] == 36

@@ -229,19 +229,31 @@ def load_i2v_experts(
     return load_dit(ckpt_dir / "high_noise_model", dtype, device), load_dit(ckpt_dir / "low_noise_model", dtype, device)
 
 
-def load_animate_dit(ckpt_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):  # noqa: ANN201
+def load_animate_dit(  # noqa: ANN201 - WanAnimateDiT, imported lazily
+    ckpt_dir: Path | str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    lora_path: Path | str | None = None,
+):
     """WanAnimateDiT from the folder holding its config.json and shards (the Animate-14B checkpoint root).
 
     Widths that config.json does not carry (motion encoder, face encoder, image embedding, number of face
-    blocks) are read from the checkpoint's tensor shapes.
+    blocks) are read from the checkpoint's tensor shapes. `lora_path` (e.g. CKPT/relighting_lora.ckpt) is
+    merged into the weights after loading (see animate_dit.merge_lora); load again without it to undo.
     """
-    from pipeline.models.animate_dit import AnimateConfig, WanAnimateDiT
+    from pipeline.models.animate_dit import AnimateConfig, WanAnimateDiT, merge_lora
 
     ckpt_dir = Path(ckpt_dir)
     config = AnimateConfig.from_checkpoint(_config_path(ckpt_dir), tensor_shapes(ckpt_dir))
     with torch.device("meta"):
         model = WanAnimateDiT(config)
-    return load_into(model, ckpt_dir, dtype, device)
+    load_into(model, ckpt_dir, dtype, device)
+    if lora_path is not None:
+        try:
+            merge_lora(model, load_lora_state(lora_path))
+        except ValueError as exc:
+            raise CheckpointError(f"{lora_path}: {exc}") from exc
+    return model
 
 
 def load_lora_state(path: Path | str) -> dict[str, Tensor]:
