@@ -435,12 +435,12 @@ class Ledger:
         self,
         from_state: JobState,
         to_state: JobState,
-        *,
         kinds: Iterable[str] | None = None,
         model_id: str | None = None,
+        now: datetime | None = None,
+        *,
         max_wait: timedelta | None = None,
         message: str | None = None,
-        now: datetime | None = None,
         **fields: Any,
     ) -> Job | None:
         """Take the next job waiting in `from_state` and move it to `to_state`; None if none is due.
