@@ -1,7 +1,6 @@
-"""The Animate DiT against the reference fixtures (every case in dit_animate/cases.json), sequence parallel,
-widths read from the checkpoint, and the relighting-LoRA merge.
+"""The Animate DiT against the reference fixtures (dit_animate/cases.json), sequence parallel, LoRA merge.
 
-Does not test the loader's error handling (tests/test_weights.py does).
+Also checks that widths are read from the checkpoint; does not test the loader's error handling (tests/test_weights.py does).
 """
 
 from __future__ import annotations

@@ -137,14 +137,21 @@ def test_bad_inputs_name_the_problem(experts: dict, tensors: dict) -> None:
         model([inp["x"], inp["x"]], inp["t"], inp["context"], tokens, inp["y"])
 
 
-def test_config_reads_checkpoint_json_and_rejects_unknown_fields(tmp_path: Path) -> None:
+def test_config_reads_checkpoint_json_and_checks_fields(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = DiTConfig.from_json(FIXTURE / "high_noise_model" / "config.json")
     assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.text_dim, cfg.patch_size) == (64, 2, 2, 4096, (1, 2, 2))
     assert DiTConfig.real_14b().dim == 5120 and DiTConfig.real_14b().head_dim == 128
-    bad = tmp_path / "config.json"
-    bad.write_text(json.dumps({"dim": 64, "num_heads": 2, "flux_capacitor": 1}))
-    with pytest.raises(ValueError, match="flux_capacitor"):
-        DiTConfig.from_json(bad)
+    extra = tmp_path / "config.json"
+    extra.write_text(json.dumps({"dim": 64, "num_heads": 2, "flux_capacitor": 1, "patch_size": [1, 4, 4]}))
+    cfg = DiTConfig.from_json(extra)
+    assert cfg.patch_size == (1, 4, 4) and "ignoring unknown field 'flux_capacitor'" in caplog.text
+    for field, value, expected in (("dim", "64", "int"), ("qk_norm", 1, "bool"), ("patch_size", [1, 2], "tuple")):
+        extra.write_text(json.dumps({field: value}))
+        with pytest.raises(ValueError, match=f"field '{field}' = .*expected a {expected}"):
+            DiTConfig.from_json(extra)
+    extra.write_text(json.dumps({"dim": 64, "num_heads": 3}))
+    with pytest.raises(ValueError, match="dim 64 must split into 3 heads"):
+        DiTConfig.from_json(extra)
 
 
 @pytest.mark.parametrize("grid", [(3, 3, 4), (2, 5, 7), (40, 1, 1)])

@@ -17,6 +17,7 @@ RoPE, head) are forced here regardless of autocast.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -30,6 +31,7 @@ from torch import nn
 from pipeline.models.attention import attention
 from pipeline.models.rope import apply_rope, rope_tables
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Rope = tuple[Tensor, Tensor]
 
@@ -76,15 +78,18 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> DiTConfig:
-        """Build from a diffusers config dict; `_`-prefixed bookkeeping keys are skipped, unknown keys rejected."""
-        known = {f.name for f in fields(cls)}
+        """Build from a diffusers config dict. `_`-prefixed bookkeeping keys are skipped; unknown keys are
+        logged and ignored (a newer diffusers may add some; the strict shape check at load catches any that
+        would change the architecture). Values of the wrong type are errors."""
+        known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if key.startswith("_"):
                 continue
             if key not in known:
-                raise ValueError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(known))})")
-            values[key] = tuple(value) if isinstance(value, list) else value
+                log.warning("%s: ignoring unknown field %r", source, key)
+                continue
+            values[key] = _typed(source, key, value, getattr(cls(), key))
         config = cls(**values)
         config.validate(source)
         return config
@@ -109,6 +114,22 @@ class DiTConfig:
             raise ValueError(f"{source}: window_size {self.window_size} unsupported; expected (-1, -1)")
         if len(self.patch_size) != 3:
             raise ValueError(f"{source}: patch_size {self.patch_size} must have 3 entries (t, h, w)")
+
+
+def _typed(source: str, key: str, value: Any, default: Any) -> Any:
+    """Check a config value against the default's type (JSON lists become tuples)."""
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default)
+        value = tuple(value) if ok else value
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"{source}: field {key!r} = {value!r}; expected a {type(default).__name__} like {default!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- parts
