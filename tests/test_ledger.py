@@ -74,6 +74,18 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 
 
+def test_the_first_revision_downgrades_cleanly_and_upgrades_again(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    Ledger.open(path).close()
+    config = alembic_config(database_url(path))
+    command.downgrade(config, "base")
+    with sqlite3.connect(path) as raw:
+        left = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+    assert {name for name in left if not name.startswith("sqlite_autoindex")} == {"alembic_version"}
+    with Ledger.open(path) as again:
+        assert again.get(add(again)).name == "cat"
+
+
 def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "state" / "wanbox.db"
     path.parent.mkdir()
