@@ -45,11 +45,17 @@ def _resized(image: np.ndarray, width: int, height: int, interpolation: int) -> 
 
 
 def resize_by_area(image: np.ndarray, area: int, divisor: int = DIVISOR) -> np.ndarray:
-    """The reference's resize_by_area: INTER_AREA when shrinking, INTER_LINEAR otherwise, then letterboxed."""
+    """The reference's resize_by_area: the size from size_by_area, then fit_to_size."""
     height, width = image.shape[:2]
     new_w, new_h = size_by_area(width, height, area, divisor)
-    interpolation = cv2.INTER_AREA if new_w * new_h < width * height else cv2.INTER_LINEAR
-    return padding_resize(image, new_h, new_w, interpolation)
+    return fit_to_size(image, new_w, new_h)
+
+
+def fit_to_size(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Letterbox into (height, width) with INTER_AREA when shrinking, INTER_LINEAR otherwise (as resize_by_area)."""
+    src_h, src_w = image.shape[:2]
+    interpolation = cv2.INTER_AREA if width * height < src_w * src_h else cv2.INTER_LINEAR
+    return padding_resize(image, height, width, interpolation)
 
 
 def target_frame_count(source_frames: int, source_fps: float, fps: float) -> int:

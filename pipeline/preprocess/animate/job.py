@@ -95,9 +95,8 @@ def make_plan(info: VideoInfo, character: np.ndarray, mode: str, resolution_area
 
 
 def _detection_frames(video: Path, plan: Plan, mode: str):  # noqa: ANN202 - a generator of RGB arrays
-    area = plan.out_w * plan.out_h
     for frame in read_frames(video, plan.indices):
-        yield geometry.resize_by_area(frame, area) if mode == "replacement" else frame
+        yield geometry.fit_to_size(frame, plan.out_w, plan.out_h) if mode == "replacement" else frame
 
 
 def _timestamps(start: int, count: int, fps: float) -> list[int]:
@@ -286,7 +285,7 @@ def preprocess_animate_job(
     mark = time.monotonic()
     with DetectorProcess(models, segment=mode == "replacement", frame_timeout_s=frame_timeout_s) as detector:
         if mode == "animation":
-            resized_reference = geometry.resize_by_area(reference, plan.out_w * plan.out_h)
+            resized_reference = geometry.fit_to_size(reference, plan.out_w, plan.out_h)
             target_pose = character_pose(detector, resized_reference, character)
         else:
             target_pose = character_pose(detector, reference, character)

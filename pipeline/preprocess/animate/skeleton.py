@@ -85,7 +85,9 @@ def empty_hand() -> np.ndarray:
 def body_from_landmarks(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
     """(33, 4) mediapipe rows [x, y, visibility, presence] (normalised) -> (20, 3) [x, y, conf] in pixels.
 
-    Confidence is min(visibility, presence): a point must be both in the picture and unoccluded to be drawn."""
+    Confidence is min(visibility, presence): a point must be both in the picture and unoccluded to be drawn.
+    Mediapipe also extrapolates points beyond the image edge (e.g. knees under the frame); the reference's
+    heatmap detector cannot place a point outside its crop, so such points get confidence 0."""
     points = np.zeros((BODY_POINTS, 3))
     confidence = np.minimum(landmarks[:, 2], landmarks[:, 3])
     for row, (_, sources) in enumerate(BODY_FROM_MEDIAPIPE):
@@ -93,6 +95,8 @@ def body_from_landmarks(landmarks: np.ndarray, width: int, height: int) -> np.nd
         points[row, 0] = landmarks[index, 0].mean() * width
         points[row, 1] = landmarks[index, 1].mean() * height
         points[row, 2] = confidence[index].mean()
+    outside = (points[:, 0] < 0) | (points[:, 0] >= width) | (points[:, 1] < 0) | (points[:, 1] >= height)
+    points[outside, 2] = 0.0
     return points
 
 

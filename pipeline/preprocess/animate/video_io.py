@@ -96,6 +96,9 @@ class VideoWriter:
         self.frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
+        if rgb.shape != (self._stream.height, self._stream.width, 3):
+            # PyAV would silently rescale a frame of another size; that is always a bug upstream
+            raise ValueError(f"{self.path.name}: frame {rgb.shape}, expected {(self._stream.height, self._stream.width, 3)}")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
