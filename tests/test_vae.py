@@ -194,3 +194,17 @@ def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict)
             assert ((low - expected).norm() / expected.norm()).item() < 5e-2, name
     finally:
         torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_other_architectures_are_read_from_the_file(tmp_path: Path) -> None:
+    """Width, stages, blocks, attention and temporal flags all come from the checkpoint's keys."""
+    cfg = VaeConfig(
+        dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(0.5,), temporal_downsample=(True, False)
+    )
+    torch.manual_seed(7)
+    torch.save(VideoVAE(cfg).state_dict(), tmp_path / CKPT)
+    vae = WanVAE.from_checkpoint(tmp_path / CKPT)
+    assert vae.model.config == cfg
+    latent = vae.encode(torch.rand(3, 5, 16, 16) * 2 - 1)
+    assert latent.shape == (16, 3, 4, 4)  # one temporal halving: chunks [1], [4] -> 1 + 2 latent frames
+    assert vae.decode(latent).shape == (3, 5, 16, 16)

@@ -49,11 +49,40 @@ class VaeConfig:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], source: str | Path) -> VaeConfig:
-        """Width from `encoder.conv1.weight`, latent channels from `conv2.weight`; the rest is fixed by
-        the Wan2.1 architecture (a checkpoint that differs fails the strict shape check)."""
+        """Read every field off the encoder's keys and shapes: width from `encoder.conv1.weight`, latent
+        channels from `conv2.weight`, stages from the resample layers of `encoder.downsamples`."""
         width = require_key(state, "encoder.conv1.weight", source).shape[0]
         z_dim = require_key(state, "conv2.weight", source).shape[0]
-        return cls(dim=width, z_dim=z_dim)
+        stages: list[list[str]] = [[]]  # layer kinds per encoder stage, split at each resample
+        temporal: list[bool] = []
+        for i in range(_count_indices(state, "encoder.downsamples.")):
+            prefix = f"encoder.downsamples.{i}."
+            if prefix + "resample.1.weight" in state:
+                temporal.append(prefix + "time_conv.weight" in state)
+                stages.append([])
+            elif prefix + "to_qkv.weight" in state:
+                stages[-1].append("attn")
+            else:
+                out = require_key(state, prefix + "residual.6.weight", source).shape[0]
+                stages[-1].append(f"res:{out}")
+        residual_outs = [[int(k[4:]) for k in stage if k.startswith("res:")] for stage in stages]
+        if not all(residual_outs) or len({len(outs) for outs in residual_outs}) != 1:
+            raise CheckpointError(
+                f"{source}: encoder.downsamples.* do not form equal stages of residual blocks"
+            )
+        return cls(
+            dim=width,
+            z_dim=z_dim,
+            dim_mult=tuple(outs[-1] // width for outs in residual_outs),
+            num_res_blocks=len(residual_outs[0]),
+            attn_scales=tuple(1.0 / 2**i for i, stage in enumerate(stages) if "attn" in stage),
+            temporal_downsample=tuple(temporal),
+        )
+
+
+def _count_indices(state: dict[str, Tensor], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
 
 
 class FeatureCache:
