@@ -274,3 +274,17 @@ def test_cli_entry_points(tmp_path: Path, remote_i2v: Path, capsys: pytest.Captu
 def test_hub_module_does_not_import_torch() -> None:
     code = "import sys, pipeline.weights.hub, pipeline.weights.layouts; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_loader_verify_uses_the_pull_manifest(tmp_path: Path, remote_i2v: Path) -> None:
+    dest = tmp_path / "ckpt"
+    pull("i2v-A14B", dest, LocalHub(remote_i2v), say=lambda _: None)
+    high, _ = load_i2v_experts(dest, verify=True)
+    assert high.config.dim == 64
+    shard = _shards(dest / "low_noise_model")[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the last tensor: loads fine, fails sha256
+    shard.write_bytes(bytes(data))
+    load_i2v_experts(dest)
+    with pytest.raises(CheckpointError, match=f"low_noise_model/{shard.name}: sha256"):
+        load_i2v_experts(dest, verify=True)

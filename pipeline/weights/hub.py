@@ -123,8 +123,17 @@ def verify(family: str, ckpt_dir: Path | str, deep: bool = False, only: list[str
     problems = [f"{rel}: missing" for rel in check_installed(family, root)]
     if problems and not root.is_dir():
         return problems
+    rels = only if only is not None else _present_files(family, root, _read_manifest(root))
+    return problems + check_files(root, rels, deep)
+
+
+def check_files(root: Path | str, rels: list[str], deep: bool = False) -> list[str]:
+    """Integrity of the given files under root (absent ones are skipped): size against the pull manifest,
+    safetensors header against the file size, and with deep=True sha256 against the manifest."""
+    root = Path(root)
     recorded = _read_manifest(root)
-    for rel in sorted(only if only is not None else _present_files(family, root, recorded)):
+    problems = []
+    for rel in sorted(rels):
         path = root / rel
         if not path.is_file():
             continue

@@ -212,9 +212,28 @@ def load_into(
     return model.eval().requires_grad_(False)
 
 
-def load_dit(model_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> WanDiT:
-    """One WanModel expert from a folder with config.json + weights (e.g. CKPT/high_noise_model)."""
+def verify_checkpoint(path: Path | str, deep: bool = False) -> None:
+    """Check the checkpoint's files before loading: sizes (and with deep=True sha256) against the manifest
+    `wanbox models pull` wrote in the checkpoint root (this folder or its parent), headers against sizes."""
+    from pipeline.weights.hub import MANIFEST, check_files
+
+    path = Path(path)
+    files = list(checkpoint_files(path))
+    base = path if path.is_dir() else path.parent
+    root = base.parent if not (base / MANIFEST).is_file() and (base.parent / MANIFEST).is_file() else base
+    problems = check_files(root, [f.relative_to(root).as_posix() for f in files], deep)
+    if problems:
+        raise CheckpointError(f"{root}: checkpoint files failed verification: " + "; ".join(problems))
+
+
+def load_dit(
+    model_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", verify: bool = False
+) -> WanDiT:
+    """One WanModel expert from a folder with config.json + weights (e.g. CKPT/high_noise_model).
+    verify=True checks sizes and sha256 against the pull manifest first (reads every byte once)."""
     model_dir = Path(model_dir)
+    if verify:
+        verify_checkpoint(model_dir, deep=True)
     config = DiTConfig.from_json(_config_path(model_dir))
     with torch.device("meta"):
         model = WanDiT(config)
@@ -222,11 +241,13 @@ def load_dit(model_dir: Path | str, dtype: torch.dtype | None = None, device: to
 
 
 def load_i2v_experts(
-    ckpt_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ckpt_dir: Path | str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", verify: bool = False
 ) -> tuple[WanDiT, WanDiT]:
     """(high_noise_model, low_noise_model) of a Wan2.2-I2V-A14B checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
-    return load_dit(ckpt_dir / "high_noise_model", dtype, device), load_dit(ckpt_dir / "low_noise_model", dtype, device)
+    high = load_dit(ckpt_dir / "high_noise_model", dtype, device, verify)
+    low = load_dit(ckpt_dir / "low_noise_model", dtype, device, verify)
+    return high, low
 
 
 def load_animate_dit(  # noqa: ANN201 - WanAnimateDiT, imported lazily
@@ -234,16 +255,20 @@ def load_animate_dit(  # noqa: ANN201 - WanAnimateDiT, imported lazily
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     lora_path: Path | str | None = None,
+    verify: bool = False,
 ):
     """WanAnimateDiT from the folder holding its config.json and shards (the Animate-14B checkpoint root).
 
     Widths that config.json does not carry (motion encoder, face encoder, image embedding, number of face
     blocks) are read from the checkpoint's tensor shapes. `lora_path` (e.g. CKPT/relighting_lora.ckpt) is
     merged into the weights after loading (see animate_dit.merge_lora); load again without it to undo.
+    verify=True checks sizes and sha256 against the pull manifest first.
     """
     from pipeline.models.animate_dit import AnimateConfig, WanAnimateDiT, merge_lora
 
     ckpt_dir = Path(ckpt_dir)
+    if verify:
+        verify_checkpoint(ckpt_dir, deep=True)
     config = AnimateConfig.from_checkpoint(_config_path(ckpt_dir), tensor_shapes(ckpt_dir))
     with torch.device("meta"):
         model = WanAnimateDiT(config)
