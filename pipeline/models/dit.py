@@ -197,9 +197,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Rope, k_len: int, sp: SequenceParallel | None) -> Tensor:
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(2, heads), *rope)
-        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(2, heads), *rope)
         v = linear(self.v, x).unflatten(2, heads)
+        # RoPE in fp32, then q/k in v's dtype: the reference's kernel casts all three to bf16 on the GPU,
+        # and doing it here halves what sequence parallelism sends for q and k.
+        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(2, heads), *rope).to(v.dtype)
+        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(2, heads), *rope).to(v.dtype)
         out = sp.attention(q, k, v, k_len) if sp is not None else attention(q, k, v, k_len)
         return linear(self.o, out.flatten(2))
 
@@ -220,14 +222,16 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         heads = (self.num_heads, -1)
-        q = self.norm_q(linear(self.q, x)).unflatten(2, heads)
-        k = self.norm_k(linear(self.k, context)).unflatten(2, heads)
-        out = attention(q, k, linear(self.v, context).unflatten(2, heads))
+        v = linear(self.v, context).unflatten(2, heads)
+        q = self.norm_q(linear(self.q, x)).unflatten(2, heads).to(v.dtype)
+        k = self.norm_k(linear(self.k, context)).unflatten(2, heads).to(v.dtype)
+        out = attention(q, k, v)
         if self.with_image:
             if image_context is None:
                 raise ValueError("this block attends to image tokens: image_context is required")
-            k_img = self.norm_k_img(linear(self.k_img, image_context)).unflatten(2, heads)
-            out = out + attention(q, k_img, linear(self.v_img, image_context).unflatten(2, heads))
+            v_img = linear(self.v_img, image_context).unflatten(2, heads)
+            k_img = self.norm_k_img(linear(self.k_img, image_context)).unflatten(2, heads).to(v_img.dtype)
+            out = out + attention(q, k_img, v_img)
         return linear(self.o, out.flatten(2))
 
 
