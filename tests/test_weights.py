@@ -288,3 +288,37 @@ def test_loader_verify_uses_the_pull_manifest(tmp_path: Path, remote_i2v: Path) 
     load_i2v_experts(dest)
     with pytest.raises(CheckpointError, match=f"low_noise_model/{shard.name}: sha256"):
         load_i2v_experts(dest, verify=True)
+
+
+def test_pull_through_the_huggingface_hub_adapter(
+    tmp_path: Path, remote_i2v: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default adapter calls HfApi.model_info(files_metadata=True) and hf_hub_download(local_dir=...);
+    both are replaced by doubles serving the local repo (no network)."""
+    import huggingface_hub
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    listing = LocalHub(remote_i2v).list_files("")
+    calls: list[tuple] = []
+
+    class FakeApi:
+        def model_info(self, repo_id: str, files_metadata: bool = False):  # noqa: ANN202
+            calls.append(("model_info", repo_id, files_metadata))
+            siblings = [RepoSibling(f.path, f.size, lfs=BlobLfsInfo(f.size, f.sha256, 134) if f.sha256 else None)
+                        for f in listing]
+            return type("Info", (), {"siblings": siblings})()
+
+    def fake_download(repo_id: str, filename: str, *, local_dir: Path) -> str:
+        calls.append(("download", repo_id, filename))
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(remote_i2v / filename, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert main_pull("i2v-A14B", tmp_path / "ckpt") == 0
+    assert calls[0] == ("model_info", "Wan-AI/Wan2.2-I2V-A14B", True)
+    downloaded = {c[2] for c in calls[1:]}
+    assert "Wan2.1_VAE.pth" in downloaded and "README.md" not in downloaded
+    assert verify("i2v-A14B", tmp_path / "ckpt", deep=True) == []
