@@ -70,6 +70,7 @@ class WarmPool:
         self._deadline_from = 0.0  # monotonic time the current deadline counts from
         self._server: socket.socket | None = None
         self._closing = threading.Event()
+        self._shutdown_sent = False  # after a shutdown request, the worker's exit is expected, not a death
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class WarmPool:
             stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
         )
         self.model, self.state, self.job, self.hello = model, "loading", None, {}
+        self._shutdown_sent = False
         self.load_seconds = None
         self._deadline_from = time.monotonic()
 
@@ -192,6 +194,11 @@ class WarmPool:
         self._deadline_from = time.monotonic()
         return self._send(run)
 
+    def request_shutdown(self) -> None:
+        """Ask the worker to finish or abort its step and exit; its exit is then not counted as a death."""
+        self._shutdown_sent = True
+        self._send(protocol.Shutdown())
+
     def cancel(self, job: str) -> None:
         if self.job == job:
             self._send(protocol.Cancel(job=job))
@@ -214,6 +221,10 @@ class WarmPool:
     def _handle(self, generation: int, what: str, payload: Any) -> list[PoolEvent]:
         if generation != self._generation or self.state == "stopped":
             return []  # from a pool that was already replaced
+        if what == "eof" and self._shutdown_sent:
+            log.info("pool: %s exited after shutdown", self.model)
+            self.kill()
+            return []
         if what == "eof":
             return self._died(f"the worker pool closed its connection ({payload})")
         if what == "garbage":
@@ -247,6 +258,9 @@ class WarmPool:
         if self.state in ("stopped",) or self._proc is None:
             return []
         code = self._proc.poll()
+        if code is not None and self._shutdown_sent:
+            self.kill()
+            return []
         if code is not None:
             return self._died(f"the worker pool exited with status {code}")
         silent = time.monotonic() - self._deadline_from
@@ -296,7 +310,7 @@ class WarmPool:
         if self._proc is None:
             self.state = "stopped"
             return None
-        self._send(protocol.Shutdown())
+        self.request_shutdown()
         try:
             self._proc.wait(grace)
         except subprocess.TimeoutExpired:

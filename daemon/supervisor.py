@@ -183,7 +183,7 @@ class Supervisor:
     def _stop_pool(self, why: str) -> None:
         job = self.pool.job
         if self.pool.state in ("busy", "idle", "loading") and self.pool.pid is not None:
-            self.pool._send(protocol.Shutdown())
+            self.pool.request_shutdown()
             deadline = time.monotonic() + self.cfg.pool.stop_grace_seconds
             # Keep listening: the step in progress may still finish the job, which we then deliver.
             while self.pool.job is not None and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from daemon.cli import main as cli_main
 from daemon.outbox import probe_video
 from tests.workers.harness import Root, alive, manifest_text, wait_for, write_image
 
@@ -208,7 +209,7 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
     assert r.stop() == 0
 
 
-def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root) -> None:
+def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root, capsys) -> None:
     r = root(pool={"heartbeat_seconds": 1.5, "stop_grace_seconds": 10})
     r.knobs({"hang": {"hang_at_step": 2}, "crash": {"exit_at_step": 1},
              "long": {"step_seconds": 0.25}, "term": {"step_seconds": 0.25}})
@@ -235,17 +236,16 @@ def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root) -> None:
     # cancel a running job: the pool is told and stops at a step boundary; retry runs it again.
     r.drop("long", manifest_text(prompt="long", steps=40, image='"long.jpg"'), image="long.jpg")
     r.wait_state("long", "sampling")
-    result = r.cli("cancel", r.job("long").id)
-    assert result.returncode == 0, result.stderr
-    assert "the running pool stops it at the next step" in result.stdout
+    assert cli_main(["cancel", r.job("long").id, "--config", str(r.config)]) == 0
+    assert "the running pool stops it at the next step" in capsys.readouterr().out
     wait_for(lambda: "the pool stopped it: cancelled at step" in r.log_text(), 15, r.log_text)
     assert r.state("long") == "cancelled"
     r.knobs({"long": {"step_seconds": 0.01}, "term": {"step_seconds": 0.25}})
-    assert r.cli("retry", r.job("long").id).returncode == 0
+    assert cli_main(["retry", r.job("long").id[:15], "--config", str(r.config)]) == 0  # a unique id prefix
     r.wait_state("long", "done")
 
     # retry of a failed job brings its inputs back from failed/ and runs it (now without the hang).
-    assert r.cli("retry", hang.id).returncode == 0
+    assert cli_main(["retry", hang.id, "--config", str(r.config)]) == 0
     r.wait_state("hang", "done")
     assert not (r.failed / "hang").exists()
 
@@ -258,6 +258,7 @@ def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root) -> None:
     term = r.job("term")
     assert term.state.value == "ready" and term.attempts == 0
     assert all(not alive(p) for p in r.worker_pids())
+    assert "exited after shutdown" in r.log_text()
     with r.ledger() as ledger:
         assert ledger.audit() == []
         assert "requeued" in ledger.events(term.id)[-1].message
