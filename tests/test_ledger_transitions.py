@@ -1,14 +1,20 @@
-"""The transition table on a real SQLite ledger: every legal move works and logs one event, every other
-move is refused without writing anything, and two ledgers racing for one move produce one winner.
+"""The transition table on a real ledger: every legal move works and logs one event, every other move is
+refused without writing anything, and ledgers racing for one move or one job produce one winner.
+
+SQLite always; also PostgreSQL when WANBOX_TEST_POSTGRES_URL names a throwaway database (it is wiped), e.g.
+postgresql+psycopg://wanbox@/wanbox_test?host=/run/postgresql (needs the psycopg driver installed).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import MetaData, create_engine
 
 from daemon.ledger import IllegalTransition, JobNotFound, Ledger, utcnow
 from daemon.states import ALLOWED, EDGES, RETRY_STATE, RUNNING, TERMINAL, JobState, shortest_path
@@ -18,9 +24,26 @@ LEGAL = sorted(EDGES, key=lambda e: (e[0].value, e[1].value))
 ILLEGAL = [(a, b) for a, b in itertools.product(JobState, JobState) if (a, b) not in EDGES]
 
 
-@pytest.fixture(scope="module")
-def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
-    with Ledger.open(tmp_path_factory.mktemp("ledger") / "wanbox.db") as opened:
+POSTGRES_URL = os.environ.get("WANBOX_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+def fresh_database(backend: str, folder: Path) -> str:
+    """The URL of an empty database for `backend`."""
+    if backend == "sqlite":
+        return f"sqlite:///{folder / 'wanbox.db'}"
+    assert POSTGRES_URL
+    engine = create_engine(POSTGRES_URL)
+    tables = MetaData()
+    tables.reflect(engine)
+    tables.drop_all(engine)
+    engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
+    with Ledger.open(fresh_database(request.param, tmp_path_factory.mktemp("ledger"))) as opened:
         yield opened
 
 
@@ -145,9 +168,10 @@ def test_fields_the_ledger_owns_cannot_be_set(ledger: Ledger) -> None:
     assert ledger.get(job_id).state == S.STAGED
 
 
-def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(tmp_path: Path) -> None:
-    path = tmp_path / "wanbox.db"
-    with Ledger.open(path) as first, Ledger.open(path) as second:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(backend: str, tmp_path: Path) -> None:
+    url = fresh_database(backend, tmp_path)
+    with Ledger.open(url) as first, Ledger.open(url) as second:
         job_id = job_in(first, S.READY)
         wins = [
             first.transition(job_id, S.READY, S.SAMPLING, "pool A took it"),
@@ -158,3 +182,30 @@ def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(tmp_path: Path)
         assert second.cancel(job_id, "stop") == S.SAMPLING
         moves = [(e.from_state, e.to_state, e.message) for e in first.events(job_id)][-2:]
         assert moves == [(S.READY, S.SAMPLING, "pool A took it"), (S.SAMPLING, S.CANCELLED, "stop")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_claimers_take_each_job_exactly_once(backend: str, tmp_path: Path) -> None:
+    url = fresh_database(backend, tmp_path)
+    with Ledger.open(url) as setup:
+        ids = {job_in(setup, S.QUEUED) for _ in range(16)}
+    ledgers = [Ledger.open(url) for _ in range(3)]  # separate engines: separate connections and locks
+    taken: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim_all(ledger: Ledger) -> None:
+        try:
+            while (job := ledger.claim_next(S.QUEUED, S.PREPROCESSING)) is not None:
+                taken.append(job.id)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim_all, args=(ledger,)) for ledger in ledgers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for ledger in ledgers:
+        ledger.close()
+    assert errors == []
+    assert sorted(taken) == sorted(ids)
