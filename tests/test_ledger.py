@@ -80,7 +80,9 @@ def test_the_first_revision_downgrades_cleanly_and_upgrades_again(tmp_path: Path
     config = alembic_config(database_url(path))
     command.downgrade(config, "base")
     with sqlite3.connect(path) as raw:
-        left = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        left = {
+            row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")
+        }
     assert {name for name in left if not name.startswith("sqlite_autoindex")} == {"alembic_version"}
     with Ledger.open(path) as again:
         assert again.get(add(again)).name == "cat"
@@ -104,7 +106,9 @@ def test_a_ledger_from_a_newer_wanbox_is_refused_with_a_reason(tmp_path: Path) -
     Ledger.open(path).close()
     with sqlite3.connect(path) as raw:
         raw.execute("UPDATE alembic_version SET version_num = '0999'")
-    with pytest.raises(LedgerError, match=r"cannot upgrade the ledger at sqlite:///.*wanbox\.db.*0999.*newer wanbox"):
+    with pytest.raises(
+        LedgerError, match=r"cannot upgrade the ledger at sqlite:///.*wanbox\.db.*0999.*newer wanbox"
+    ):
         Ledger.open(path)
 
 
@@ -119,7 +123,9 @@ def test_paths_and_urls_name_the_same_database(tmp_path: Path) -> None:
 
 
 def test_a_missing_state_folder_is_named_in_the_error(tmp_path: Path) -> None:
-    with pytest.raises(LedgerError, match=f"the ledger's folder {tmp_path / 'nope'} does not exist: create it"):
+    with pytest.raises(
+        LedgerError, match=f"the ledger's folder {tmp_path / 'nope'} does not exist: create it"
+    ):
         Ledger.open(tmp_path / "nope" / "wanbox.db")
 
 
@@ -176,7 +182,12 @@ def test_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
         for conn in connections:
             pragma = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in
                       ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")}  # fmt: skip
-            assert pragma == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1, "busy_timeout": 2500}
+            assert pragma == {
+                "journal_mode": "wal",
+                "synchronous": 2,
+                "foreign_keys": 1,
+                "busy_timeout": 2500,
+            }
         for conn in connections:
             conn.close()
 
@@ -221,7 +232,9 @@ def test_new_jobs_get_sortable_typable_ids_and_a_creation_event(ledger: Ledger) 
         assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-hjkmnp-tv-z]{4}", job_id), job_id
     assert ids[0].startswith("20261121-120000-") and ids[-1].startswith("20261121-120002-")
     first = ledger.events(ids[0])
-    assert [(e.from_state, e.to_state, e.message) for e in first] == [(None, S.STAGED, "manifest found in the inbox")]
+    assert [(e.from_state, e.to_state, e.message) for e in first] == [
+        (None, S.STAGED, "manifest found in the inbox")
+    ]
 
 
 def test_an_id_clash_draws_a_new_id(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +255,10 @@ def test_add_staged_stores_what_it_is_given(ledger: Ledger) -> None:
     )  # fmt: skip
     stored = ledger.get(job.id)
     assert (stored.name, stored.kind, stored.manifest_path, stored.model_id) == (
-        "surf", "animate", "inbox/surf/job.toml", "animate-14B"
+        "surf",
+        "animate",
+        "inbox/surf/job.toml",
+        "animate-14B",
     )
     assert (stored.priority, stored.max_attempts, stored.attempts, stored.input_hash) == (5, 4, 0, "h1")
     assert stored.params_json == {"mode": "replacement"}
@@ -253,7 +269,9 @@ def test_add_staged_stores_what_it_is_given(ledger: Ledger) -> None:
 
 def test_times_come_back_as_utc_aware_and_naive_times_are_refused(ledger: Ledger) -> None:
     paris = timezone(timedelta(hours=1))
-    job = ledger.add_staged("cat", "i2v", "inbox/cat.toml", datetime(2026, 11, 21, 13, 0, tzinfo=paris), now=T0)
+    job = ledger.add_staged(
+        "cat", "i2v", "inbox/cat.toml", datetime(2026, 11, 21, 13, 0, tzinfo=paris), now=T0
+    )
     stored = ledger.get(job.id)
     assert stored.created_at.tzinfo == timezone.utc
     assert stored.staged_deadline == T0 and stored.staged_deadline.tzinfo == timezone.utc
@@ -268,7 +286,9 @@ def test_get_by_id_or_unique_prefix(ledger: Ledger) -> None:
     assert ledger.get(f"  {b}  ").name == "b"
     assert ledger.get(b[:-1]).id == b or ledger.get(b[:-2]).id == b
     assert ledger.get("20261121-13").id == b
-    with pytest.raises(AmbiguousJobId, match=r"'20261121-1' matches several jobs: .*\(a\), .*\(b\); type more"):
+    with pytest.raises(
+        AmbiguousJobId, match=r"'20261121-1' matches several jobs: .*\(a\), .*\(b\); type more"
+    ):
         ledger.get("20261121-1")
     with pytest.raises(JobNotFound, match="no job with id or id prefix '2099'"):
         ledger.get("2099")
@@ -411,7 +431,9 @@ def test_cancel_from_each_unfinished_state_and_not_after_the_end(ledger: Ledger)
         assert ledger.events(job_id)[-1].message == "changed my mind"
     for state in [S.DONE, S.FAILED, S.REJECTED, S.CANCELLED]:
         job_id = add(ledger, state.value, state)
-        with pytest.raises(IllegalTransition, match=f"cannot cancel: it has already ended \\({state.value}\\)"):
+        with pytest.raises(
+            IllegalTransition, match=f"cannot cancel: it has already ended \\({state.value}\\)"
+        ):
             ledger.cancel(job_id)
         assert ledger.get(job_id).state == state
 
@@ -425,7 +447,13 @@ def test_retry_gives_a_fresh_attempt_budget_and_keeps_the_history(ledger: Ledger
 
     job = ledger.retry(job_id[:12])
     assert job.state == S.QUEUED
-    assert (job.attempts, job.last_error, job.error_kind, job.retry_after, job.step) == (0, None, None, None, None)
+    assert (job.attempts, job.last_error, job.error_kind, job.retry_after, job.step) == (
+        0,
+        None,
+        None,
+        None,
+        None,
+    )
     messages = [e.message for e in ledger.events(job_id)]
     assert any("NaN in latents" in m for m in messages) and messages[-1] == "retried by user"
     with pytest.raises(IllegalTransition, match="queued -> queued is not a legal move"):
@@ -435,7 +463,9 @@ def test_retry_gives_a_fresh_attempt_budget_and_keeps_the_history(ledger: Ledger
 def test_retry_of_a_job_cancelled_before_acceptance_asks_for_a_resubmission(ledger: Ledger) -> None:
     job_id = add(ledger, state=S.STAGED)
     ledger.cancel(job_id)
-    with pytest.raises(IllegalTransition, match="cancelled before it was accepted; submit the manifest again"):
+    with pytest.raises(
+        IllegalTransition, match="cancelled before it was accepted; submit the manifest again"
+    ):
         ledger.retry(job_id)
     accepted = add(ledger, "accepted", S.QUEUED)
     ledger.cancel(accepted)
@@ -494,8 +524,14 @@ CLAIMER = textwrap.dedent(
 def test_two_processes_share_one_new_file_without_locking_errors_or_double_claims(tmp_path: Path) -> None:
     path = tmp_path / "wanbox.db"
     workers = [
-        subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), name], cwd=REPO, text=True,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, str(path), name],
+            cwd=REPO,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for name in ("A", "B")
     ]
     for worker in workers:

@@ -55,9 +55,16 @@ def test_retryable_failures_go_back_with_growing_delays_then_fail_for_good(ledge
     job_id = add(ledger, S.SAMPLING, max_attempts=4)
     now = T0
     for attempt, delay in [(1, 10), (2, 20), (3, 25)]:
-        assert ledger.record_failure(job_id, S.SAMPLING, "CUDA out of memory", "oom", True, now=now) == S.READY
+        assert (
+            ledger.record_failure(job_id, S.SAMPLING, "CUDA out of memory", "oom", True, now=now) == S.READY
+        )
         job = ledger.get(job_id)
-        assert (job.state, job.attempts, job.error_kind, job.last_error) == (S.READY, attempt, "oom", "CUDA out of memory")
+        assert (job.state, job.attempts, job.error_kind, job.last_error) == (
+            S.READY,
+            attempt,
+            "oom",
+            "CUDA out of memory",
+        )
         assert job.retry_after == now + timedelta(seconds=delay)
         assert ledger.events(job_id)[-1].message == (
             f"attempt {attempt} of 4 failed (oom): CUDA out of memory; retrying in {delay} s"
@@ -84,7 +91,9 @@ def test_each_running_state_retries_to_the_step_that_lost_its_output(ledger: Led
 
 def test_a_permanent_error_fails_at_once(ledger: Ledger) -> None:
     job_id = add(ledger, S.PREPROCESSING)
-    result = ledger.record_failure(job_id, S.PREPROCESSING, "no person found in frame 0", "input", False, now=T0)
+    result = ledger.record_failure(
+        job_id, S.PREPROCESSING, "no person found in frame 0", "input", False, now=T0
+    )
     assert result == S.FAILED
     job = ledger.get(job_id)
     assert (job.attempts, job.retry_after, job.error_kind) == (1, None, "input")
@@ -219,7 +228,11 @@ CHURN = textwrap.dedent(
 
 def start(script: str, *args: str) -> subprocess.Popen[str]:
     child = subprocess.Popen(
-        [sys.executable, "-c", script, *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     line = child.stdout.readline()  # blocks until the child reached its point (or died)
     assert line.strip() in ("holding", "churning"), child.stderr.read()
@@ -246,7 +259,10 @@ def test_sigkill_in_the_middle_of_a_transition_leaves_no_trace(tmp_path: Path) -
         events = [(e.id, e.to_state) for e in ledger.events(job_id)]
     child = start(HOLD_IN_COMMIT, str(path), job_id)
     try:
-        with Ledger.open(path, busy_timeout_s=0.2) as impatient, pytest.raises(OperationalError, match="locked"):
+        with (
+            Ledger.open(path, busy_timeout_s=0.2) as impatient,
+            pytest.raises(OperationalError, match="locked"),
+        ):
             impatient.cancel(job_id)  # proves the child really holds the write transaction open
     finally:
         kill(child)

@@ -99,7 +99,9 @@ def test_states_read_as_plain_words() -> None:
 
 
 @pytest.mark.parametrize(("frm", "to"), LEGAL, ids=[f"{a.value}->{b.value}" for a, b in LEGAL])
-def test_every_legal_move_succeeds_and_writes_exactly_one_event(ledger: Ledger, frm: JobState, to: JobState) -> None:
+def test_every_legal_move_succeeds_and_writes_exactly_one_event(
+    ledger: Ledger, frm: JobState, to: JobState
+) -> None:
     job_id = job_in(ledger, frm)
     before = ledger.events(job_id)
     now = utcnow()
@@ -157,7 +159,11 @@ def test_fields_set_with_a_move_are_stored_in_the_same_commit(ledger: Ledger) ->
         work_dir="work/x", input_hash="abc123", params_json={"prompt": "a cat", "frames": 81},
     )  # fmt: skip
     job = ledger.get(job_id)
-    assert (job.work_dir, job.input_hash, job.params_json) == ("work/x", "abc123", {"prompt": "a cat", "frames": 81})
+    assert (job.work_dir, job.input_hash, job.params_json) == (
+        "work/x",
+        "abc123",
+        {"prompt": "a cat", "frames": 81},
+    )
 
 
 def test_fields_the_ledger_owns_cannot_be_set(ledger: Ledger) -> None:
