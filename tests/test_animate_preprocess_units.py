@@ -43,7 +43,8 @@ def spread_pose(width: int = 1200, height: int = 1200) -> Pose:
 
 
 def colours_of(canvas: np.ndarray) -> set[tuple[int, int, int]]:
-    return {tuple(int(v) for v in c) for c in np.unique(canvas.reshape(-1, 3), axis=0)}
+    packed = canvas[..., 0].astype(np.int32) << 16 | canvas[..., 1].astype(np.int32) << 8 | canvas[..., 2]
+    return {(int(v) >> 16, int(v) >> 8 & 255, int(v) & 255) for v in np.unique(packed)}
 
 
 def test_limb_colours_are_the_reference_palette_times_0_6() -> None:
@@ -63,7 +64,9 @@ def test_joints_are_full_colour_circles_of_the_stick_width() -> None:
     pose = spread_pose()
     canvas = render.render_pose(pose)
     for point, colour in zip(pose.body, render.COLORS, strict=True):
-        assert tuple(int(v) for v in canvas[int(point[1]), int(point[0])]) in {colour} | set(REFERENCE_LIMB_COLORS)
+        assert tuple(int(v) for v in canvas[int(point[1]), int(point[0])]) in {colour} | set(
+            REFERENCE_LIMB_COLORS
+        )
     # the right toe (index 19) is drawn last among the joints in (100, 100, 0)
     toe = pose.body[19]
     assert tuple(canvas[int(toe[1]), int(toe[0])]) == (100, 100, 0)
@@ -91,7 +94,9 @@ def test_low_confidence_and_edge_points_are_not_drawn() -> None:
 
 
 def test_stick_widths_follow_the_canvas_size() -> None:
-    assert [render.body_stick_width(h, w) for h, w in ((720, 1280), (1080, 1920), (352, 640), (144, 176))] == [2, 4, 1, 1]
+    assert [
+        render.body_stick_width(h, w) for h, w in ((720, 1280), (1080, 1920), (352, 640), (144, 176))
+    ] == [2, 4, 1, 1]
     assert [render.hand_stick_width(h, w) for h, w in ((720, 1280), (1080, 1920), (1600, 1600))] == [1, 2, 3]
 
 
@@ -103,7 +108,9 @@ def test_limb_is_the_ellipse_polygon_of_the_reference() -> None:
     canvas = render.render_pose(pose)
     expected = np.zeros_like(canvas)
     length = math.hypot(100, 70)
-    polygon = cv2.ellipse2Poly((100, 85), (int(length / 2), 1), int(math.degrees(math.atan2(-70, -100))), 0, 360, 1)
+    polygon = cv2.ellipse2Poly(
+        (100, 85), (int(length / 2), 1), int(math.degrees(math.atan2(-70, -100))), 0, 360, 1
+    )
     cv2.fillConvexPoly(expected, polygon, (153, 0, 0))
     cv2.circle(expected, (50, 50), 1, (255, 85, 0), -1)
     cv2.circle(expected, (150, 120), 1, (255, 170, 0), -1)
@@ -116,7 +123,9 @@ def test_limb_is_the_ellipse_polygon_of_the_reference() -> None:
      ((176, 144), 1280 * 720, (1056, 864)), ((832, 1104), 1280 * 720, (832, 1104)),
      ((1920, 1080), 640 * 360, (640, 352)), ((1000, 1000), 1280 * 720, (960, 960))],
 )  # fmt: skip
-def test_size_by_area_is_the_floor_to_16_fallback(size: tuple[int, int], area: int, expected: tuple[int, int]) -> None:
+def test_size_by_area_is_the_floor_to_16_fallback(
+    size: tuple[int, int], area: int, expected: tuple[int, int]
+) -> None:
     assert geometry.size_by_area(*size, area) == expected
 
 
@@ -131,7 +140,15 @@ def test_padding_resize_letterboxes_with_black_bars() -> None:
 def test_frame_indices_resample_like_the_reference() -> None:
     assert geometry.sample_indices(5, 10, 4) == [0, 2]  # int(5 / 10 * 4) = 2 frames; round(2.5) = 2
     assert geometry.sample_indices(106, 30, 30) == list(range(106))
-    assert geometry.sample_indices(50, 25, 30)[:7] == [0, 1, 2, 2, 3, 4, 5]  # round(i * 25 / 30), half to even
+    assert geometry.sample_indices(50, 25, 30)[:7] == [
+        0,
+        1,
+        2,
+        2,
+        3,
+        4,
+        5,
+    ]  # round(i * 25 / 30), half to even
     assert len(geometry.sample_indices(50, 25, 30)) == 60
     assert geometry.sample_indices(120, 30000 / 1001, 10)[-1] == 117  # round(39 / 10 * 29.97) = 117
 
@@ -155,8 +172,12 @@ def test_body_mapping_takes_shoulder_midpoint_for_neck_and_min_visibility_presen
     landmarks[26, 1] = 1.2  # right knee below the picture
     body = skeleton.body_from_landmarks(landmarks, 200, 100)
     assert body[1].tolist() == pytest.approx([100, 45, 0.9])  # neck
-    assert body[2].tolist() == pytest.approx([80, 50, 0.9]) and body[5].tolist() == pytest.approx([120, 40, 0.9])
-    assert body[18, :2].tolist() == pytest.approx([140, 90]) and body[19, :2].tolist() == pytest.approx([60, 95])
+    assert body[2].tolist() == pytest.approx([80, 50, 0.9]) and body[5].tolist() == pytest.approx(
+        [120, 40, 0.9]
+    )
+    assert body[18, :2].tolist() == pytest.approx([140, 90]) and body[19, :2].tolist() == pytest.approx(
+        [60, 95]
+    )
     assert body[14, 2] == pytest.approx(0.2)
     assert body[9, 2] == 0.0
 
@@ -178,7 +199,9 @@ def test_face_subset_has_68_distinct_mesh_points() -> None:
     assert len(skeleton.FACE68_INDICES) == 68 and len(set(skeleton.FACE68_INDICES)) == 68
     assert max(skeleton.FACE68_INDICES) < 478
     mesh = np.random.default_rng(0).random((478, 2))
-    assert skeleton.face68_from_mesh(mesh, 10, 20)[8].tolist() == pytest.approx((mesh[152] * [10, 20]).tolist())
+    assert skeleton.face68_from_mesh(mesh, 10, 20)[8].tolist() == pytest.approx(
+        (mesh[152] * [10, 20]).tolist()
+    )
 
 
 def test_box_fill_matches_the_reference_get_aug_mask() -> None:
