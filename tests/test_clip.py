@@ -145,3 +145,12 @@ def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict)
             assert ((low - want).norm() / want.norm()).item() < 2e-2, name
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_bf16_option_is_close_to_float32(wan_ref: Path, clip: ClipVision) -> None:
+    config = wan_ref / "clip" / "config.json"
+    low = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config=config, dtype=torch.bfloat16)
+    image = torch.rand(3, 60, 50, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ref, out = clip(image), low(image)
+    assert out.dtype == torch.bfloat16
+    assert 0 < ((out.float() - ref).norm() / ref.norm()).item() < 5e-2

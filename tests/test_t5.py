@@ -173,3 +173,13 @@ def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict)
                 assert ((low - want).norm() / want.norm()).item() < 5e-2, name
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_bf16_option_is_close_to_float32(wan_ref: Path, encoder: T5Encoder) -> None:
+    low = T5Encoder.from_checkpoint(wan_ref / "t5" / T5_FILE, dtype=torch.bfloat16)
+    ids = torch.randint(2, 384, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    for ref, out in zip(encoder.encode(ids, mask), low.encode(ids, mask), strict=True):
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert 0 < ((out.float() - ref).norm() / ref.norm()).item() < 5e-2

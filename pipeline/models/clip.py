@@ -150,6 +150,9 @@ class ClipVision:
         self, tower: VisionTower, cfg: ClipVisionConfig, dtype: torch.dtype, device: str | torch.device
     ):
         self.tower = tower.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        for module in self.tower.modules():
+            if isinstance(module, LayerNorm):
+                module.float()  # norms run in float32 (as under the reference's autocast), weights too
         self.config = cfg
         self.dtype = dtype
         self.device = torch.device(device)

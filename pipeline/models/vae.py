@@ -329,6 +329,9 @@ class WanVAE:
     def __init__(self, model: VideoVAE, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> None:  # fmt: skip
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        for module in self.model.modules():
+            if isinstance(module, RMSNorm):
+                module.float()  # norms stay float32 when the convs run in bf16
         self.dtype = dtype
         self.device = torch.device(device)
         z = model.config.z_dim
