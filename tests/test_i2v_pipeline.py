@@ -9,6 +9,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,3 +101,177 @@ def test_undecodable_and_missing_files_are_rejected_with_the_file_named(tmp_path
 def test_image_preparation_does_not_import_torch() -> None:
     code = "import sys, pipeline.preprocess.image; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ---------------------------------------------------------------- the pipeline against the reference run
+
+
+@pytest.fixture(scope="module")
+def reference_run(wan_ref: Path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = wan_ref / "pipeline_i2v"
+    return json.loads((folder / "cases.json").read_text()), load_file(str(folder / "cases.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fixture_models(wan_ref: Path) -> Any:
+    import torch
+
+    from pipeline.i2v import I2VModels
+    from pipeline.models.vae import WanVAE
+    from pipeline.weights.loader import load_i2v_experts
+
+    high, low = load_i2v_experts(wan_ref / "dit_i2v")
+    vae = WanVAE.from_checkpoint(wan_ref / "vae" / "Wan2.1_VAE.pth")
+    return I2VModels(high, low, vae, None, torch.device("cpu"), torch.float32)
+
+
+def _rel(actual: Any, expected: Any) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+class _Recorder:
+    """Sequential guidance that keeps what each step saw and produced."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def __call__(self, model: Any, latent: Any, t: Any, cond_kwargs: dict, uncond_kwargs: dict, scale: float) -> Any:
+        from pipeline.sampling.guidance import mix
+
+        cond, uncond = model(latent, t, **cond_kwargs), model(latent, t, **uncond_kwargs)
+        velocity = mix(cond, uncond, scale)
+        self.steps.append(
+            {
+                "latent_in": latent,
+                "cond": cond,
+                "uncond": uncond,
+                "velocity": velocity,
+                "t": int(t),
+                "scale": scale,
+            }
+        )
+        return velocity
+
+
+def _fixture_call(reference_run: tuple[dict, dict], wan_ref: Path) -> dict:
+    cases, tensors = reference_run
+    call = cases["call"]
+    return dict(
+        image=Image.open(wan_ref / "pipeline_i2v" / "image.png").convert("RGB"),
+        prompt=tensors["context"],
+        negative_prompt=tensors["context_null"],
+        max_area=call["max_area"],
+        frames=call["frame_num"],
+        steps=call["sampling_steps"],
+        shift=call["shift"],
+        guide_scale=tuple(call["guide_scale"]),
+        solver=call["sample_solver"],
+        seed=call["seed"],
+        noise=tensors["noise"],
+        boundary=cases["derived"]["boundary_timestep"] / cases["derived"]["num_train_timesteps"],
+    )
+
+
+def test_generate_i2v_reproduces_the_reference_run_step_by_step(
+    reference_run,
+    fixture_models,
+    wan_ref: Path,
+) -> None:
+    from pipeline.i2v import generate_i2v
+
+    cases, tensors = reference_run
+    tol = cases["tolerance"]
+    recorder = _Recorder()
+    args = _fixture_call(reference_run, wan_ref)
+    image, prompt, negative = args.pop("image"), args.pop("prompt"), args.pop("negative_prompt")
+    video = generate_i2v(fixture_models, image, prompt, negative, guidance=recorder, **args)
+    assert len(recorder.steps) == len(cases["steps"])
+    for i, (step, plan) in enumerate(zip(recorder.steps, cases["steps"], strict=True)):
+        assert (step["t"], step["scale"]) == (plan["t"], plan["guide_scale"])
+        for name in ("latent_in", "cond", "uncond", "velocity"):
+            assert _rel(step[name], tensors[f"step{i}.{name}"]) <= tol["per_step_rel_l2"], (i, name)
+        if i + 1 < len(recorder.steps):  # the next step's input is this step's output
+            assert (
+                _rel(recorder.steps[i + 1]["latent_in"], tensors[f"step{i}.latent_out"])
+                <= tol["per_step_rel_l2"]
+            )
+    assert video.shape == tensors["expected_video"].shape
+    assert _rel(video, tensors["expected_video"]) <= tol["video_rel_l2"]
+
+
+def test_conditioning_latent_matches_the_reference(reference_run: tuple, fixture_models: Any, wan_ref: Path) -> None:
+    from pipeline.i2v import prepare_i2v
+
+    cases, tensors = reference_run
+    args = _fixture_call(reference_run, wan_ref)
+    inputs = prepare_i2v(
+        fixture_models,
+        args["image"],
+        args["prompt"],
+        args["negative_prompt"],
+        max_area=args["max_area"],
+        frames=args["frames"],
+        seed=args["seed"],
+        noise=args["noise"],
+    )
+    assert (inputs.height, inputs.width) == tuple(cases["derived"]["output_hw"])
+    assert inputs.seq_len == cases["derived"]["max_seq_len"]
+    assert inputs.y[:4, 0].min() == 1 and inputs.y[:4, 1:].abs().max() == 0  # mask: frame 0 only
+    assert _rel(inputs.y[4:], tensors["y_latent"]) <= cases["tolerance"]["y_latent_rel_l2"]
+
+
+def test_cancel_stops_at_a_step_boundary(reference_run: tuple, fixture_models: Any, wan_ref: Path) -> None:
+    from pipeline.i2v import GenerationCancelled, generate_i2v
+
+    args = _fixture_call(reference_run, wan_ref)
+    image, prompt, negative = args.pop("image"), args.pop("prompt"), args.pop("negative_prompt")
+    progress: list[tuple[str, int, int]] = []
+    sampled = lambda: sum(p[0] == "sampling" for p in progress)  # noqa: E731
+    with pytest.raises(GenerationCancelled, match="before sampling step 3 of"):
+        generate_i2v(
+            fixture_models,
+            image,
+            prompt,
+            negative,
+            on_progress=lambda *p: progress.append(p),
+            should_cancel=lambda: sampled() >= 2,
+            **args,
+        )
+    assert [p for p in progress if p[0] == "sampling"] == [
+        ("sampling", 1, args["steps"]),
+        ("sampling", 2, args["steps"]),
+    ]
+
+
+def test_bad_parameters_are_named_before_any_work(reference_run: tuple, fixture_models: Any, wan_ref: Path) -> None:
+    import torch
+
+    from pipeline.i2v import I2VParameterError, generate_i2v
+
+    args = _fixture_call(reference_run, wan_ref)
+    image, prompt, negative = args.pop("image"), args.pop("prompt"), args.pop("negative_prompt")
+    with pytest.raises(I2VParameterError, match="frames: got 8, expected 4n\\+1"):
+        generate_i2v(fixture_models, image, prompt, negative, **{**args, "frames": 8})
+    with pytest.raises(I2VParameterError, match="noise: got shape"):
+        generate_i2v(fixture_models, image, prompt, negative, **{**args, "noise": torch.zeros(16, 2, 6, 8)})
+    with pytest.raises(ValueError, match="guide_scale"):
+        generate_i2v(fixture_models, image, prompt, negative, **{**args, "guide_scale": (1.0, 2.0, 3.0)})
+    with pytest.raises(I2VParameterError, match="without a text encoder"):
+        generate_i2v(fixture_models, image, "a text prompt", negative, **args)
+    with pytest.raises(I2VParameterError, match="image: got"):
+        generate_i2v(fixture_models, np.zeros((4, 4), dtype=np.uint8), prompt, negative, **args)
+
+
+def test_same_seed_same_noise_on_the_device() -> None:
+    import torch
+
+    from pipeline.i2v import initial_noise
+
+    a = initial_noise(42, (16, 3, 6, 8), torch.device("cpu"))
+    expected = torch.randn(16, 3, 6, 8, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(a, expected)
+    assert not torch.equal(initial_noise(43, (16, 3, 6, 8), torch.device("cpu")), a)
