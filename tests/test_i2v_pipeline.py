@@ -177,9 +177,7 @@ def _fixture_call(reference_run: tuple[dict, dict], wan_ref: Path) -> dict:
 
 
 def test_generate_i2v_reproduces_the_reference_run_step_by_step(
-    reference_run,
-    fixture_models,
-    wan_ref: Path,
+    reference_run: tuple, fixture_models: Any, wan_ref: Path
 ) -> None:
     from pipeline.i2v import generate_i2v
 
