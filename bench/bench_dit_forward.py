@@ -57,7 +57,7 @@ def build(config: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int
     """Build on the meta device, allocate on `device` in `dtype`, fill with seeded random values in place."""
     with torch.device("meta"):
         model = WanAnimateDiT(config) if isinstance(config, AnimateConfig) else WanDiT(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta first: no fp32 copy anywhere
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
