@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "cudnn", "flash", "fa3", "math")
 BACKEND: str = os.environ.get("WANBOX_ATTENTION", "auto").strip().lower() or "auto"
 _AUTO_ORDER = ("fa3", "cudnn", "flash", "math")
+FEW_KEYS = 64  # below this many keys CUDA calls use plain SDPA (see attention())
 _checked: dict[str, bool] = {}  # backend -> passed the CUDA self-test
 
 
@@ -41,6 +42,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_len: int | No
     if not q.is_cuda:
         # Mixed inputs (fp32 q/k after RoPE, bf16 v from bf16 weights) run in the half dtype, as on CUDA.
         half = next((t.dtype for t in (q, k, v) if t.dtype in (torch.float16, torch.bfloat16)), q.dtype)
+        return _sdpa(q.to(half), k.to(half), v.to(half)).to(q.dtype)
+    if k.shape[1] < FEW_KEYS and BACKEND != "math":
+        # The face adapter's 5 keys per frame: negligible work, and torch's own kernel choice is the safest.
+        half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         return _sdpa(q.to(half), k.to(half), v.to(half)).to(q.dtype)
     return _run_cuda(_pick_cuda_backend(), q, k, v)
 
