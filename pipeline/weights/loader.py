@@ -105,7 +105,7 @@ def iter_tensors(
             yield from _iter_safetensors(file, wanted, dtype, device)
         else:
             for key, tensor in _pth_state(file).items():
-                yield file, key, _cast(tensor.to(device), dtype)
+                yield file, key, _cast(tensor, dtype).to(device)  # cast first: less to move
 
 
 def _iter_safetensors(
