@@ -136,7 +136,7 @@ def test_cuda_matches_reference_cases(wan_ref: Path, cases: dict, tensors: dict)
     try:
         config = wan_ref / "clip" / "config.json"
         fp32 = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config=config, device="cuda")
-        fp16 = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config, torch.float16, "cuda")
+        fp16 = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, config, torch.float16).to("cuda")
         for name, case in cases.items():
             image = tensors[case["inputs"]["image"]["key"]].cuda()
             want = tensors[case["expected"]["features"]["key"]]

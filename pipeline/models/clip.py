@@ -183,6 +183,13 @@ class ClipVision:
             raise CheckpointError(str(exc).replace("key '", f"key '{PREFIX}")) from None
         return cls(tower, cfg, dtype, device)
 
+    def to(self, device: str | torch.device) -> ClipVision:
+        """Move weights and normalisation constants; returns self."""
+        self.device = torch.device(device)
+        self.tower.to(self.device)
+        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        return self
+
     def preprocess(self, image: Tensor) -> Tensor:
         """[3, H, W] in [-1, 1] -> [1, 3, S, S] normalised, in float32 (the reference's exact steps)."""
         if image.ndim != 3 or image.shape[0] != 3:

@@ -366,6 +366,11 @@ class TextEncoder:
                 f"{self.model.config.vocab_size} rows of token_embedding.weight in {pth}"
             )
 
+    def to(self, device: str | torch.device) -> TextEncoder:
+        """Move the encoder's weights (the tokenizer runs on the CPU); returns self."""
+        self.model.to(device)
+        return self
+
     def __call__(self, prompts: str | Sequence[str]) -> list[Tensor]:
         ids, mask = self.tokenizer(prompts)
         return self.model.encode(ids, mask)

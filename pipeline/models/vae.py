@@ -359,6 +359,13 @@ class WanVAE:
     def z_dim(self) -> int:
         return self.model.config.z_dim
 
+    def to(self, device: str | torch.device) -> WanVAE:
+        """Move weights and latent statistics (e.g. onto a warm pool's GPU); returns self."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.mean, self.inv_std = self.mean.to(self.device), self.inv_std.to(self.device)
+        return self
+
     # ---- encode ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
