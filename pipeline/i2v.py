@@ -57,22 +57,36 @@ class I2VModels:
     text_encoder: Any | None
     device: torch.device
     dtype: torch.dtype
+    offload_experts: bool = False  # keep only the expert in use on `device`, the other in host memory
 
     @classmethod
     def load(cls, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, *, text_encoder: bool = True) -> I2VModels:
-        """Load from a released checkpoint directory (WAN_SPEC §1.1). The VAE always runs in float32."""
+             dtype: torch.dtype = torch.float32, *, text_encoder: bool = True,
+             offload_experts: bool = False) -> I2VModels:
+        """Load from a released checkpoint directory (WAN_SPEC §1.1). The VAE always runs in float32.
+
+        offload_experts: both experts do not fit one GPU next to T5 (2 x 28.6 GB in bf16); the reference
+        then swaps them between host and GPU at the boundary, once per job. Experts start in host memory.
+        """
         from pipeline.models.vae import WanVAE
         from pipeline.weights.loader import load_i2v_experts
 
         root, device = Path(ckpt_dir), torch.device(device)
-        high, low = load_i2v_experts(root, device=device, dtype=dtype)
+        high, low = load_i2v_experts(root, device="cpu" if offload_experts else device, dtype=dtype)
         vae = WanVAE.from_checkpoint(root / "Wan2.1_VAE.pth", device=device)
         encoder = _load_text_encoder(root, device, dtype) if text_encoder else None
-        return cls(high.eval(), low.eval(), vae, encoder, device, dtype)
+        return cls(high.eval(), low.eval(), vae, encoder, device, dtype, offload_experts)
 
     def expert(self, name: str) -> torch.nn.Module:
         return self.high_noise if name == HIGH_NOISE else self.low_noise
+
+    def activate(self, name: str) -> torch.nn.Module:
+        """The expert for this step, on `device`; with offloading the other one goes to host memory first."""
+        if self.offload_experts:
+            other = self.low_noise if name == HIGH_NOISE else self.high_noise
+            other.to("cpu")
+            self.expert(name).to(self.device)
+        return self.expert(name)
 
 
 def _load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype) -> Any:
@@ -223,7 +237,7 @@ def sample_i2v(models: I2VModels, inputs: I2VInputs, solver: FlowSolver, switch:
 
 
 def _denoiser(models: I2VModels, name: str, inputs: I2VInputs, sp: Any | None) -> Callable[..., torch.Tensor]:
-    expert = models.expert(name)
+    expert = models.activate(name)
 
     def denoise(latent: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
         return expert(latent, t, context, inputs.seq_len, inputs.y, sp=sp)

@@ -150,3 +150,17 @@ def test_animate_layout_loads_and_its_widths_fit_together(tmp_path: Path) -> Non
         out_v = model(x, torch.tensor([999]), context, 18, y, clip_fea=features,
                       pose_latents=torch.randn(16, 2, 4, 6, generator=gen), face_pixel_values=face)
     assert out_v.shape == (16, 3, 4, 6) and torch.isfinite(out_v).all()
+
+
+@pytest.mark.gpu
+def test_tiny_job_on_cuda_in_bf16_with_expert_offload(tiny_i2v: Path, media: Path) -> None:
+    from pipeline.i2v import I2VModels, generate_i2v
+
+    models = I2VModels.load(tiny_i2v, "cuda", torch.bfloat16, offload_experts=True)
+    device_of = lambda m: next(m.parameters()).device.type  # noqa: E731
+    assert device_of(models.high_noise) == "cpu" and device_of(models.low_noise) == "cpu"
+    video = generate_i2v(models, media / "i2v_input.jpg", "a cat", "", max_area=32 * 48, frames=9, steps=4,
+                         shift=5.0, guide_scale=3.5, solver="unipc", seed=1)
+    assert video.is_cuda and video.shape == (3, 9, 32, 32) and torch.isfinite(video).all()
+    # 4 UniPC steps at shift 5 end below the boundary: the low-noise expert is resident, the other is not
+    assert device_of(models.low_noise) == "cuda" and device_of(models.high_noise) == "cpu"
