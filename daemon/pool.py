@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class WarmPool:
         self.failures = 0  # consecutive deaths, for the relaunch backoff
         self.next_launch_at = 0.0
         self.last_progress: dict[str, Any] = {}
+        self.ready_at: datetime | None = None  # when the loaded model became ready (UTC)
+        self.jobs_run = 0  # jobs handed to this pool since it was launched
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: protocol.Channel | None = None
         self._generation = 0
@@ -130,7 +133,7 @@ class WarmPool:
         )
         self.model, self.state, self.job, self.hello = model, "loading", None, {}
         self._shutdown_sent = False
-        self.load_seconds = None
+        self.load_seconds, self.ready_at, self.jobs_run = None, None, 0
         self._deadline_from = time.monotonic()
 
     @property
@@ -191,6 +194,7 @@ class WarmPool:
         if self.state != "idle":
             raise RuntimeError(f"pool is {self.state}, not idle: cannot run {run.job}")
         self.job, self.state, self.last_progress = run.job, "busy", {}
+        self.jobs_run += 1
         self._deadline_from = time.monotonic()
         return self._send(run)
 
@@ -239,6 +243,7 @@ class WarmPool:
             return []
         if kind == "ready" and self.state == "loading":
             self.state, self.load_seconds, self.failures = "idle", float(msg["load_seconds"]), 0
+            self.ready_at = datetime.now(timezone.utc)
             log.info("pool: %s ready after %.1f s", self.model, self.load_seconds)
             return [PoolEvent("ready", None, msg)]
         if kind == "progress" and msg["job"] == self.job:

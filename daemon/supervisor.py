@@ -83,20 +83,33 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return (st.st_size, st.st_mtime_ns)
 
 
-def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime) -> Any | None:
+def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime,
+                loaded_since: datetime | None = None, fresh: bool = False) -> Any | None:
     """The ready job to run next: the loaded model's jobs first, unless another model's job waited too long.
 
+    A job of another model is overdue when it has waited more than `max_wait` seconds since it was
+    created and since the loaded model was loaded (so each model holds the pool at most that long while
+    others wait). A freshly loaded pool first runs a job of its own model: it was loaded for one.
     Within a group: highest priority, then oldest. A job whose retry_after lies ahead is not due.
     """
     due = [j for j in ready if j.retry_after is None or j.retry_after <= now]
     if not due:
         return None
     order = sorted(due, key=lambda j: (-j.priority, j.created_at, j.id))
-    overdue = [j for j in order if j.model_id != loaded and (now - j.created_at).total_seconds() > max_wait]
+    same = [j for j in order if j.model_id == loaded]
+    if same and fresh:
+        return same[0]
+
+    def waited(j: Any) -> float:
+        since = max(j.created_at, loaded_since) if loaded_since is not None else j.created_at
+        return (now - since).total_seconds()
+
+    overdue = [j for j in order if j.model_id != loaded and waited(j) > max_wait]
+    if same and not overdue:
+        return same[0]
     if overdue:
         return min(overdue, key=lambda j: j.created_at)  # the longest-waiting one breaks the streak
-    same = [j for j in order if j.model_id == loaded]
-    return same[0] if same else order[0]
+    return order[0]
 
 
 class Supervisor:
@@ -553,8 +566,9 @@ class Supervisor:
         if self.stopping.is_set() or self.pool.state in ("busy", "loading"):
             return
         ready = self.ledger.list(states=[S.READY], limit=None, newest_first=False)
-        job = choose_next(ready, self.pool.model if self.pool.state == "idle" else None,
-                          self.cfg.pool.max_switch_wait_seconds, utcnow())
+        idle = self.pool.state == "idle"
+        job = choose_next(ready, self.pool.model if idle else None, self.cfg.pool.max_switch_wait_seconds,
+                          utcnow(), self.pool.ready_at if idle else None, idle and self.pool.jobs_run == 0)
         if job is None:
             return
         if self.pool.state == "idle" and self.pool.model == job.model_id:

@@ -1,0 +1,143 @@
+"""The supervisor in-process: model-switch ordering with a real pool, and preprocessing failures.
+
+A real Supervisor object with a real ledger file, real CPU pool processes and the fake worker pool,
+driven tick by tick (the subprocess scenarios live in test_e2e_daemon.py and test_supervisor_recovery.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from daemon.config import load_config
+from daemon.states import JobState
+from daemon.supervisor import Supervisor, choose_next
+from tests.workers.harness import Root, manifest_text, write_image
+
+pytestmark = pytest.mark.timeout(120)
+S = JobState
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def job(id: str, model: str, minute: int, priority: int = 0, retry_after: datetime | None = None):
+    return SimpleNamespace(id=id, model_id=model, created_at=T0 + timedelta(minutes=minute), priority=priority,
+                           retry_after=retry_after)
+
+
+def test_choose_next_prefers_the_loaded_model_until_another_waited_too_long() -> None:
+    jobs = [job("a1", "i2v", 0), job("b1", "anim", 1), job("a2", "i2v", 2)]
+    now = T0 + timedelta(minutes=10)
+    assert choose_next(jobs, None, 3600, now).id == "a1"  # nothing loaded: oldest first
+    assert choose_next(jobs[1:], "i2v", 3600, now).id == "a2"  # loaded model first, though b1 is older
+    assert choose_next(jobs[1:], "i2v", 60, now).id == "b1"  # b1 waited 9 min > 1 min: its turn
+    assert choose_next(jobs[1:], "anim", 3600, now).id == "b1"
+    assert choose_next([job("a3", "i2v", 5, priority=5), *jobs], "i2v", 3600, now).id == "a3"  # priority
+    # Each model holds the pool at most max_wait while others wait: counted from when it was loaded.
+    loaded = now - timedelta(seconds=30)
+    assert choose_next(jobs[1:], "i2v", 60, now, loaded_since=loaded).id == "a2"
+    assert choose_next(jobs[1:], "i2v", 20, now, loaded_since=loaded).id == "b1"
+    # A freshly loaded pool runs a job of its own model first, even if others are overdue (no ping-pong).
+    assert choose_next(jobs[1:], "i2v", 0, now, loaded_since=now, fresh=True).id == "a2"
+    assert choose_next(jobs[1:], "i2v", 0, now, loaded_since=now - timedelta(seconds=1)).id == "b1"
+    later = now + timedelta(minutes=1)
+    assert choose_next([job("x", "i2v", 0, retry_after=later)], "i2v", 3600, now) is None  # backing off
+    assert choose_next([], "i2v", 3600, now) is None
+
+
+def make_ready(sup: Supervisor, name: str, model: str, kind: str, minute: int) -> str:
+    """A job that went through intake and preprocessing: its prepared image is on disk."""
+    ledger = sup.ledger
+    created = datetime.now(timezone.utc) - timedelta(minutes=60 - minute)
+    row = ledger.add_staged(name, kind, sup.paths.inbox / f"{name}.toml", None, model_id=model, now=created)
+    work = sup.paths.work / row.id
+    image = write_image(work / "prepared.png", color=(minute, 0, 0))
+    (work / "prepared.json").write_text(json.dumps({"inputs": {"image": str(image)}}))
+    params = {"name": name, "kind": kind, "video": {"frames": 5, "fps": 8}, "sampling": {"steps": 2}}
+    ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work), params_json=params, now=created)
+    ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep", now=created)
+    ledger.transition(row.id, S.PREPROCESSING, S.READY, "prepared", now=created)
+    return row.id
+
+
+def run_until(sup: Supervisor, done, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sup.tick()
+        if done():
+            return
+    raise AssertionError("timed out")
+
+
+def sent_order(sup: Supervisor, ids: dict[str, str]) -> list[str]:
+    names = {v: k for k, v in ids.items()}
+    sent = [(e.at, e.id, names[job_id]) for job_id in ids.values() for e in sup.ledger.events(job_id)
+            if e.to_state == S.SAMPLING]
+    return [name for _at, _id, name in sorted(sent)]
+
+
+@pytest.mark.parametrize(("max_wait", "expected"), [(3600, ["a1", "a2", "a3", "b1"]),
+                                                    (0, ["a1", "b1", "a2", "a3"])])
+def test_model_switch_order_with_a_real_pool(tmp_path: Path, max_wait: float, expected: list[str]) -> None:
+    root = Root(tmp_path, pool={"max_switch_wait_seconds": max_wait})
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        ids = {"a1": make_ready(sup, "a1", "i2v-A14B", "i2v", 0),
+               "b1": make_ready(sup, "b1", "animate-14B", "animate", 1),
+               "a2": make_ready(sup, "a2", "i2v-A14B", "i2v", 2),
+               "a3": make_ready(sup, "a3", "i2v-A14B", "i2v", 3)}
+        run_until(sup, lambda: all(sup.ledger.get(i).state == S.DONE for i in ids.values()))
+        assert sent_order(sup, ids) == expected
+        launched = sorted(root.pid_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        models = [p.read_text() for p in launched]
+        switches = sum(1 for x, y in zip(models, models[1:], strict=False) if x != y)
+        assert switches == (1 if max_wait else 2), models
+        assert json.loads((root.outbox / "b1.json").read_text())["model_id"] == "animate-14B"
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
+
+
+def test_unreadable_image_fails_permanently_with_its_files_in_failed(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    (root.inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root.inbox / "broken.toml").write_text(manifest_text(image='"broken.jpg"'))
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("broken") == "failed")
+        failed = root.job("broken")
+        assert failed.attempts == 1 and failed.error_kind == "input"  # no retry: same input, same failure
+        assert "inputs.image" in failed.last_error and "cannot be decoded" in failed.last_error
+        error_txt = (root.failed / "broken" / "error.txt").read_text()
+        assert "cannot be decoded" in error_txt and f"wanbox retry {failed.id}" in error_txt
+        assert (root.failed / "broken" / "broken.jpg").read_bytes().startswith(b"\xff\xd8")
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
+
+
+def test_dedupe_run_runs_an_identical_resubmission_again(tmp_path: Path) -> None:
+    root = Root(tmp_path, inbox={"dedupe": "run", "settle_seconds": 0.2})
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        text = manifest_text(sampling="seed = 5")
+        root.drop("one", text)
+        run_until(sup, lambda: root.state("one") == "done")
+        root.drop("two", text)
+        run_until(sup, lambda: root.state("two") == "done")
+        one, two = root.job("one"), root.job("two")
+        assert one.input_hash == two.input_hash and one.id != two.id
+        assert two.params_json["sampling"]["seed"] == 5
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()

@@ -1,0 +1,149 @@
+"""The supervisor is SIGKILLed with jobs in every non-final state; a restart finishes all of them.
+
+Real `wanbox serve` processes, real SIGKILL, real SQLite; preprocessing is frozen with SIGSTOP to catch
+jobs in `preprocessing`/`queued`; `finalizing` (a fraction of a second) is written as a dead daemon leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from daemon.outbox import probe_video
+from daemon.states import JobState
+from tests.workers.fake_pool_worker import write_mp4
+from tests.workers.harness import Root, alive, manifest_text, wait_for, write_image
+
+pytestmark = pytest.mark.timeout(180)
+S = JobState
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(p) for p in text)
+    return found
+
+
+def preprocessing_processes(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
+def craft_interrupted_intake(r: Root) -> str:
+    """A staged job whose files were half moved into work/ when the daemon died."""
+    with r.ledger() as ledger:
+        job = ledger.add_staged("w6", "unknown", r.inbox / "w6.toml", None)
+    taken = r.work / job.id / "inbox"
+    write_image(taken / "w6.jpg", color=(6, 6, 6))
+    (taken / "w6.toml").write_text(manifest_text(image='"w6.jpg"', prompt="interrupted intake"))
+    return job.id
+
+
+def craft_finalizing(r: Root) -> str:
+    """A job that was delivering its video when the daemon died (a half-written output in work/)."""
+    with r.ledger() as ledger:
+        job = ledger.add_staged("f5", "i2v", r.inbox / "f5.toml", None, model_id="i2v-A14B")
+        work = r.work / job.id
+        image = write_image(work / "inbox" / "f5.jpg", color=(5, 5, 5))
+        shutil.copy(image, work / "prepared.png")
+        (work / "prepared.json").write_text(json.dumps({"inputs": {"image": str(work / "prepared.png")}}))
+        write_mp4(work / "output.mp4", 5, 32, 32, 16)
+        (work / "output.mp4").write_bytes((work / "output.mp4").read_bytes()[:100])  # torn
+        params = {
+            "name": "f5",
+            "kind": "i2v",
+            "video": {"frames": 5, "fps": 16, "size": "832*480"},
+            "sampling": {"steps": 3, "seed": 1},
+            "inputs": {"image": {"path": str(image), "relpath": "f5.jpg"}},
+        }
+        ledger.transition(
+            job.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work), params_json=params, kind="i2v"
+        )
+        for frm, to in (
+            (S.QUEUED, S.PREPROCESSING),
+            (S.PREPROCESSING, S.READY),
+            (S.READY, S.SAMPLING),
+            (S.SAMPLING, S.FINALIZING),
+        ):
+            assert ledger.transition(job.id, frm, to, "as the dead daemon left it")
+    return job.id
+
+
+def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_path: Path) -> None:
+    r = Root(tmp_path)
+    try:
+        # --- kill 1: staged, preprocessing (frozen CPU pool), queued; plus an interrupted intake ---------
+        proc = r.serve()
+        wait_for(lambda: len(preprocessing_processes(proc.pid)) >= 1, 30, "the CPU pool did not start")
+        frozen = preprocessing_processes(proc.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        (r.inbox / "s1.toml").write_text(manifest_text(image='"s1.jpg"', prompt="staged"))
+        r.drop("p1", manifest_text(image='"p1.jpg"', prompt="preprocessing"), image="p1.jpg")
+        r.wait_state("p1", "preprocessing")
+        r.drop("p2", manifest_text(image='"p2.jpg"', prompt="queued"), image="p2.jpg")
+        r.wait_state("p2", "queued")
+        r.wait_state("s1", "staged")
+        staged_id = r.job("s1").id
+        r.stop(signal.SIGKILL)
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+        intake_id = craft_interrupted_intake(r)
+
+        r.serve()
+        write_image(r.inbox / "s1.jpg", color=(1, 1, 1))
+        for name in ("s1", "p1", "p2", "w6"):
+            r.wait_state(name, "done")
+        assert r.job("s1").id == staged_id and r.job("w6").id == intake_id
+        assert r.job("p1").attempts == 1 and r.job("p2").attempts == 0  # the interrupted attempt counts
+        assert "interrupted intake was undone" in r.log_text()
+
+        # --- kill 2: sampling (slow steps) and ready (waiting behind it); plus a crafted finalizing ---------
+        r.knobs({"k3": {"step_seconds": 0.3}})
+        r.drop("k3", manifest_text(image='"k3.jpg"', prompt="sampling", steps=20), image="k3.jpg")
+        r.wait_state("k3", "sampling")
+        r.drop("k4", manifest_text(image='"k4.jpg"', prompt="ready"), image="k4.jpg")
+        r.wait_state("k4", "ready")
+        pool_pids = [p for p in r.worker_pids() if alive(p)]
+        r.stop(signal.SIGKILL)
+        # The orphaned pool notices the dead supervisor at its next message and exits on its own.
+        wait_for(lambda: not any(alive(p) for p in pool_pids), 20, "the orphaned pool kept running")
+        r.knobs({})
+        final_id = craft_finalizing(r)
+
+        r.serve()
+        for name in ("k3", "k4", "f5"):
+            r.wait_state(name, "done")
+        assert r.job("k3").attempts == 1 and r.job("k4").attempts == 0 and r.job("f5").attempts == 1
+        assert r.job("f5").id == final_id
+        assert r.stop() == 0
+
+        jobs = r.jobs()
+        assert sorted(jobs) == ["f5", "k3", "k4", "p1", "p2", "s1", "w6"]
+        with r.ledger() as ledger:
+            assert ledger.audit() == []
+            assert len(ledger.list(limit=None)) == 7  # no job was recorded twice
+            recovered = [
+                e.message for e in ledger.events(r.job("k3").id) if "recovered at start-up" in e.message
+            ]
+            assert recovered and "interrupted in sampling" in recovered[0]
+        for name, job in jobs.items():
+            assert probe_video(Path(job.outputs_json["video"])).frames == 5, name
+            assert json.loads(Path(job.outputs_json["sidecar"]).read_text())["job_id"] == job.id
+        assert sorted(os.listdir(r.inbox)) == []
+    finally:
+        r.cleanup()
