@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -130,27 +132,21 @@ def _iter_safetensors(
             yield file, key, _cast(tensor, dtype)
 
 
-class _open_safetensors:
+@contextmanager
+def _open_safetensors(file: Path, device: torch.device | str) -> Iterator[Any]:
     """safe_open with errors that name the file (a truncated download is the usual cause)."""
-
-    def __init__(self, file: Path, device: torch.device | str) -> None:
-        self.file, self.device = file, device
-
-    def __enter__(self):  # noqa: ANN204 - returns safetensors' handle
-        dev = torch.device(self.device)
-        name = "cpu" if dev.type == "cpu" else str(dev if dev.index is not None else torch.device(dev.type, 0))
-        try:
-            self._ctx = safe_open(str(self.file), framework="pt", device=name)
-            return self._ctx.__enter__()
-        except Exception as exc:
-            size = self.file.stat().st_size if self.file.exists() else 0
-            raise CheckpointError(
-                f"{self.file}: unreadable safetensors file ({size} bytes): {exc}. The file is truncated or "
-                f"corrupt; re-download it (wanbox models pull) and check it (wanbox models verify)."
-            ) from exc
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+    dev = torch.device(device)
+    name = "cpu" if dev.type == "cpu" else str(dev if dev.index is not None else torch.device(dev.type, 0))
+    try:
+        handle = safe_open(str(file), framework="pt", device=name)
+    except Exception as exc:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(
+            f"{file}: unreadable safetensors file ({size} bytes): {exc}. The file is truncated or corrupt; "
+            f"re-download it (wanbox models pull) and check it (wanbox models verify)."
+        ) from exc
+    with handle:
+        yield handle
 
 
 def _pth_state(file: Path) -> dict[str, Tensor]:
