@@ -99,7 +99,10 @@ def test_decode_as_layer_pipeline_equals_whole(vae: WanVAE) -> None:
 
 def test_decode_stream_yields_one_then_four_frames(vae: WanVAE) -> None:
     latent = torch.randn(16, 3, 2, 3, generator=torch.Generator().manual_seed(4))
-    pieces = list(vae.decode_stream(latent))
+    pieces = []
+    for frames in vae.decode_stream(latent):
+        assert torch.is_grad_enabled()  # the stream must not leak no_grad into the caller
+        pieces.append(frames)
     assert [p.shape[1] for p in pieces] == [1, 4, 4]
     assert torch.equal(torch.cat(pieces, dim=1), vae.decode(latent))
 

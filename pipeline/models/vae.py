@@ -8,13 +8,13 @@ chunk k sees the true history instead of zero padding. The cache is a plain dict
 it can be moved between devices or sent to another rank.
 
 Splitting a decode across ranks exactly: the decoder is causal in time and its temporal receptive field
-spans the whole clip (about 38 latent frames at the real size), so independent time slices cannot be
-exact, and spatial tiles cannot be exact either (the middle attention block is global per frame). Two
-exact schemes are supported: (1) hand-off in time: `decode_frames(latent, cache, a, b)` continues from the
+spans the whole clip (a change in latent frame t still moves frame t+38; measured, and it depends only on
+the layer list, not the width), so independent time slices cannot be exact, and spatial tiles cannot be
+exact either (the middle attention block is global per frame). Two exact schemes are supported: (1) hand-off in time: `decode_frames(latent, cache, a, b)` continues from the
 cache left by frames [0, a) (sequential, but lets a rank stream or resume); (2) a pipeline over layers:
 `decoder_layer_count()` layers split into contiguous groups, rank r runs `run_decoder_layers(x, cache,
 lo_r, hi_r)` on latent frame t while rank r+1 works on frame t-1 (each rank keeps its own cache, the
-per-layer keys are disjoint). Both give bit-for-bit the single-process result on the same device.
+per-layer keys are disjoint). Both are the same computation as one process (bit-for-bit in the tests).
 """
 
 from __future__ import annotations
@@ -408,8 +408,9 @@ class WanVAE:
         _check_latent(latent, self.z_dim)
         cache = FeatureCache()
         for t in range(latent.shape[1]):
-            with torch.no_grad():
-                yield self.decode_step(latent[:, t : t + 1], cache)
+            with torch.no_grad():  # not around the yield: the caller's code must keep its grad mode
+                frames = self.decode_step(latent[:, t : t + 1], cache)
+            yield frames
 
     def decode_step(self, latent_frame: Tensor, cache: FeatureCache) -> Tensor:
         """One latent frame [z, 1, h, w] -> its pixel frames [3, n, 8h, 8w], clamped to [-1, 1]."""
