@@ -1,8 +1,8 @@
 """A killable child process that owns the mediapipe tasks: batches of frames in, RawDetections out.
 
-The parent never imports mediapipe. A batch that takes longer than its deadline, a crash, or a mediapipe error
-kills the child (a graph error can make the next task creation hang); the batch is retried once in a fresh
-child, then a DetectorError says what happened.
+The parent never imports mediapipe. A batch that takes longer than its deadline or a crash kills the child and
+is retried once in a fresh child; a mediapipe error also kills the child (after a graph error the next task
+creation can hang) but is not retried. Either way a DetectorError says what happened.
 """
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ class DetectorProcess:
             raise _Hang(f"the worker died ({type(exc).__name__}) after {time.monotonic() - started:.1f} s") from exc
         self._fresh = False
         if status == "error":
-            self._kill()
-            raise _Hang(f"mediapipe failed: {payload}")
+            self._kill()  # the next request gets a fresh child; the same input would fail again, so no retry
+            raise _Failed(f"mediapipe failed: {payload}")
         return payload
 
     def _ask_with_retry(self, message: tuple, frames: int, what: str) -> list[RawDetection]:
         try:
             return self._ask(message, frames)
+        except _Failed as failure:
+            raise DetectorError(what, str(failure), "frames mediapipe can process (RGB uint8, non-empty)") from failure
         except _Hang as first:
             self.restarts += 1
             try:
@@ -104,6 +106,11 @@ class DetectorProcess:
             except _Hang as second:
                 raise DetectorError(what, str(second), "mediapipe to finish (the worker was killed and restarted once)",
                                     f"first failure: {first}") from second
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs (for logs, and for tests that kill it)."""
+        return None if self._process is None else self._process.pid
 
     def detect_video(self, frames: list[np.ndarray], timestamps_ms: list[int]) -> list[RawDetection]:
         """Detections for consecutive frames of one video; timestamps must increase across calls."""
@@ -134,4 +141,8 @@ class DetectorProcess:
 
 
 class _Hang(Exception):
-    """Internal: the child did not answer properly; it has already been killed."""
+    """Internal: the child did not answer (hung or died); it has already been killed."""
+
+
+class _Failed(Exception):
+    """Internal: mediapipe raised on this input; the child has already been killed."""
