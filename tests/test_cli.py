@@ -1,0 +1,173 @@
+"""The `wanbox` CLI: submit (safe copy into the inbox), read commands, cancel/retry, exit codes.
+
+Runs `daemon.cli.main` in-process against real roots and a real ledger file; one console-script run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main, render_status
+from daemon.ledger import Ledger
+from daemon.states import JobState
+from daemon.watcher import scan_inbox
+from tests.workers.harness import REPO, manifest_text, write_image
+
+S = JobState
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for name in ("inbox", "outbox", "failed", "work", "state"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def upload(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    write_image(src / "media" / "cat.jpg")
+    (src / "cat.toml").write_text(manifest_text(image='"media/cat.jpg"'))
+    return src
+
+
+def test_submit_copies_media_first_and_the_manifest_last(root: Path, upload: Path, capsys) -> None:
+    assert main(["submit", str(upload / "cat.toml"), "--root", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.index("media/cat.jpg") < out.index("submitted")
+    assert (root / "inbox" / "media" / "cat.jpg").read_bytes() == (upload / "media" / "cat.jpg").read_bytes()
+    assert (root / "inbox" / "cat.toml").read_text() == (upload / "cat.toml").read_text()
+    assert [c.key for c in scan_inbox(root / "inbox")] == ["cat.toml"]
+    assert not [p for p in (root / "inbox").rglob(".*")]  # no temporary files left behind
+    # the same again: the job name is taken -> a clear error, nothing overwritten
+    assert main(["submit", str(upload / "cat.toml"), "--root", str(root)]) == EXIT_USAGE
+    assert "already exists" in capsys.readouterr().err
+    assert main(["submit", str(upload / "cat.toml"), "--root", str(root), "--name", "cat2"]) == EXIT_OK
+    assert "already in the inbox with the same content" in capsys.readouterr().out
+
+
+def test_submit_folder_appears_at_once_and_refuses_conflicts(root: Path, upload: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    folder = tmp_path / "dance"
+    write_image(folder / "cat.jpg")
+    (folder / "job.toml").write_text(manifest_text())
+    assert main(["submit", str(folder), "--root", str(root)]) == EXIT_OK
+    assert sorted(os.listdir(root / "inbox" / "dance")) == ["cat.jpg", "job.toml"]
+    assert sorted(os.listdir(root / "inbox")) == ["dance"]
+    write_image(root / "inbox" / "media" / "cat.jpg", color=(1, 2, 3))  # someone else's different file
+    assert main(["submit", str(upload / "cat.toml"), "--root", str(root)]) == EXIT_USAGE
+    assert "already exists with other content" in capsys.readouterr().err
+    assert not (root / "inbox" / "cat.toml").exists()
+
+
+def test_submit_rejects_invalid_manifests_and_missing_media(root: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(manifest_text(frames=80))
+    assert main(["submit", str(bad), "--root", str(root)]) == EXIT_USAGE
+    assert "video.frames" in capsys.readouterr().err
+    (tmp_path / "nomedia.toml").write_text(manifest_text(image='"gone.jpg"'))
+    assert main(["submit", str(tmp_path / "nomedia.toml"), "--root", str(root)]) == EXIT_USAGE
+    assert "inputs.image = 'gone.jpg': no such file" in capsys.readouterr().err
+    assert os.listdir(root / "inbox") == []
+
+
+def make_jobs(root: Path) -> dict[str, str]:
+    with Ledger.open(root / "state" / "wanbox.db") as ledger:
+        staged = ledger.add_staged("waiting", "i2v", root / "inbox" / "waiting.toml", None)
+        running = ledger.add_staged("running", "i2v", root / "inbox" / "running.toml", None)
+        ledger.transition(running.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(root / "work" / "x"),
+                          params_json={"video": {"size": "832*480", "frames": 5, "fps": 16},
+                                       "sampling": {"steps": 4, "seed": 3}})
+        ledger.transition(running.id, S.QUEUED, S.PREPROCESSING, "prep")
+        ledger.transition(running.id, S.PREPROCESSING, S.READY, "prepared")
+        ledger.transition(running.id, S.READY, S.SAMPLING, "sent")
+        ledger.record_progress(running.id, "sampling", 2, 4)
+        rejected = ledger.add_staged("broken", "i2v", root / "inbox" / "broken.toml", None)
+        ledger.transition(rejected.id, S.STAGED, S.REJECTED, "rejected: video.frames = 80",
+                          last_error="video.frames = 80: expected 4n+1", error_kind="input")
+        return {"waiting": staged.id, "running": running.id, "broken": rejected.id}
+
+
+def test_status_show_and_json(root: Path, capsys) -> None:
+    ids = make_jobs(root)
+    assert main(["status", "--root", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "running" in out and "[##########..........] 2/4" in out and "video.frames = 80" in out
+    assert "sampling: 1" in out and "staged: 1" in out and "rejected: 1" in out
+    assert main(["status", "--json", "--root", str(root)]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"]["sampling"] == 1 and {j["name"] for j in data["jobs"]} == set(ids)
+    assert main(["show", ids["running"][:17], "--root", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "state: sampling" in out and "steps 4, seed 3" in out
+    assert out.count("->") == 5  # staged, queued, preprocessing, ready, sampling
+    assert main(["show", ids["broken"], "--json", "--root", str(root)]) == EXIT_OK
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "rejected" and shown["events"][-1]["message"].startswith("rejected")
+
+
+def test_cancel_retry_and_exit_codes(root: Path, capsys) -> None:
+    ids = make_jobs(root)
+    assert main(["cancel", ids["running"], "--root", str(root)]) == EXIT_OK
+    assert "stops it at the next step" in capsys.readouterr().out
+    assert main(["cancel", ids["running"], "--root", str(root)]) == EXIT_FAILURE  # already ended
+    assert "already ended" in capsys.readouterr().err
+    assert main(["retry", ids["running"], "--root", str(root)]) == EXIT_OK
+    assert main(["retry", ids["broken"], "--root", str(root)]) == EXIT_FAILURE  # rejected: resubmit instead
+    assert main(["show", "nope", "--root", str(root)]) == EXIT_NOT_FOUND
+    assert main(["cancel", "2026", "--root", str(root)]) == EXIT_NOT_FOUND  # ambiguous prefix
+    capsys.readouterr()
+    with Ledger.open(root / "state" / "wanbox.db") as ledger:
+        assert ledger.get(ids["running"]).state == S.QUEUED
+
+
+def test_missing_ledger_bad_config_and_usage_errors(tmp_path: Path, capsys) -> None:
+    assert main(["status", "--root", str(tmp_path / "empty")]) == EXIT_NOT_FOUND
+    assert "has `wanbox serve` run" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text("[inbox]\nsettle = 1\n")
+    assert main(["status", "--config", str(tmp_path / "c.toml")]) == EXIT_CONFIG
+    assert "did you mean 'settle_seconds'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as info:
+        main(["models", "pull", "--root", str(tmp_path)])
+    assert info.value.code == EXIT_USAGE
+
+
+def test_validate_is_the_schema_validator(tmp_path: Path, capsys) -> None:
+    write_image(tmp_path / "cat.jpg")
+    (tmp_path / "ok.toml").write_text(manifest_text())
+    (tmp_path / "bad.toml").write_text(manifest_text(frames=80))
+    assert main(["validate", str(tmp_path / "ok.toml")]) == EXIT_OK
+    assert "i2v-A14B" in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "bad.toml")]) == EXIT_USAGE
+    assert "video.frames = 80: expected 4n+1" in capsys.readouterr().err
+
+
+def test_doctor_reports_each_check(root: Path, capsys) -> None:
+    code = main(["doctor", "--json", "--root", str(root)])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert checks["inbox dir"]["status"] == "ok" and checks["free disk"]["status"] in ("ok", "warn")
+    assert "model i2v-A14B" in checks and "worker command" in checks and "GPUs" in checks
+    assert code == (EXIT_FAILURE if any(c["status"] == "fail" for c in checks.values()) else EXIT_OK)
+
+
+def test_render_status_of_an_empty_ledger() -> None:
+    assert render_status([], {}).splitlines()[0].startswith("JOB")
+
+
+def test_console_entry_point_runs_as_a_module(root: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "--help"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0
+    for command in ("serve", "submit", "status", "show", "cancel", "retry", "validate", "doctor", "models",
+                    "preprocess", "demo"):
+        assert command in result.stdout
+    assert "exit codes" in result.stdout
