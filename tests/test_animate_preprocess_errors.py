@@ -154,6 +154,10 @@ def test_models_are_verified_and_not_fetched_again(tmp_path: Path, models_dir: P
     for name in names:
         shutil.copy(models_dir / name, tmp_path)
     assert find_models(tmp_path, "full", verify=True).pose == tmp_path / "pose_landmarker_full.task"
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tmp_path, tmp_path / "models" / "mediapipe", ignore=shutil.ignore_patterns("models"))
+    nested = find_models(tmp_path / "models", "full")  # the checkpoints folder with mediapipe/ inside
+    assert nested.face == tmp_path / "models" / "mediapipe" / "face_landmarker.task"
     # verified files already present: no download is attempted (this test runs offline)
     assert fetch_models(tmp_path, names) == [tmp_path / name for name in names]
     (tmp_path / "hand_landmarker.task").write_bytes(b"changed")

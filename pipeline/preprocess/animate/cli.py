@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=30, help="output frame rate, -1 for the source's (default 30)")
     parser.add_argument("--retarget", action="store_true", help="re-proportion the pose to the character (animation)")
     parser.add_argument("--models-dir", type=Path, default=None,
-                        help=f"folder with the mediapipe files (default: ${MODELS_DIR_ENV}/mediapipe)")  # fmt: skip
+                        help=f"folder with the mediapipe files, or the models folder holding mediapipe/ (default: ${MODELS_DIR_ENV})")  # fmt: skip
     parser.add_argument("--pose-model", choices=POSE_VARIANTS, default="heavy", help="pose model (default heavy)")
 
 
@@ -36,7 +36,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
     if args.models_dir is not None:
         return args.models_dir
     if os.environ.get(MODELS_DIR_ENV):
-        return Path(os.environ[MODELS_DIR_ENV]) / "mediapipe"
+        return Path(os.environ[MODELS_DIR_ENV])  # find_models also looks in its mediapipe/ folder
     raise PreprocessError("--models-dir", None, f"a folder with the mediapipe model files (or set {MODELS_DIR_ENV})")
 
 

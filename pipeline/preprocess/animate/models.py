@@ -62,6 +62,7 @@ MODELS: tuple[ModelFile, ...] = (
 )
 BY_NAME = {model.name: model for model in MODELS}
 POSE_VARIANTS = ("heavy", "full")
+MEDIAPIPE_SUBDIR = "mediapipe"  # fetch_models(models_dir / MEDIAPIPE_SUBDIR) keeps them apart from checkpoints
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,20 @@ def _checked(models_dir: Path, name: str, verify: bool) -> Path:
     return path
 
 
+def mediapipe_dir(models_dir: Path) -> Path:
+    """Where the files are: `models_dir` itself, or its `mediapipe/` folder (the layout `wanbox models pull
+    animate-14B` writes beside the checkpoints), whichever holds any of them."""
+    nested = models_dir / MEDIAPIPE_SUBDIR
+    if not any((models_dir / model.name).is_file() for model in MODELS) and nested.is_dir():
+        return nested
+    return models_dir
+
+
 def find_models(models_dir: Path, variant: str = "heavy", verify: bool = False) -> ModelPaths:
     """Paths of the four files for `variant` ("heavy" or "full"), or ModelsMissingError naming the missing one."""
     if variant not in POSE_VARIANTS:
         raise ModelsMissingError("pose_variant", variant, f"one of {', '.join(POSE_VARIANTS)}")
+    models_dir = mediapipe_dir(models_dir)
     return ModelPaths(
         pose=_checked(models_dir, f"pose_landmarker_{variant}.task", verify),
         face=_checked(models_dir, "face_landmarker.task", verify),
