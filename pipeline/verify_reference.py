@@ -298,7 +298,7 @@ def check_dit_animate(folder: Path) -> Iterator[CaseResult]:
         inputs = {k: fx.tensor(spec) for k, spec in case["inputs"].items()}
         with torch.no_grad():
             got = model(inputs["x"], inputs["t"], inputs["context"], int(case["seq_len"]), inputs["y"],
-                        clip_fea=inputs["clip_fea"], pose_latents=inputs["pose_latents"],
+                        clip_fea=inputs.get("clip_fea"), pose_latents=inputs["pose_latents"],
                         face_pixel_values=inputs["face_pixel_values"])
         expected = fx.tensor(case["expected"]["out"])
         return judge("dit_animate", case["name"], [("out", got, expected)], Tolerance.of(case["tolerance"]))
@@ -367,7 +367,7 @@ class PipelineCheck:
         y_tol = Tolerance(float(self.tol["y_latent_rel_l2"]))
         yield judge("pipeline_i2v", "y_latent", [("y_latent", inputs.y[4:], fx.tensor("y_latent"))], y_tol)
         solver = make_solver(call["sample_solver"], int(call["sampling_steps"]), float(call["shift"]))
-        switch = ExpertSwitch(boundary=self._boundary(), guide_scale=tuple(call["guide_scale"]))
+        switch = ExpertSwitch(boundary=self._boundary(), guide_scale=call["guide_scale"])
         guidance, latents = _RecordingGuidance(), []
         final = sample_i2v(self.models, inputs, solver, switch, guidance=guidance,
                            on_latent=lambda _i, x: latents.append(x))

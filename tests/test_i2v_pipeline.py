@@ -168,7 +168,7 @@ def _fixture_call(reference_run: tuple[dict, dict], wan_ref: Path) -> dict:
         frames=call["frame_num"],
         steps=call["sampling_steps"],
         shift=call["shift"],
-        guide_scale=tuple(call["guide_scale"]),
+        guide_scale=call["guide_scale"],
         solver=call["sample_solver"],
         seed=call["seed"],
         noise=tensors["noise"],
