@@ -1,0 +1,419 @@
+"""The Animate-14B pipeline in one process: a preprocessed src folder + parameters -> video [3, F, H, W] in [-1, 1].
+
+Follows the reference WanAnimate.generate (WAN_SPEC §8.8) clip by clip. It must not write files, talk to the
+supervisor or decide placement across GPUs: the warm pool does that through the hooks (sp, guidance,
+on_progress, should_cancel).
+
+Relighting LoRA: kept resident UNMERGED (A, B per Linear, ~0.7 G parameters at 14B) and added at run time by
+forward hooks that exist only while a job that asked for it runs. A warm pool thus serves jobs with and without
+it from one copy of the base weights, with no merge/unmerge rounding drift and nothing to restore after a
+crash; the cost is two thin rank-128 matmuls per targeted Linear (about 1% of a 720p step). This is also the
+reference's own computation (PEFT adapter, not merged).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.animate_sources import (
+    AnimateInputError,
+    AnimateSources,
+    clip_starts,
+    padded_length,
+    ping_pong,
+    read_sources,
+)
+from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, GenerationCancelled
+from pipeline.sampling import make_solver
+from pipeline.sampling.guidance import Guidance, SequentialGuidance
+
+# The reference's fixed Animate prompt ("the person in the video is doing actions"); used when none is given.
+DEFAULT_ANIMATE_PROMPT = "视频中的人在做动作"
+VAE_FILE = "Wan2.1_VAE.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+LORA_FILE = "relighting_lora.ckpt"
+LATENT_CHANNELS = 16
+MASK_CHANNELS = 4  # pixel frames packed per latent frame
+REFERT_NUMS = (1, 5)
+FPS = 30  # the reference writes Animate videos at 30 fps whatever the source fps
+
+# on_progress(phase, step, total, clip_index): "sampling" after every denoising step (step counted across
+# clips, total = clips x steps), "decoding" after each clip's VAE decode (step = clips decoded, total = clips).
+ProgressFn = Callable[[str, int, int, int], None]
+CancelFn = Callable[[], bool]
+Tensor = torch.Tensor
+
+
+class AnimateParameterError(ValueError):
+    """A generation parameter is out of range; the message names it, its value and what is expected."""
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class RelightingLora:
+    """The relighting LoRA, unmerged: per targeted Linear path, (A [rank, in], B [out, rank], alpha / rank)."""
+
+    def __init__(self, layers: dict[str, tuple[Tensor, Tensor, float]]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module, device: torch.device,
+             dtype: torch.dtype) -> RelightingLora:
+        """Read relighting_lora.ckpt (or a PEFT adapter file) and check every pair against `model`'s Linears."""
+        from pipeline.models.animate_dit import _lora_pairs
+        from pipeline.weights.loader import load_lora_state
+
+        modules = dict(model.named_modules())
+        layers = {}
+        for name, (a, b) in _lora_pairs(load_lora_state(path)).items():
+            layer = modules.get(name)
+            if not isinstance(layer, nn.Linear):
+                raise AnimateInputError(f"{path}: LoRA key {name}.lora_A: the model has no Linear layer {name!r}")
+            rank = a.shape[0]
+            if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
+                raise AnimateInputError(
+                    f"{path}: LoRA {name}: A {list(a.shape)} / B {list(b.shape)}, expected A [rank, "
+                    f"{layer.in_features}] and B [{layer.out_features}, rank] for Linear({layer.in_features}, "
+                    f"{layer.out_features})"
+                )
+            # alpha = rank in the release (PEFT scale alpha / r = 1); the file does not carry alpha.
+            layers[name] = (a.to(device, dtype), b.to(device, dtype), 1.0)
+        return cls(layers)
+
+    @contextmanager
+    def applied(self, model: nn.Module, device: torch.device) -> Iterator[None]:
+        """While inside, every targeted Linear returns W x + b + scale * B (A x); hooks are removed on exit."""
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for name, (a, b, scale) in self.layers.items():
+                if a.device != device:  # e.g. loaded on the CPU before FSDP moved the model
+                    a, b = a.to(device), b.to(device)
+                    self.layers[name] = (a, b, scale)
+                handles.append(modules[name].register_forward_hook(_lora_hook(a, b, scale)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _lora_hook(a: Tensor, b: Tensor, scale: float) -> Callable[..., Tensor]:
+    def add_lora(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = args[0].to(a.dtype)
+        return output + (F.linear(F.linear(x, a), b) * scale).to(output.dtype)
+
+    return add_lora
+
+
+@dataclass
+class AnimateModels:
+    """Everything Animate-14B needs, loaded once and kept resident: DiT, VAE, CLIP, text encoder, optional LoRA."""
+
+    dit: nn.Module
+    vae: Any
+    clip: Any
+    text_encoder: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    relighting: RelightingLora | None = None
+
+    @classmethod
+    def load(cls, ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, relighting_lora: bool = False, *,
+             text_encoder: bool = True) -> AnimateModels:
+        """Load from a released Animate-14B directory (WAN_SPEC §1.2). The VAE runs in float32; CLIP in float16
+        on CUDA with half-precision weights (as the reference), else float32. relighting_lora=True keeps the
+        LoRA resident so that jobs can ask for it (generate_animate(..., relighting_lora=True))."""
+        from pipeline.models.clip import ClipVision
+        from pipeline.models.t5 import TextEncoder
+        from pipeline.models.vae import WanVAE
+        from pipeline.weights.loader import load_animate_dit
+
+        root, device = Path(ckpt_dir), torch.device(device)
+        dit = load_animate_dit(root, dtype=dtype, device=device)
+        vae = WanVAE.from_checkpoint(root / VAE_FILE, device=device)
+        clip_dtype = torch.float16 if device.type == "cuda" and dtype != torch.float32 else torch.float32
+        clip = ClipVision.from_checkpoint(root / CLIP_FILE, dtype=clip_dtype, device=device)
+        encoder = TextEncoder(root, dtype=dtype, device=device) if text_encoder else None
+        lora = None
+        if relighting_lora:
+            if not (root / LORA_FILE).is_file():
+                raise AnimateInputError(f"{root / LORA_FILE}: missing; the Animate-14B release has it "
+                                        f"(re-download the checkpoint or load with relighting_lora=False)")
+            lora = RelightingLora.load(root / LORA_FILE, dit, device, dtype)
+        return cls(dit, vae, clip, encoder, device, dtype, lora)
+
+    @property
+    def face_size(self) -> int:
+        """Side of the face crops the motion encoder takes (512 for the released model)."""
+        return int(self.dit.config.motion.input_size)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def check_parameters(mode: str, clip_len: int, refert_num: int, guide_scale: float, seed: int) -> None:
+    if mode not in ("animation", "replacement"):
+        raise AnimateParameterError(f"mode: got {mode!r}, expected 'animation' or 'replacement'")
+    if refert_num not in REFERT_NUMS or isinstance(refert_num, bool):
+        raise AnimateParameterError(f"refert_num: got {refert_num!r}, expected 1 or 5 (frames carried from one "
+                                    f"clip to the next)")
+    if isinstance(clip_len, bool) or not isinstance(clip_len, int) or clip_len < 5 or (clip_len - 1) % 4:
+        raise AnimateParameterError(f"clip_len: got {clip_len!r}, expected 4n+1 >= 5, e.g. 77")
+    if clip_len < refert_num + 4:
+        raise AnimateParameterError(f"clip_len: got {clip_len}, expected at least refert_num + 4 = "
+                                    f"{refert_num + 4} (each clip must add new frames)")
+    if not isinstance(guide_scale, (int, float)) or not np.isfinite(guide_scale) or guide_scale <= 0:
+        raise AnimateParameterError(f"guide_scale: got {guide_scale!r}, expected a number > 0 (1 = no guidance)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AnimateParameterError(f"seed: got {seed!r}, expected an integer >= 0")
+
+
+def check_sequence_parallel(tokens: int, grid: tuple[int, int, int], sp: Any | None, num_heads: int) -> None:
+    """The face adapter groups tokens by latent frame, so the token count must divide by the world size."""
+    world = getattr(sp, "world_size", 1) if sp is not None else 1
+    if tokens % world == 0:
+        return
+    works = [n for n in range(1, num_heads + 1) if num_heads % n == 0 and tokens % n == 0]
+    raise AnimateParameterError(
+        f"sequence parallel: {tokens} tokens per clip (latent frames x rows x cols = {grid[0]} x {grid[1]} x "
+        f"{grid[2]}) do not divide by the world size {world}; world sizes that work for this video and a "
+        f"{num_heads}-head model: {', '.join(map(str, works))}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- pixels
+
+
+def _lut(divisor: float, offset: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # uint8 -> value computed in float64 then rounded once, as the reference's numpy arithmetic.
+    return (torch.arange(256, dtype=torch.float64) / divisor - offset).to(dtype).to(device)
+
+
+def video_pixels(frames: np.ndarray, indices: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """uint8 [N, H, W, 3] at `indices` -> [3, len, H, W] in [-1, 1] (x / 127.5 - 1), frame by frame."""
+    lut = _lut(127.5, 1.0, dtype, device)
+    out = [lut[torch.from_numpy(frames[i]).to(device).long()].permute(2, 0, 1) for i in indices]
+    return torch.stack(out, dim=1)
+
+
+def mask_pixels(mask: np.ndarray, indices: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """uint8 [N, H, W] (channel 0 of src_mask.mp4) -> [len, H, W] = value / 255 (fractions kept, not binarised)."""
+    lut = _lut(255.0, 0.0, dtype, device)
+    return torch.stack([lut[torch.from_numpy(mask[i]).to(device).long()] for i in indices])
+
+
+def pack_pixel_mask(pixel_mask: Tensor) -> Tensor:
+    """[F, h, w] per pixel frame (F = 4n+1) -> [4, n+1, h, w] as get_i2v_mask: latent frame 0 <- pixel frame 0
+    in all 4 channels; channel c of latent frame j >= 1 <- pixel frame 4(j-1)+1+c."""
+    h, w = pixel_mask.shape[1:]
+    frames = torch.cat([pixel_mask[:1].expand(MASK_CHANNELS, h, w), pixel_mask[1:]])
+    return frames.reshape(-1, MASK_CHANNELS, h, w).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- one clip
+
+
+@dataclass
+class ClipConditioning:
+    """What the DiT gets for one clip besides the latent: y [20, T+1, h, w], pose latents, face pixels."""
+
+    y: Tensor
+    pose_latents: Tensor
+    face: Tensor
+
+
+@dataclass
+class _Job:
+    models: AnimateModels
+    sources: AnimateSources
+    mode: str
+    clip_len: int
+    refert_num: int
+    indices: list[int]  # source frame of every padded frame
+    cond_dtype: torch.dtype  # pixels and y in the reference's dtype (bf16 on GPU)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.sources.height // 8, self.sources.width // 8
+
+
+def reference_conditioning(job: _Job) -> tuple[Tensor, Tensor]:
+    """(y_ref [20, 1, h, w] = ones mask + VAE latent of the letterboxed reference, CLIP features [1, 257, c])."""
+    models = job.models
+    ref = video_pixels(job.sources.reference[None], [0], job.cond_dtype, models.device)  # [3, 1, H, W]
+    latent = models.vae.encode(ref)
+    ones = torch.ones(MASK_CHANNELS, 1, *latent.shape[2:], device=models.device)
+    clip_fea = models.clip(ref[:, 0]).to(job.cond_dtype)
+    return torch.cat([ones, latent]).to(job.cond_dtype), clip_fea
+
+
+def clip_conditioning(job: _Job, start: int, first: bool, y_ref: Tensor, tail: Tensor | None) -> ClipConditioning:
+    """Pose latents, face pixels and the temporal/background part of y for the clip starting at `start`.
+
+    tail: the last refert_num decoded frames of the previous clip (None for the first clip)."""
+    models, src, dtype, device = job.models, job.sources, job.cond_dtype, job.models.device
+    frames = job.indices[start : start + job.clip_len]
+    known = 0 if first else job.refert_num  # pixel frames given by the previous clip
+    pose_latents = models.vae.encode(video_pixels(src.pose, frames, dtype, device))
+    face = video_pixels(src.face, frames, dtype, device)[None]
+    lat_h, lat_w = job.latent_hw
+    if job.mode == "animation":
+        video = torch.zeros(3, job.clip_len, src.height, src.width, dtype=dtype, device=device)
+        pixel_mask = torch.zeros(job.clip_len, lat_h, lat_w, dtype=dtype, device=device)
+    else:
+        assert src.background is not None and src.mask is not None
+        video = video_pixels(src.background, frames, dtype, device)
+        character = mask_pixels(src.mask, frames, dtype, device)
+        keep = F.interpolate((1 - character)[:, None], size=(lat_h, lat_w), mode="nearest")[:, 0]
+        pixel_mask = keep  # 1 = keep the background, 0 = generate the character
+    if known:
+        assert tail is not None
+        # The reference bicubic-resizes the tail to (H, W) first: the same size, so an exact identity.
+        video[:, :known] = tail[:, -known:].to(dtype)
+        pixel_mask[:known] = 1
+    y_reft = torch.cat([pack_pixel_mask(pixel_mask).to(dtype), models.vae.encode(video).to(dtype)])
+    return ClipConditioning(torch.cat([y_ref, y_reft], dim=1), pose_latents, face)
+
+
+def _autocast(models: AnimateModels) -> Any:
+    # bf16/fp16 weights run under autocast like the reference; float32 stays exact (tests, CPU).
+    enabled = models.dtype != torch.float32 and models.device.type == "cuda"
+    return torch.autocast(device_type=models.device.type, dtype=models.dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def encode_prompts(models: AnimateModels, prompt: str | Tensor | None,
+                   negative_prompt: str | Tensor | None) -> tuple[Tensor, Tensor]:
+    """(context, context_null): embeddings [L, text_dim] pass through; text goes through the text encoder.
+    An empty prompt is the reference's fixed Animate prompt, an empty negative prompt its default one."""
+    pair: list[Any] = [prompt or DEFAULT_ANIMATE_PROMPT, negative_prompt or DEFAULT_NEGATIVE_PROMPT]
+    if isinstance(prompt, Tensor):
+        pair[0] = prompt
+    if isinstance(negative_prompt, Tensor):
+        pair[1] = negative_prompt
+    texts = [p for p in pair if isinstance(p, str)]
+    if texts and models.text_encoder is None:
+        raise AnimateParameterError("prompt: text was given but the models were loaded without a text encoder; "
+                                    "load with text_encoder=True or pass prompt embeddings")
+    encoded = iter(models.text_encoder(texts) if texts else [])
+    out = [next(encoded) if isinstance(p, str) else p for p in pair]
+    return out[0].to(models.device), out[1].to(models.device)
+
+
+def generate_animate(
+    models: AnimateModels, src_dir: str | os.PathLike[str], *, mode: str, prompt: str | Tensor | None = None,
+    negative_prompt: str | Tensor | None = None, clip_len: int = 77, refert_num: int = 1, steps: int = 20,
+    shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", seed: int,
+    relighting_lora: bool = False, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+    sp: Any | None = None, guidance: Guidance | None = None,
+) -> Tensor:
+    """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
+
+    mode 'animation' or 'replacement' (the latter also reads src_bg.mp4 / src_mask.mp4). guide_scale <= 1
+    runs one forward per step; > 1 mixes in an unconditional branch (negative prompt and a black face).
+    Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
+    check_parameters(mode, clip_len, refert_num, guide_scale, seed)
+    make_solver(solver, steps, shift)  # parameter errors before any heavy work
+    if relighting_lora and models.relighting is None:
+        raise AnimateParameterError("relighting_lora: the job asks for it but the models were loaded without it "
+                                    "(AnimateModels.load(..., relighting_lora=True))")
+    sources = read_sources(src_dir, mode, models.face_size)
+    target = padded_length(sources.frames, clip_len, refert_num)
+    cond_dtype = models.dtype if models.device.type == "cuda" else torch.float32
+    job = _Job(models, sources, mode, clip_len, refert_num, ping_pong(sources.frames, target), cond_dtype)
+    lat_h, lat_w = job.latent_hw
+    grid = ((clip_len - 1) // 4 + 2, lat_h // 2, lat_w // 2)  # + 1 latent frame for the reference
+    check_sequence_parallel(grid[0] * grid[1] * grid[2], grid, sp, models.dit.config.num_heads)
+    context, context_null = encode_prompts(models, prompt, negative_prompt)
+    generator = torch.Generator(device=models.device).manual_seed(seed)  # one stream for the whole video
+    starts = clip_starts(target, clip_len, refert_num)
+    loop = _ClipLoop(job, starts, steps, shift, solver, guide_scale, context, context_null, generator,
+                     on_progress, should_cancel, sp, guidance or SequentialGuidance())
+    lora = models.relighting.applied(models.dit, models.device) if relighting_lora and models.relighting \
+        else _nothing()
+    with torch.no_grad(), lora:
+        return loop.run()[:, : sources.frames]
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+class _ClipLoop:
+    """Sample, decode and chain the clips; holds what stays fixed across clips."""
+
+    def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str, guide_scale: float,
+                 context: Tensor, context_null: Tensor, generator: torch.Generator, on_progress: ProgressFn | None,
+                 should_cancel: CancelFn | None, sp: Any | None, guidance: Guidance) -> None:
+        self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
+        self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
+        self.context, self.context_null, self.generator = context, context_null, generator
+        self.on_progress, self.should_cancel, self.sp, self.guidance = on_progress, should_cancel, sp, guidance
+        self.total = len(starts) * steps
+
+    def run(self) -> Tensor:
+        models, job = self.job.models, self.job
+        y_ref, clip_fea = reference_conditioning(job)
+        pieces: list[Tensor] = []
+        tail: Tensor | None = None
+        for index, start in enumerate(self.starts):
+            cond = clip_conditioning(job, start, index == 0, y_ref, tail)
+            latent = self.sample(index, cond, clip_fea)
+            frames = models.vae.decode(latent[:, 1:]).clamp(-1, 1)  # drop the reference latent frame
+            if index:
+                frames = frames[:, job.refert_num :]  # these frames repeat the previous clip's tail
+            tail = frames[:, -job.refert_num :]
+            pieces.append(frames.cpu())
+            self._report("decoding", index + 1, len(self.starts), index)
+        return torch.cat(pieces, dim=1)
+
+    def sample(self, index: int, cond: ClipConditioning, clip_fea: Tensor) -> Tensor:
+        models = self.job.models
+        lat_h, lat_w = self.job.latent_hw
+        shape = (LATENT_CHANNELS, cond.y.shape[1], lat_h, lat_w)
+        latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+        seq_len = shape[1] * lat_h * lat_w // 4
+        solver = make_solver(self.solver, self.steps, self.shift)  # fresh per clip, as the reference
+
+        def denoise(x: Tensor, t: Tensor, *, context: Tensor, face_pixel_values: Tensor) -> Tensor:
+            return models.dit(x, t, context, seq_len, cond.y, clip_fea=clip_fea, pose_latents=cond.pose_latents,
+                              face_pixel_values=face_pixel_values, sp=self.sp)
+
+        branch = {"context": self.context, "face_pixel_values": cond.face}
+        null = {"context": self.context_null, "face_pixel_values": torch.full_like(cond.face, -1.0)} \
+            if self.scale != 1.0 else branch  # a black face removes the expression in the unconditional branch
+        for k in range(self.steps):
+            done = index * self.steps + k
+            if self.should_cancel is not None and self.should_cancel():
+                raise GenerationCancelled(f"cancelled before sampling step {done + 1} of {self.total} "
+                                          f"(clip {index + 1} of {len(self.starts)})")
+            t = solver.timesteps[k : k + 1].to(models.device)
+            with _autocast(models):
+                v = self.guidance(denoise, latent, t, branch, null, self.scale)
+            latent = solver.step(v.float(), k, latent)
+            self._report("sampling", done + 1, self.total, index)
+        return latent
+
+    def _report(self, phase: str, step: int, total: int, clip: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(phase, step, total, clip)
+
+
+__all__ = ["DEFAULT_ANIMATE_PROMPT", "FPS", "AnimateInputError", "AnimateModels", "AnimateParameterError",
+           "GenerationCancelled", "RelightingLora", "check_sequence_parallel", "encode_prompts",
+           "generate_animate", "pack_pixel_mask"]
