@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for tests and the demo")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on two halves of the ranks")
-    p.add_argument("--sharding", default="auto", choices=("auto", "replicate", "fsdp"))
+    p.add_argument("--sharding", default="auto", choices=("auto", "replicate", "fsdp", "offload"),
+                   help="DiT weights: a copy per GPU, FSDP shards, or (one GPU) the idle expert in host memory")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (reference: 10)")
     p.add_argument("--max-area", type=int, default=None, help="cap every job's pixel area (tiny models, demo)")
     p.add_argument("--collective-timeout", type=float, default=600.0,

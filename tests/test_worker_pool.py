@@ -177,11 +177,17 @@ def test_shutdown_during_a_job_reports_it_and_exits_cleanly(pool) -> None:
     assert pool.chan.recv(timeout=10) is None
 
 
-def test_a_dead_rank_ends_the_pool(tiny_i2v, tmp_path) -> None:
-    sup = Supervisor(tmp_path, tiny_i2v)
+def test_cfg_parallel_fsdp_pool_runs_a_job_then_a_dead_rank_ends_it(tiny_i2v, tmp_path) -> None:
+    sup = Supervisor(tmp_path, tiny_i2v, extra=("--cfg-parallel", "--sharding", "fsdp"))
     try:
         hello, _ = sup.until(("hello",))
+        assert hello["parallel"]["cfg"] == 2 and hello["parallel"]["sharding"] == "fsdp"
         sup.until(("ready",))
+        sup.run("job-cfg", steps=2)
+        done, _ = sup.until(("done", "error"))
+        assert done["type"] == "done", f"{done}\n{sup.logs()}"
+        assert probe(done["output"])[0] == 5
+
         rank1 = next(d["pid"] for d in hello["devices"] if d["rank"] == 1)
         os.kill(rank1, signal.SIGKILL)
         started = time.monotonic()

@@ -81,13 +81,13 @@ class I2VFamily:
     def load(self) -> None:
         from pipeline.i2v import I2VModels
 
-        dtype = dtype_of(self.args)
-        # FSDP loads on the CPU first and moves only this rank's shard to the GPU.
-        device = torch.device("cpu") if self.sharding == "fsdp" else self.ranks.device
-        self.models = I2VModels.load(self.root, device, dtype, text_encoder=self.ranks.master)
+        # fsdp: the experts load into host memory and only this rank's shards go to the GPU;
+        # offload (one GPU): the idle expert waits in host memory and is swapped at the boundary.
+        in_host = self.sharding in ("fsdp", "offload")
+        self.models = I2VModels.load(self.root, self.ranks.device, dtype_of(self.args),
+                                     text_encoder=self.ranks.master, offload_experts=in_host)
         if self.sharding == "fsdp":
             shard_experts(self.models, self.ranks.device)
-        self.models.device = self.ranks.device
         self.sp, self.guidance = self._parallel_groups()
 
     def _parallel_groups(self) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""Where the DiT weights live: a full copy on every GPU when they fit, FSDP2-sharded per block when they do not.
+"""Where the DiT weights live: a copy on every GPU when they fit, else FSDP2 shards (or host offload on one GPU).
 
 Decides from parameter bytes and free memory (overridable) and wraps modules; it must not load checkpoints
 or change any computation (an FSDP forward gathers the very same weights before each block).
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-SHARDINGS = ("auto", "replicate", "fsdp")
+SHARDINGS = ("auto", "replicate", "fsdp", "offload")
 # Activations, the VAE, caches and allocator slack beside the weights on one GPU: the reference's 720p
 # forward peaked at 59.3 GiB with 26.6 GiB of weights, so ~32 GiB at 81 frames (Ulysses divides most of it).
 ACTIVATION_RESERVE = 32 * 2**30
@@ -35,24 +35,32 @@ def expert_parameter_bytes(ckpt_dir: Path, dtype: torch.dtype) -> int:
     return total + (t5.stat().st_size if t5.is_file() else 0)
 
 
-def decide(requested: str, weight_bytes: int, free_bytes: int, reserve: int = ACTIVATION_RESERVE) -> str:
-    """'replicate' when the weights plus the reserve fit in the smallest free memory, else 'fsdp'."""
+def decide(requested: str, weight_bytes: int, free_bytes: int, world_size: int = 2,
+           reserve: int = ACTIVATION_RESERVE) -> str:
+    """'replicate' when the weights plus the reserve fit in the smallest free memory; otherwise 'fsdp'
+    across several GPUs, or on a single GPU 'offload' (the idle expert waits in host memory, as the
+    reference does on one GPU)."""
     if requested not in SHARDINGS:
         raise ValueError(f"sharding: got {requested!r}, expected one of {', '.join(SHARDINGS)}")
+    if requested == "fsdp" and world_size == 1:
+        raise ValueError("sharding: 'fsdp' needs 2 or more GPUs; use 'offload' or 'replicate' on one GPU")
     if requested != "auto":
         return requested
-    return "replicate" if weight_bytes + reserve <= free_bytes else "fsdp"
+    if weight_bytes + reserve <= free_bytes:
+        return "replicate"
+    return "fsdp" if world_size > 1 else "offload"
 
 
 def choose_sharding(requested: str, ckpt_dir: Path, device: torch.device, dtype: torch.dtype,
                     group: dist.ProcessGroup | None = None) -> str:
     """The same decision on every rank: based on the least free memory of any rank. CPU pools replicate."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
     if requested != "auto" or device.type != "cuda":
-        return decide(requested if requested != "auto" else "replicate", 0, 0)
+        return decide(requested if requested != "auto" else "replicate", 0, 0, world)
     free = torch.tensor([torch.cuda.mem_get_info(device)[0]], dtype=torch.int64)
     if dist.is_initialized():
         dist.all_reduce(free, op=dist.ReduceOp.MIN, group=group)
-    return decide("auto", expert_parameter_bytes(ckpt_dir, dtype), int(free.item()))
+    return decide("auto", expert_parameter_bytes(ckpt_dir, dtype), int(free.item()), world)
 
 
 def shard_module(model: torch.nn.Module, device: torch.device, blocks_attr: str = "blocks") -> torch.nn.Module:
@@ -72,10 +80,7 @@ def shard_module(model: torch.nn.Module, device: torch.device, blocks_attr: str 
 
 
 def shard_experts(models: Any, device: torch.device) -> None:
-    """Shard both I2V experts in place (the VAE and text encoder are small: they are moved whole)."""
+    """Shard both I2V experts in place (loaded in host memory); from then on no expert is ever swapped."""
     shard_module(models.high_noise, device)
     shard_module(models.low_noise, device)
-    for part in (models.vae, models.text_encoder):
-        move = getattr(part, "to", None)
-        if move is not None:
-            move(device)
+    models.offload_experts = False
