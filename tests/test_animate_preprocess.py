@@ -153,3 +153,24 @@ def test_carphone_replacement(carphone: dict) -> None:
     for output in (0, 10, 19):  # source frames round(i * 29.97 / 5) = 0, 60, 114
         for box in CARPHONE_FACE:
             assert _fraction_covered(masks[output], box, CARPHONE_VIEW) > 0.99
+
+
+@pytest.fixture(scope="session")
+def retargeted(media: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list]:
+    calls: list[tuple[str, int, int]] = []
+    out = tmp_path_factory.mktemp("retarget")
+    stats = _run(media, models_dir, out, "animate_driving.mp4", mode="animation", fps=2, resolution_area=(640, 360),
+                 retarget=True, on_progress=lambda phase, done, total: calls.append((phase, done, total)))  # fmt: skip
+    return stats, calls
+
+
+def test_retargeted_animation_draws_on_the_character_canvas(retargeted: tuple[dict, list], animation: dict) -> None:
+    stats, calls = retargeted
+    assert stats["retarget"] is True and stats["frames"] == 7  # int(106 / 30 * 2)
+    frames = _check_video(stats["files"]["pose"], 7, (640, 352), 2)
+    assert all(frame.max() > 100 for frame in frames)
+    plain = _video(animation["files"]["pose"])[0][0]  # the same source frame 0, letterboxed, not retargeted
+    assert np.abs(frames[0].astype(int) - plain.astype(int)).mean() > 1.0
+    assert calls[-1] == ("write", 7, 7) and ("detect", 7, 7) in calls
+    done = [d for phase, d, _ in calls if phase == "detect"]
+    assert done == sorted(done)
