@@ -14,6 +14,7 @@ from pathlib import Path
 
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
+PROGRESS_FILE = "progress.json"  # work/<id>/progress.json: preprocessing progress for `wanbox status`
 OUTPUT_FILE = "output.mp4"
 ERROR_FILE = "error.txt"
 FAILED_POINTER = "failed_dir.txt"  # work/<id>/failed_dir.txt: where a failed job's inputs went

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.jobfiles import PREPARED_FILE
+from daemon.jobfiles import PREPARED_FILE, PROGRESS_FILE
 
 
 class PreprocessFailed(Exception):
@@ -48,6 +48,30 @@ def _prepare_i2v(params: dict[str, Any], work_dir: Path) -> tuple[dict[str, str]
 ANIMATE_RUN_INPUTS = ("pose", "face", "ref", "bg", "mask")
 
 
+class ProgressFile:
+    """Progress of a running preparation, written where the supervisor polls it (at most twice a second)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.path = work_dir / PROGRESS_FILE
+        self._last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.5 and done < total:
+            return
+        self._last = now
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        temp.write_text(json.dumps({"phase": phase, "step": done, "total": total}), encoding="utf-8")
+        os.replace(temp, self.path)
+
+
+def read_progress(work_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((work_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare_animate(params: dict[str, Any], work_dir: Path, models_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
     from pipeline.preprocess.animate import PreprocessError, preprocess_animate_job
     from pipeline.preprocess.animate.errors import DetectorError
@@ -60,7 +84,7 @@ def _prepare_animate(params: dict[str, Any], work_dir: Path, models_dir: Path) -
             Path(params["inputs"]["video"]["path"]), Path(params["inputs"]["character"]["path"]),
             work_dir / "animate", mode=options.get("mode", "animation"), resolution_area=(width, height),
             fps=fps if fps and fps > 0 else -1, retarget=bool(options.get("retarget", False)),
-            models_dir=models_dir,
+            models_dir=models_dir, on_progress=ProgressFile(work_dir),
         )
     except DetectorError as exc:  # the detector crashed or hung: not the input's fault, try again
         raise PreprocessFailed(f"animate preprocessing: {exc}", "internal", True) from None

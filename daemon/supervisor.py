@@ -27,7 +27,7 @@ from daemon.ledger import Backoff, Ledger, LedgerError
 from daemon.notify import Notifier
 from daemon.outbox import Outbox, OutputInvalid
 from daemon.pool import PoolEvent, WarmPool
-from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs, warm_up
+from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs, read_progress, warm_up
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import ManifestError, ManifestInvalid, load_manifest, render_errors
@@ -35,6 +35,7 @@ from inbox_schema.hashing import manifest_hash
 
 log = logging.getLogger("wanbox.supervisor")
 S = JobState
+MAX_INTAKE_CRASHES = 5  # internal errors on one manifest before it is rejected instead of retried forever
 SEED_LIMIT = 2**31  # a seed every backend accepts (torch.Generator takes 64 bits, numpy 32)
 
 
@@ -73,6 +74,18 @@ class Staging:
     job: Any = None  # inbox_schema.Job when the manifest parsed
     waiting: str = ""  # why it is not accepted yet (the rejection reason at the deadline)
     hashes: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)  # path -> (sig, sha256)
+
+
+def failed_text(job_id: str, name: str, why: str) -> str:
+    """error.txt for a job that was accepted but could not be made into a video."""
+    return (
+        f"wanbox could not make the video for job {job_id} ({name}):\n\n  * {why}\n\n"
+        "The job's original files are in this folder; nothing was deleted.\n"
+        f"To run it again unchanged (e.g. after fixing the installation): wanbox retry {job_id}\n"
+        "  (retry takes the files back from this folder).\n"
+        "To change it: fix the manifest and submit it again (`wanbox submit FILE`, or copy the media into\n"
+        "the inbox first and the manifest last).\n"
+    )
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -131,6 +144,8 @@ class Supervisor:
         self.cancel_sent: str | None = None
         self.run_started: dict[str, float] = {}
         self._reported: set[str] = set()  # problems logged once, not every tick
+        self._last_prep_progress: dict[str, dict[str, Any]] = {}
+        self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
 
     # --- start and stop --------------------------------------------------------------------------
 
@@ -276,10 +291,24 @@ class Supervisor:
         self._reject_overdue()
 
     def _intake_crashed(self, candidate: Candidate, exc: Exception) -> None:
-        key = f"{candidate.manifest}:{_signature(candidate.manifest)}"
-        if key not in self._reported:
-            self._reported.add(key)
+        """Log it; after a few tries reject the job saying so, so that one odd upload cannot wedge intake."""
+        key = str(candidate.manifest)
+        self._crashes[key] = self._crashes.get(key, 0) + 1
+        if self._crashes[key] == 1:
             log.exception("internal error while looking at %s: %s (will retry)", candidate.manifest, exc)
+        if self._crashes[key] < MAX_INTAKE_CRASHES:
+            return
+        self._crashes.pop(key)
+        entry = self.staging.get(key)
+        why = (f"wanbox hit an internal error while taking this job in ({type(exc).__name__}: {exc}); "
+               "please report it with the daemon's log")
+        try:
+            if entry is None:
+                entry = self._stage(candidate, _signature(candidate.manifest))
+            if entry is not None:
+                self.reject(entry.job_id, candidate, [why])
+        except Exception:
+            log.exception("could not reject %s after repeated internal errors", candidate.manifest)
 
     def consider(self, candidate: Candidate) -> None:
         manifest = candidate.manifest
@@ -510,6 +539,7 @@ class Supervisor:
     def collect_preprocessing(self) -> None:
         for job_id, (future, started) in list(self.preparing.items()):
             if not future.done():
+                self._preprocess_progress(job_id)
                 continue
             del self.preparing[job_id]
             seconds = time.monotonic() - started
@@ -528,6 +558,13 @@ class Supervisor:
                 jlog(logging.INFO, job_id, "prepared, but it was cancelled meanwhile")
             del record
 
+    def _preprocess_progress(self, job_id: str) -> None:
+        progress = read_progress(self.paths.work / job_id)
+        if progress and progress != self._last_prep_progress.get(job_id):
+            self._last_prep_progress[job_id] = progress
+            self.ledger.record_progress(job_id, f"preprocess:{progress['phase']}", progress["step"],
+                                        progress["total"])
+
     def _failed(self, job_id: str, frm: JobState, error: str, kind: str, retryable: bool) -> None:
         to = self.ledger.record_failure(job_id, frm, error, kind, retryable)
         if to is None:
@@ -543,7 +580,7 @@ class Supervisor:
         taken = jobfiles.work_inputs_dir(self.paths.work, job_id)
         if not taken.exists():
             return
-        text = render_errors([why], name) + f"\nJob id: {job_id}. To run it again unchanged: wanbox retry {job_id}\n"
+        text = failed_text(job_id, name, why)
         dest = jobfiles.free_dir(self.paths.failed, name)
         jobfiles.move_file(taken, dest)
         jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, text)
@@ -699,6 +736,10 @@ class Supervisor:
         if pool.job is not None:
             p = pool.last_progress
             text = f"{pool.model}: job {pool.job} {p.get('phase', 'starting')} {p.get('step', 0)}/{p.get('total', '?')}"
+            started = self.run_started.get(pool.job)
+            if p.get("phase") == "sampling" and p.get("step") and started is not None:
+                left = (time.monotonic() - started) / p["step"] * (p["total"] - p["step"])
+                text += f", ETA {left:.0f} s"
         elif pool.state == "loading":
             text = f"loading {pool.model}"
         else:

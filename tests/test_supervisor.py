@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.config import load_config
+from daemon.ledger import Ledger
 from daemon.states import JobState
 from daemon.supervisor import Supervisor, choose_next
 from tests.workers.harness import Root, manifest_text, write_image
@@ -141,3 +142,48 @@ def test_dedupe_run_runs_an_identical_resubmission_again(tmp_path: Path) -> None
         sup.stopping.set()
         sup.shutdown()
         root.cleanup()
+
+
+def test_an_output_that_does_not_decode_is_never_delivered(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    root.knobs({"garbled": {"bad_output": True}})
+    root.drop("garbled", manifest_text())
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("garbled") == "failed")
+        failed = root.job("garbled")
+        assert failed.attempts == 2 and "delivery failed" in failed.last_error
+        assert "does not decode" in failed.last_error
+        assert list(root.outbox.iterdir()) == []  # nothing partial or broken ever reached the outbox
+        assert "does not decode" in (root.failed / "garbled" / "error.txt").read_text()
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
+
+
+def test_preprocessing_progress_reaches_the_ledger(tmp_path: Path) -> None:
+    from daemon.preprocessing import ProgressFile, read_progress
+
+    root = Root(tmp_path)
+    sup = Supervisor(load_config(root.config))
+    sup.ledger = Ledger.open(tmp_path / "l.db")
+    try:
+        row = sup.ledger.add_staged("p", "animate", tmp_path / "p.toml", None)
+        work = sup.paths.work / row.id
+        work.mkdir(parents=True)
+        sup.ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work))
+        sup.ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
+        progress = ProgressFile(work)
+        progress("detect", 3, 40)
+        progress("detect", 4, 40)  # within 0.5 s: skipped
+        assert read_progress(work) == {"phase": "detect", "step": 3, "total": 40}
+        sup._preprocess_progress(row.id)
+        stored = sup.ledger.get(row.id)
+        assert (stored.phase, stored.step, stored.total_steps) == ("preprocess:detect", 3, 40)
+        progress("write", 40, 40)  # the last step is always written
+        sup._preprocess_progress(row.id)
+        assert sup.ledger.get(row.id).phase == "preprocess:write"
+    finally:
+        sup.ledger.close()
