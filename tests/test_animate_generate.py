@@ -431,3 +431,38 @@ def test_bad_src_files_name_the_file(models: AnimateModels, tmp_path: Path) -> N
     write_mp4(torch.zeros(3, 2, 24, 32), odd / "src_pose.mp4", 30)
     with pytest.raises(AnimateInputError, match=r"src_pose.mp4: frames are 32x24, expected .* multiples of 16"):
         generate_animate(models, odd, mode="animation", seed=1, clip_len=5)
+
+
+# ---------------------------------------------------------------------------------------------- GPU, bench
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_runs_the_reference_dtypes(ckpt: Path, tmp_path: Path) -> None:
+    """bf16 DiT under autocast, bf16 pixels and y, fp16 CLIP, fp32 VAE: the reference's GPU set-up."""
+    models = AnimateModels.load(ckpt, "cuda", torch.bfloat16, relighting_lora=True)
+    assert models.clip.dtype == torch.float16 and models.vae.dtype == torch.float32
+    src = write_src(tmp_path / "src", 7, seed=9)
+    m, spy = spied(models)
+    video = generate_animate(m, src, mode="replacement", clip_len=5, refert_num=1, steps=2, seed=4,
+                             guide_scale=2.0, relighting_lora=True)
+    assert video.shape == (3, 7, H, W) and torch.isfinite(video).all()
+    assert spy.calls[0]["y"].dtype == torch.bfloat16 and spy.calls[0]["face_pixel_values"].dtype == torch.bfloat16
+    again = generate_animate(models, src, mode="replacement", clip_len=5, refert_num=1, steps=2, seed=4,
+                             guide_scale=2.0, relighting_lora=True)
+    assert torch.equal(video, again)
+
+
+def test_bench_tiny_step_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_animate_step.py"
+    spec = importlib.util.spec_from_file_location("bench_animate_step", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--iters", "1", "--warmup", "0", "--guide-scale", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    step = lines[-1]
+    assert step["bench"] == "animate_step" and step["finite"] and step["forwards_per_step"] == 2
+    assert step["latent"] == [16, 4, 4, 8] and step["face"] == [1, 3, 9, 32, 32] and step["tokens"] == 32
