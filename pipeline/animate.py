@@ -377,7 +377,11 @@ class _ClipLoop:
             frames = models.vae.decode(latent[:, 1:]).clamp(-1, 1)  # drop the reference latent frame
             if index:
                 frames = frames[:, job.refert_num :]  # these frames repeat the previous clip's tail
-            tail = frames[:, -job.refert_num :]
+            # The next clip starts with the last refert_num frames of the video so far. That is this clip's
+            # tail, as in the reference, unless a clip adds fewer new frames than it carries over
+            # (clip_len < 2 * refert_num), where the reference breaks and older frames fill the rest.
+            tail = frames if tail is None else torch.cat([tail, frames], dim=1)
+            tail = tail[:, -job.refert_num :]
             pieces.append(frames.cpu())
             self._report("decoding", index + 1, len(self.starts), index)
         return torch.cat(pieces, dim=1)

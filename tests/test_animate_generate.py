@@ -107,8 +107,9 @@ def run(models: AnimateModels, src: Path, **kw: Any) -> Run:
 
 @pytest.fixture(scope="module")
 def animation5(models: AnimateModels, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """Animation, refert 5, clip_len 9, 11 frames -> padded to 13 -> two clips starting at 0 and 4."""
-    src = write_src(tmp_path_factory.mktemp("anim5"), 11, seed=1)
+    """Animation, refert 5, clip_len 9, 15 frames -> padded to 17 -> three clips starting at 0, 4 and 8.
+    Each later clip adds only 4 new frames, fewer than the 5 it carries over."""
+    src = write_src(tmp_path_factory.mktemp("anim5"), 15, seed=1)
     return run(models, src, mode="animation", clip_len=9, refert_num=5)
 
 
@@ -129,7 +130,8 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
 
 
 def clip_calls(r: Run, clip: int) -> list[dict]:
-    per_clip = len(r.calls) // 2
+    clips = len([p for p in r.progress if p[0] == "decoding"])
+    per_clip = len(r.calls) // clips
     return r.calls[clip * per_clip : (clip + 1) * per_clip]
 
 
@@ -148,7 +150,7 @@ def expected_mask(pixel_mask: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("which", ["animation5", "replacement1"])
-def test_two_clip_runs_give_the_real_length_at_the_pose_size(which: str, request: pytest.FixtureRequest) -> None:
+def test_multi_clip_runs_give_the_real_length_at_the_pose_size(which: str, request: pytest.FixtureRequest) -> None:
     r: Run = request.getfixturevalue(which)
     frames = decoded(r.src / "src_pose.mp4").shape[0]
     assert r.video.shape == (3, frames, H, W)
@@ -223,16 +225,18 @@ def test_animation_first_clip_has_zero_mask_and_encoded_black_frames(models: Ani
 def test_animation_later_clip_carries_the_decoded_tail_of_the_previous_clip(
     models: AnimateModels, animation5: Run
 ) -> None:
-    y = clip_calls(animation5, 1)[0]["y"]
-    # Clip 2 starts at frame 4; its first 5 frames are the last 5 decoded frames of clip 1 (output 4..8).
-    tail = animation5.video[:, 4:9]
-    video = torch.cat([tail, torch.zeros(3, 4, H, W)], dim=1)
-    torch.testing.assert_close(y[4:, 1:], models.vae.encode(video), rtol=0, atol=1e-6)
     pixel_mask = np.zeros((9, H // 8, W // 8), np.float32)
     pixel_mask[:5] = 1
     mask = torch.from_numpy(expected_mask(pixel_mask))
-    assert torch.equal(y[:4, 1:], mask)
-    assert (y[:4, 1:3] == 1).all() and (y[:4, 3:] == 0).all()  # refert 5: latent frames 0 and 1 known
+    for clip, start in ((1, 4), (2, 8)):
+        y = clip_calls(animation5, clip)[0]["y"]
+        # A later clip starts with the 5 output frames already made at its positions (clip 1's last 5 frames;
+        # for clip 3, one of clip 1's and the 4 new frames of clip 2).
+        tail = animation5.video[:, start : start + 5]
+        video = torch.cat([tail, torch.zeros(3, 4, H, W)], dim=1)
+        torch.testing.assert_close(y[4:, 1:], models.vae.encode(video), rtol=0, atol=1e-6)
+        assert torch.equal(y[:4, 1:], mask)
+        assert (y[:4, 1:3] == 1).all() and (y[:4, 3:] == 0).all()  # refert 5: latent frames 0 and 1 known
 
 
 def test_replacement_masks_are_one_minus_the_nearest_downsampled_mask(models: AnimateModels, replacement1: Run) -> None:
@@ -256,8 +260,8 @@ def test_replacement_masks_are_one_minus_the_nearest_downsampled_mask(models: An
 def test_pose_and_face_of_each_clip_are_the_clips_frames(models: AnimateModels, animation5: Run) -> None:
     pose = decoded(animation5.src / "src_pose.mp4")
     face = decoded(animation5.src / "src_face.mp4")
-    order = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 9, 8]  # 11 frames reflected to 13
-    for clip, start in enumerate((0, 4)):
+    order = [*range(15), 13, 12]  # 15 frames reflected to 17
+    for clip, start in enumerate((0, 4, 8)):
         call = clip_calls(animation5, clip)[0]
         frames = order[start : start + 9]
         torch.testing.assert_close(call["face_pixel_values"], pixels(face[frames])[None], rtol=0, atol=1e-6)
@@ -271,16 +275,16 @@ def test_pose_and_face_of_each_clip_are_the_clips_frames(models: AnimateModels, 
 def test_noise_continues_one_generator_stream_across_clips(animation5: Run) -> None:
     gen = torch.Generator().manual_seed(7)
     shape = clip_calls(animation5, 0)[0]["x"].shape
-    for clip in range(2):
+    for clip in range(3):
         expected = torch.randn(*shape, generator=gen)
         assert torch.equal(clip_calls(animation5, clip)[0]["x"], expected)
-    assert [c["t"] for c in animation5.calls] == [999, 833] * 2  # a fresh 2-step UniPC schedule (shift 5) per clip
+    assert [c["t"] for c in animation5.calls] == [999, 833] * 3  # a fresh 2-step UniPC schedule (shift 5) per clip
 
 
 def test_progress_counts_steps_across_clips(animation5: Run) -> None:
     sampling = [p for p in animation5.progress if p[0] == "sampling"]
-    assert sampling == [("sampling", 1, 4, 0), ("sampling", 2, 4, 0), ("sampling", 3, 4, 1), ("sampling", 4, 4, 1)]
-    assert [p for p in animation5.progress if p[0] == "decoding"] == [("decoding", 1, 2, 0), ("decoding", 2, 2, 1)]
+    assert sampling == [("sampling", k + 1, 6, k // 2) for k in range(6)]
+    assert [p for p in animation5.progress if p[0] == "decoding"] == [("decoding", c + 1, 3, c) for c in range(3)]
 
 
 def test_guidance_runs_a_second_forward_with_a_black_face_and_the_negative_prompt(
@@ -316,7 +320,7 @@ def test_same_seed_same_video_other_seed_other_video(models: AnimateModels, tmp_
 def test_cancel_stops_at_the_next_step_boundary(models: AnimateModels, animation5: Run) -> None:
     answers = iter([False, False, False, True])
     m, spy = spied(models)
-    with pytest.raises(GenerationCancelled, match="step 4 of 4"):
+    with pytest.raises(GenerationCancelled, match=r"step 4 of 6 \(clip 2 of 3\)"):
         generate_animate(m, animation5.src, mode="animation", clip_len=9, refert_num=5, steps=STEPS, seed=7,
                          should_cancel=lambda: next(answers))
     assert len(spy.calls) == 3  # three steps ran, the fourth never started
