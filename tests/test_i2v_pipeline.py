@@ -297,3 +297,14 @@ def test_reference_run_on_cuda_stays_close(reference_run: tuple, wan_ref: Path) 
     assert _rel(video.cpu(), reference_run[1]["expected_video"]) < 5e-2
     first = initial_noise(42, (16, 3, 6, 8), cuda)
     assert first.is_cuda and torch.equal(first, initial_noise(42, (16, 3, 6, 8), cuda))
+
+
+def test_sequence_length_rounds_up_to_the_sequence_parallel_size() -> None:
+    from pipeline.i2v import sequence_length
+
+    class FourRanks:
+        world_size = 4
+
+    assert sequence_length(3, 6, 8, None) == 36
+    assert sequence_length(3, 6, 10, FourRanks()) == 48  # 45 tokens -> 48
+    assert sequence_length(21, 90, 160, FourRanks()) == 75600  # 720p, already a multiple

@@ -111,7 +111,7 @@ def test_cli_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_a_whole_i2v_job_runs_from_the_tiny_checkpoint(tiny_i2v: Path, media: Path) -> None:
-    from pipeline.i2v import I2VModels, generate_i2v
+    from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, I2VModels, encode_prompts, generate_i2v
 
     models = I2VModels.load(tiny_i2v, "cpu", torch.float32)
     progress: list[tuple[str, int, int]] = []
@@ -122,6 +122,9 @@ def test_a_whole_i2v_job_runs_from_the_tiny_checkpoint(tiny_i2v: Path, media: Pa
     assert video.shape == (3, 17, 32, 32)
     assert torch.isfinite(video).all() and video.abs().max() <= 1.0 and video.std() > 0.01
     assert [p for p in progress if p[0] == "sampling"] == [("sampling", i, 4) for i in range(1, 5)]
+    # an empty negative prompt means the reference's default one, encoded by the checkpoint's T5
+    _, negative = encode_prompts(models, "a cat on a surfboard", "")
+    assert torch.equal(negative, models.text_encoder([DEFAULT_NEGATIVE_PROMPT])[0])
 
 
 def test_animate_layout_loads_and_its_widths_fit_together(tmp_path: Path) -> None:
