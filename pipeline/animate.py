@@ -47,8 +47,9 @@ MASK_CHANNELS = 4  # pixel frames packed per latent frame
 REFERT_NUMS = (1, 5)
 FPS = 30  # the reference writes Animate videos at 30 fps whatever the source fps
 
-# on_progress(phase, step, total, clip_index): "sampling" after every denoising step (step counted across
-# clips, total = clips x steps), "decoding" after each clip's VAE decode (step = clips decoded, total = clips).
+# on_progress(phase, step, total, clip_index), clip_index from 0: "encoding" after each clip's VAE-encoded
+# conditioning and "decoding" after each clip's VAE decode (step = that clip's number, total = clips),
+# "sampling" after every denoising step (step counted across clips, total = clips x steps).
 ProgressFn = Callable[[str, int, int, int], None]
 CancelFn = Callable[[], bool]
 Tensor = torch.Tensor
@@ -373,6 +374,7 @@ class _ClipLoop:
         tail: Tensor | None = None
         for index, start in enumerate(self.starts):
             cond = clip_conditioning(job, start, index == 0, y_ref, tail)
+            self._report("encoding", index + 1, len(self.starts), index)
             latent = self.sample(index, cond, clip_fea)
             frames = models.vae.decode(latent[:, 1:]).clamp(-1, 1)  # drop the reference latent frame
             if index:

@@ -284,7 +284,10 @@ def test_noise_continues_one_generator_stream_across_clips(animation5: Run) -> N
 def test_progress_counts_steps_across_clips(animation5: Run) -> None:
     sampling = [p for p in animation5.progress if p[0] == "sampling"]
     assert sampling == [("sampling", k + 1, 6, k // 2) for k in range(6)]
-    assert [p for p in animation5.progress if p[0] == "decoding"] == [("decoding", c + 1, 3, c) for c in range(3)]
+    assert [p for p in animation5.progress if p[0] != "sampling"] == [
+        (phase, c + 1, 3, c) for c in range(3) for phase in ("encoding", "decoding")
+    ]
+    assert animation5.progress.index(("sampling", 3, 6, 1)) > animation5.progress.index(("encoding", 2, 3, 1))
 
 
 def test_guidance_runs_a_second_forward_with_a_black_face_and_the_negative_prompt(
