@@ -301,11 +301,7 @@ def encode_prompts(models: AnimateModels, prompt: str | Tensor | None,
                    negative_prompt: str | Tensor | None) -> tuple[Tensor, Tensor]:
     """(context, context_null): embeddings [L, text_dim] pass through; text goes through the text encoder.
     An empty prompt is the reference's fixed Animate prompt, an empty negative prompt its default one."""
-    pair: list[Any] = [prompt or DEFAULT_ANIMATE_PROMPT, negative_prompt or DEFAULT_NEGATIVE_PROMPT]
-    if isinstance(prompt, Tensor):
-        pair[0] = prompt
-    if isinstance(negative_prompt, Tensor):
-        pair[1] = negative_prompt
+    pair = [_or_default(prompt, DEFAULT_ANIMATE_PROMPT), _or_default(negative_prompt, DEFAULT_NEGATIVE_PROMPT)]
     texts = [p for p in pair if isinstance(p, str)]
     if texts and models.text_encoder is None:
         raise AnimateParameterError("prompt: text was given but the models were loaded without a text encoder; "
@@ -313,6 +309,15 @@ def encode_prompts(models: AnimateModels, prompt: str | Tensor | None,
     encoded = iter(models.text_encoder(texts) if texts else [])
     out = [next(encoded) if isinstance(p, str) else p for p in pair]
     return out[0].to(models.device), out[1].to(models.device)
+
+
+def _or_default(prompt: str | Tensor | None, default: str) -> str | Tensor:
+    if isinstance(prompt, Tensor):
+        if prompt.dim() != 2:
+            raise AnimateParameterError(f"prompt: got an embedding of shape {list(prompt.shape)}, expected "
+                                        f"[tokens, text_dim] (one prompt's text encoder output)")
+        return prompt
+    return prompt or default
 
 
 def generate_animate(

@@ -305,6 +305,20 @@ def test_guidance_runs_a_second_forward_with_a_black_face_and_the_negative_promp
         assert torch.equal(cond["y"], uncond["y"]) and torch.equal(cond["pose_latents"], uncond["pose_latents"])
 
 
+def test_prompt_embeddings_pass_through_unchanged(models: AnimateModels, replacement1: Run) -> None:
+    """A pool encodes the prompts once on rank 0 and hands every rank the embeddings."""
+    context, context_null = encode_prompts(models, "a dancer", "")
+    assert torch.equal(encode_prompts(models, context, context_null)[0], context)
+    assert torch.equal(encode_prompts(models, context, None)[1], encode_prompts(models, None, None)[1])
+    assert not torch.equal(context, encode_prompts(models, None, None)[0])  # None is the fixed Animate prompt
+    m, spy = spied(models)
+    generate_animate(m, replacement1.src, mode="replacement", clip_len=5, steps=1, seed=1, guide_scale=2.0,
+                     prompt=context, negative_prompt=context_null)
+    assert torch.equal(spy.calls[0]["context"], context) and torch.equal(spy.calls[1]["context"], context_null)
+    with pytest.raises(AnimateParameterError, match=r"prompt: got an embedding of shape \[1, "):
+        encode_prompts(models, context[None], None)
+
+
 def test_guide_scale_one_or_below_is_a_single_forward(models: AnimateModels, tmp_path: Path) -> None:
     src = write_src(tmp_path / "src", 3)
     assert len(run(models, src, steps=2, guide_scale=1.0).calls) == 2
