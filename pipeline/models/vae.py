@@ -116,24 +116,28 @@ def _history_tail(previous: Tensor | None, x: Tensor) -> Tensor:
 
 
 class CausalConv3d(nn.Conv3d):
-    """Conv3d padded only on the past side in time; with a cache, the past is the previous chunk."""
+    """Conv3d padded only on the past side in time; with a cache, the past is the previous chunk.
+
+    Spatial zero padding is left to the conv itself, which saves a padded copy of the (large) input.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, kernel, stride=1, padding=0) -> None:
-        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
-        self.space_pad = (pw, pw, ph, ph)
         self.cache_key = ""  # the module path, set once the whole VAE is built
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
-        time_pad = self.time_pad
-        if cache is not None and time_pad > 0:
+        missing = self.time_pad  # past frames the kernel needs before the first one of x
+        if cache is not None and missing > 0:
             previous = cache.get(self.cache_key)
             cache.put(self.cache_key, _history_tail(previous, x))
             if previous is not None:
                 x = torch.cat([previous.to(x.device), x], dim=2)
-                time_pad -= previous.shape[2]
-        return super().forward(F.pad(x, (*self.space_pad, time_pad, 0)))
+                missing -= previous.shape[2]
+        if missing > 0:
+            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+        return super().forward(x)
 
 
 class RMSNorm(nn.Module):
