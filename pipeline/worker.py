@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from daemon import protocol
-from pipeline.parallel.families import JobCancelled, PoolShutdown, open_family
+from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, open_family
 from pipeline.video import DEFAULT_CRF, write_mp4
 
 MODELS = ("i2v-A14B", "animate-14B")
@@ -213,6 +213,9 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
     failure: dict[str, Any] | None = None
     result: dict[str, Any] = {}
     try:
+        if command["kind"] != family.kind:
+            raise JobInputError(f"kind: got {command['kind']!r}, but this pool runs {args.model} "
+                                f"({family.kind} jobs); the supervisor must relaunch the pool for it")
         result = family.run(command, report=report, should_cancel=lambda: link.cancel_requested(job))
         if ranks.master:
             report.progress("write", 0, 1)

@@ -37,14 +37,15 @@ def tiny_i2v() -> Path:
 class Supervisor:
     """The supervisor's side of the seam, just enough to drive a pool: listen, launch, talk."""
 
-    def __init__(self, workdir: Path, ckpt: Path, nproc: int = 2, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, ckpt: Path, nproc: int = 2, extra: tuple[str, ...] = (),
+                 model: str = "i2v-A14B") -> None:
         # AF_UNIX paths are short; pytest's tmp paths can be long, so the socket gets its own short dir.
         self.sockdir = Path(tempfile.mkdtemp(prefix="wb-"))
         self.server = protocol.listen(self.sockdir / "pool.sock")
         self.server.settimeout(120)
         self.workdir = workdir
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "pipeline.worker", "--model", "i2v-A14B", "--socket", str(self.sockdir / "pool.sock"),
+               "-m", "pipeline.worker", "--model", model, "--socket", str(self.sockdir / "pool.sock"),
                "--checkpoint-dir", str(ckpt), "--device", "cpu", "--max-area", str(MAX_AREA), *extra]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         self.log = open(workdir / "pool.log", "w")  # noqa: SIM115 - closed in close()

@@ -18,8 +18,6 @@ from pipeline.parallel.cfg import CfgParallel, ParallelPlan, plan_parallel
 from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.ulysses import UlyssesParallel
 
-ANIMATE_UNAVAILABLE = "animate generation not available in this build"
-
 
 class Reporter(Protocol):
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None: ...
@@ -65,6 +63,8 @@ def param(params: dict[str, Any], path: str) -> Any:
 class I2VFamily:
     """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode on rank 0."""
 
+    kind = "i2v"
+
     def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
         from pipeline.models.dit import DiTConfig
 
@@ -88,15 +88,7 @@ class I2VFamily:
                                      text_encoder=self.ranks.master, offload_experts=in_host)
         if self.sharding == "fsdp":
             shard_experts(self.models, self.ranks.device)
-        self.sp, self.guidance = self._parallel_groups()
-
-    def _parallel_groups(self) -> tuple[Any, Any]:
-        if self.plan.cfg == 2:
-            cfg = CfgParallel()
-            return cfg.sp, cfg
-        if self.plan.ulysses > 1:
-            return UlyssesParallel(attention_fn=_dit_attention()), None
-        return None, None
+        self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
         from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
@@ -173,32 +165,88 @@ class I2VJob:
 
 
 class AnimateFamily:
-    """Animate-14B: the pool loads, but this build has no animate generation loop yet (says so per job)."""
+    """Animate-14B: one DiT resident (plus CLIP, VAE; T5 on rank 0); each job = clips sampled in parallel.
+
+    Every rank decodes each clip, because the next clip is conditioned on the last frames of this one.
+    """
+
+    kind = "animate"
 
     def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
+        import json
+
         self.args, self.ranks = args, ranks
-        self.parallel = {"world_size": ranks.world_size, "cfg": 1, "ulysses": ranks.world_size,
-                         "sharding": "replicate"}
+        self.root = Path(args.checkpoint_dir)
+        config = self.root / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config}: missing; expected an Animate-14B checkpoint directory")
+        heads = int(json.loads(config.read_text()).get("num_heads", 40))
+        self.plan = plan_parallel(ranks.world_size, heads, args.cfg_parallel)
+        if args.sharding not in ("auto", "replicate"):
+            raise ValueError(f"sharding: got {args.sharding!r}; Animate-14B runs replicated in this build "
+                             "(one 17B DiT fits an 80 GB GPU in bf16): use auto or replicate")
+        # T5 on every rank here: pipeline.animate.encode_prompts cannot take embeddings yet (`prompt or default`
+        # on a tensor), so rank 0 cannot encode once and broadcast as it does for I2V.
+        self.parallel = {**self.plan.as_dict(), "sharding": "replicate", "text_encoder": "all"}
+        self.models: Any = None
+        self.sp: Any = None
+        self.guidance: Any = None
 
     def load(self) -> None:
-        if not (Path(self.args.checkpoint_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"{self.args.checkpoint_dir}/config.json: not an Animate-14B checkpoint dir")
+        from pipeline.animate import LORA_FILE, AnimateModels
+
+        self.models = AnimateModels.load(self.root, self.ranks.device, dtype_of(self.args),
+                                         relighting_lora=(self.root / LORA_FILE).is_file(), text_encoder=True)
+        self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
-        raise AnimateUnavailable(ANIMATE_UNAVAILABLE)
+        from pipeline.animate import generate_animate
+        from pipeline.i2v import GenerationCancelled
+
+        params = command["params"]
+        src = _animate_src_dir(command["inputs"])
+        options = params.get("animate") or {}
+        sampling = param(params, "sampling")
+        seed = param(params, "sampling.seed")
+        report.progress("encode", 0, 1)
+
+        def on_progress(phase: str, step: int, total: int, _clip: int) -> None:
+            report.progress("sampling" if phase == "sampling" else "decode", step, total)
+
+        try:
+            video = generate_animate(
+                self.models, src, mode=str(options.get("mode", "animation")), prompt=params.get("prompt") or None,
+                negative_prompt=params.get("negative_prompt") or None, clip_len=int(options.get("clip_len", 77)),
+                refert_num=int(options.get("refert_num", 1)), steps=int(sampling["steps"]),
+                shift=float(sampling["shift"]), guide_scale=float(sampling["guide_scale"]),
+                solver=str(sampling["solver"]), seed=seed, relighting_lora=bool(options.get("relighting_lora")),
+                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance)
+        except GenerationCancelled as exc:
+            raise JobCancelled(str(exc)) from exc
+        fps = float(param(params, "video.fps"))
+        return {"video": video, "fps": fps, "frames": int(video.shape[1]), "width": int(video.shape[3]),
+                "height": int(video.shape[2]), "seed": seed}
 
 
-class AnimateUnavailable(JobFailure):
-    """A job kind this build cannot run; retrying cannot help."""
+def _animate_src_dir(inputs: dict[str, str]) -> Path:
+    """The preprocessed src folder (src_pose.mp4, src_face.mp4, src_ref.png, ...) named by the run inputs."""
+    if "pose" not in inputs:
+        raise JobInputError(f"inputs: got roles {sorted(inputs)}, expected the preprocessed 'pose', 'face', "
+                            f"'ref' (and 'bg', 'mask' for replacement)")
+    folder = Path(inputs["pose"]).parent
+    if not folder.is_dir():
+        raise JobInputError(f"inputs.pose: {inputs['pose']}: its folder does not exist")
+    return folder
 
-    kind = "internal"
-    retryable = False
 
-
-def _dit_attention() -> Any:
-    from pipeline.models.attention import attention
-
-    return attention
+def parallel_groups(plan: ParallelPlan) -> tuple[Any, Any]:
+    """(sp, guidance) for a plan: CFG halves with Ulysses inside, plain Ulysses, or nothing on one rank."""
+    if plan.cfg == 2:
+        cfg = CfgParallel()
+        return cfg.sp, cfg
+    if plan.ulysses > 1:
+        return UlyssesParallel(), None
+    return None, None
 
 
 def open_family(args: argparse.Namespace, ranks: Any) -> I2VFamily | AnimateFamily:

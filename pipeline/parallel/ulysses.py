@@ -53,6 +53,13 @@ def local_attention(
     return out.transpose(1, 2)
 
 
+def _dit_attention() -> AttentionFn:
+    """The DiT's own kernel choice (cuDNN / flash / SDPA), so sequence parallelism changes no numerics."""
+    from pipeline.models.attention import attention
+
+    return attention
+
+
 class UlyssesParallel:
     """Sequence parallelism over one process group: each rank holds L/p tokens, attends with H/p heads.
 
@@ -66,7 +73,7 @@ class UlyssesParallel:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.attention_fn = attention_fn or local_attention
+        self.attention_fn = attention_fn or _dit_attention()
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.shape[dim] % self.world_size:
