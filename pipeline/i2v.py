@@ -222,12 +222,13 @@ def sample_i2v(models: I2VModels, inputs: I2VInputs, solver: FlowSolver, switch:
     for index in range(total):
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled(f"cancelled before sampling step {index + 1} of {total}")
+        step_t = int(solver.timesteps[index])  # decisions on the host copy: no device sync
         t = solver.timesteps[index : index + 1].to(models.device)  # int64 [1], as the reference feeds it
-        name = switch.expert(t)
+        name = switch.expert(step_t)
         denoise = _denoiser(models, name, inputs, sp)
         with torch.no_grad(), _autocast(models):
             v = guide(denoise, latent, t, {"context": inputs.context}, {"context": inputs.context_null},
-                      switch.scale(t))
+                      switch.scale(step_t))
         latent = solver.step(v.float(), index, latent)
         if on_latent is not None:
             on_latent(index, latent)
