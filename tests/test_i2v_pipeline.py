@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preprocess.image import ImageInputError, latent_size, output_size, prepare_image
+from pipeline.preprocess.image import ImageInputError, latent_size, load_image, output_size, prepare_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +75,8 @@ def test_exif_orientation_is_applied_and_recorded(tmp_path: Path) -> None:
     upright = np.asarray(Image.open(tmp_path / "out.png"))
     assert upright.shape == (100, 40, 3)
     assert upright[:10].mean() > 200 and upright[-40:].mean() < 30  # the band is now on top
+    _, again = load_image(tmp_path / "out.png")  # the worker must not rotate the prepared image twice
+    assert again["exif_orientation"] == 1 and again["orientation_applied"] is False
 
 
 def test_alpha_and_palette_images_become_rgb(tmp_path: Path) -> None:
