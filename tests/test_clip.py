@@ -99,6 +99,9 @@ def test_visual_keys_are_strict_textual_ones_ignored(wan_ref: Path, tmp_path: Pa
     path = _rewrite(wan_ref, tmp_path, lambda s: s.update({"visual.pre_norm.bias": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"key 'visual.pre_norm.bias' has shape \[3\]"):
         ClipVision.from_checkpoint(path)
+    path = _rewrite(wan_ref, tmp_path, lambda s: s.update({"model.layer.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'model.layer.weight'"):
+        ClipVision.from_checkpoint(path)
     # Dropping the whole text tower and log_scale changes nothing: they are not read.
     path = _rewrite(wan_ref, tmp_path, lambda s: [s.pop(k) for k in list(s) if not k.startswith("visual.")])
     assert ClipVision.from_checkpoint(path).config.vision_dim == 64

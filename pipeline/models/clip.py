@@ -19,6 +19,7 @@ from pipeline.models.t5 import CheckpointError, load_checked, load_pth, read_jso
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CONFIG_FILE = "clip_config.json"
 PREFIX = "visual."
+TEXT_PREFIX = "textual."  # the text tower: in the file, never used for image features
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 REAL_HEAD_DIM = 80  # ViT-H/14: 1280 wide, 16 heads
@@ -171,6 +172,11 @@ class ClipVision:
         unused text tower). Every needed `visual.` key must be there and no unknown `visual.` key may be."""
         pth = Path(pth)
         state = load_pth(pth)
+        foreign = sorted(k for k in state if not k.startswith((PREFIX, TEXT_PREFIX)) and k != "log_scale")
+        if foreign:
+            raise CheckpointError(
+                f"{pth}: unexpected key {foreign[0]!r} (a CLIP file has visual.*, textual.*, log_scale)"
+            )
         visual = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
         cfg = _resolve_config(config, pth, visual)
         with torch.device("meta"):
