@@ -226,8 +226,7 @@ class WarmPool:
         if generation != self._generation or self.state == "stopped":
             return []  # from a pool that was already replaced
         if what == "eof" and self._shutdown_sent:
-            log.info("pool: %s exited after shutdown", self.model)
-            self.kill()
+            self._reap_after_shutdown()
             return []
         if what == "eof":
             return self._died(f"the worker pool closed its connection ({payload})")
@@ -264,7 +263,7 @@ class WarmPool:
             return []
         code = self._proc.poll()
         if code is not None and self._shutdown_sent:
-            self.kill()
+            self._reap_after_shutdown()
             return []
         if code is not None:
             return self._died(f"the worker pool exited with status {code}")
@@ -315,12 +314,23 @@ class WarmPool:
         if self._proc is None:
             self.state = "stopped"
             return None
-        self.request_shutdown()
+        if not self._shutdown_sent:
+            self.request_shutdown()
         try:
             self._proc.wait(grace)
         except subprocess.TimeoutExpired:
             log.warning("pool: did not exit within %.0f s of shutdown; killing it", grace)
-        return self.kill()
+        return self._reap_after_shutdown()
+
+    def _reap_after_shutdown(self) -> int | None:
+        """The worker left as asked: collect its status, make sure nothing of its group remains."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(KILL_GRACE_SECONDS)  # it closed the socket on its way out; let it finish exiting
+        model, code = self.model, self.kill()
+        log.info("pool: %s stopped (exit status %s)", model, code)
+        return code
 
     def close(self) -> None:
         self.stop()
