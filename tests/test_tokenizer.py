@@ -77,6 +77,9 @@ def test_empty_prompt_is_eos_only_and_unknown_chars_map_to_unk(tiny_dir: Path) -
 def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json: tokenizer file not found"):
         Umt5Tokenizer(tmp_path)
+    (tmp_path / "spiece.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="only spiece.model is there"):
+        Umt5Tokenizer(tmp_path)
     with pytest.raises(ValueError, match="vocab_size: 3, expected an integer >= 8"):
         write_tiny_tokenizer(tmp_path, 3)
     (tmp_path / TOKENIZER_FILE).write_text("{}")

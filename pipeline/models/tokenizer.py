@@ -35,8 +35,11 @@ class Umt5Tokenizer:
     def __init__(self, tokenizer_dir: str | Path, text_len: int = 512) -> None:
         path = Path(tokenizer_dir) / TOKENIZER_FILE
         if not path.is_file():
+            only_spm = (path.parent / "spiece.model").is_file()
+            hint = "only spiece.model is there; " if only_spm else ""
             raise FileNotFoundError(
-                f"{path}: tokenizer file not found (expected the checkpoint's {TOKENIZER_FILE})"
+                f"{path}: tokenizer file not found ({hint}the released google/umt5-xxl/ folder has "
+                f"{TOKENIZER_FILE}: download it with the checkpoint)"
             )
         if text_len < 1:
             raise ValueError(f"text_len: {text_len}, expected a positive token count (512 for Wan)")
