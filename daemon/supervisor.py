@@ -320,6 +320,8 @@ class Supervisor:
             return  # still being written
         signature = _signature(manifest)
         entry = self.staging.get(key)
+        if entry is not None and self._left_staging(entry, candidate):
+            return
         if entry is None:
             entry = self._stage(candidate, signature)
             if entry is None:
@@ -332,6 +334,16 @@ class Supervisor:
                 self.reject(entry.job_id, candidate, exc.errors)
                 return
         self._check_inputs(candidate, entry)
+
+    def _left_staging(self, entry: Staging, candidate: Candidate) -> bool:
+        """A person cancelled the staged job (`wanbox cancel`): its manifest leaves the inbox for failed/."""
+        job = self.ledger.get(entry.job_id)
+        if job.state == S.STAGED:
+            return False
+        self._forget(str(candidate.manifest), self._files(candidate, None))
+        if job.state == S.CANCELLED:
+            self._clear_cancelled_staged(job, candidate)
+        return True
 
     def _stage(self, candidate: Candidate, signature: tuple[int, int] | None) -> Staging | None:
         """The ledger's staged job for this manifest (after a restart) or a new one."""

@@ -187,3 +187,26 @@ def test_preprocessing_progress_reaches_the_ledger(tmp_path: Path) -> None:
         assert sup.ledger.get(row.id).phase == "preprocess:write"
     finally:
         sup.ledger.close()
+
+
+def test_cancelling_a_staged_job_moves_its_manifest_to_failed(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    (root.inbox / "wait.toml").write_text(manifest_text(image='"never.jpg"'))
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("wait") == "staged")
+        time.sleep(0.5)
+        sup.tick()
+        assert (root.inbox / "wait.toml").exists()  # still waiting for its image
+        assert sup.ledger.cancel(root.job("wait").id) == S.STAGED
+        run_until(sup, lambda: not (root.inbox / "wait.toml").exists())
+        error_txt = (root.failed / "wait" / "error.txt").read_text()
+        assert "was cancelled" in error_txt and (root.failed / "wait" / "wait.toml").exists()
+        for _ in range(5):
+            sup.tick()
+        assert len(sup.ledger.list(limit=None)) == 1  # not picked up again as a new job
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
