@@ -89,10 +89,11 @@ def _tol_text(tol: Tolerance) -> str:
 
 
 class Fixture:
-    """One component folder: its cases.json and the tensors of cases.safetensors."""
+    """One component folder: its cases.json and the tensors of cases.safetensors (inputs go to `device`)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: torch.device | None = None) -> None:
         self.folder = folder
+        self.device = device or torch.device("cpu")
         self.cases = _read_json(folder / "cases.json")
         tensors = folder / "cases.safetensors"
         if not tensors.is_file():
@@ -106,6 +107,9 @@ class Fixture:
         if key not in self.tensors:
             raise CannotRun(f"tensor {key!r} is missing from {self.folder / 'cases.safetensors'}")
         return self.tensors[key]
+
+    def input(self, spec: Mapping[str, Any] | str) -> torch.Tensor:
+        return self.tensor(spec).to(self.device)
 
     def file(self, name: str) -> Path:
         path = (self.folder / name).resolve()
@@ -152,10 +156,10 @@ def _reason(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- schedulers
 
 
-def check_schedulers(folder: Path) -> Iterator[CaseResult]:
+def check_schedulers(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.sampling import make_solver
 
-    fx = Fixture(folder)
+    fx = Fixture(folder)  # solver arithmetic is host-side float32 0-dim math whatever the device
     meta, tol = fx.cases["fake_model"], fx.cases["tolerance"]
     x0 = fx.tensor(meta["x0_key"])
     sigma_tol = _number_in(tol.get("sigmas", "1e-7"))
@@ -202,13 +206,13 @@ def _schedule_notes(solver: Any, timesteps: torch.Tensor, sigmas: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------- T5
 
 
-def check_t5(folder: Path) -> Iterator[CaseResult]:
+def check_t5(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.models.t5 import T5Encoder
 
-    fx = Fixture(folder)
+    fx = Fixture(folder, device)
     config = folder / "config.json"
     model = T5Encoder.from_checkpoint(fx.file(fx.cases["checkpoint"]["file"]),
-                                      config=config if config.is_file() else None)
+                                      config=config if config.is_file() else None, device=device)
 
     def check(case: dict[str, Any]) -> CaseResult:
         ids, mask = fx.tensor(case["inputs"]["ids"]), fx.tensor(case["inputs"]["mask"])
@@ -225,20 +229,20 @@ def check_t5(folder: Path) -> Iterator[CaseResult]:
 # ---------------------------------------------------------------------------------------------- VAE
 
 
-def check_vae(folder: Path) -> Iterator[CaseResult]:
+def check_vae(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.models.vae import WanVAE
 
-    fx = Fixture(folder)
-    vae = WanVAE.from_checkpoint(fx.file(fx.cases["checkpoint"]["file"]))
+    fx = Fixture(folder, device)
+    vae = WanVAE.from_checkpoint(fx.file(fx.cases["checkpoint"]["file"]), device=device)
 
     def check(case: dict[str, Any]) -> CaseResult:
         tol = Tolerance.of(case["tolerance"])
         with torch.no_grad():
             if case["kind"] == "encode":
-                got = vae.encode(fx.tensor(case["inputs"]["video"]))
+                got = vae.encode(fx.input(case["inputs"]["video"]))
                 return judge("vae", case["name"], [("latent", got, fx.tensor(case["expected"]["latent"]))], tol)
             if case["kind"] == "decode":
-                got = vae.decode(fx.tensor(case["inputs"]["latent"])).clamp(-1, 1)
+                got = vae.decode(fx.input(case["inputs"]["latent"])).clamp(-1, 1)
                 return judge("vae", case["name"], [("video", got, fx.tensor(case["expected"]["video"]))], tol)
         raise CannotRun(f"unknown case kind {case['kind']!r}; expected 'encode' or 'decode'")
 
@@ -248,17 +252,17 @@ def check_vae(folder: Path) -> Iterator[CaseResult]:
 # ---------------------------------------------------------------------------------------------- CLIP
 
 
-def check_clip(folder: Path) -> Iterator[CaseResult]:
+def check_clip(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.models.clip import ClipVision
 
-    fx = Fixture(folder)
+    fx = Fixture(folder, device)
     config = folder / "config.json"
     clip = ClipVision.from_checkpoint(fx.file(fx.cases["checkpoint"]["file"]),
-                                      config=config if config.is_file() else None)
+                                      config=config if config.is_file() else None, device=device)
 
     def check(case: dict[str, Any]) -> CaseResult:
         with torch.no_grad():
-            got = clip(fx.tensor(case["inputs"]["image"]))
+            got = clip(fx.input(case["inputs"]["image"]))
         expected = fx.tensor(case["expected"]["features"])
         return judge("clip", case["name"], [("features", got.reshape(expected.shape), expected)],
                      Tolerance.of(case["tolerance"]))
@@ -269,17 +273,17 @@ def check_clip(folder: Path) -> Iterator[CaseResult]:
 # ---------------------------------------------------------------------------------------------- DiTs
 
 
-def check_dit_i2v(folder: Path) -> Iterator[CaseResult]:
+def check_dit_i2v(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.weights.loader import load_dit
 
-    fx = Fixture(folder)
+    fx = Fixture(folder, device)
     experts: dict[str, torch.nn.Module] = {}
 
     def check(case: dict[str, Any]) -> CaseResult:
         name = case["expert"]
         if name not in experts:
-            experts[name] = load_dit(fx.file(name))
-        inputs = {k: fx.tensor(spec) for k, spec in case["inputs"].items()}
+            experts[name] = load_dit(fx.file(name), device=device)
+        inputs = {k: fx.input(spec) for k, spec in case["inputs"].items()}
         with torch.no_grad():
             got = experts[name](inputs["x"], inputs["t"], inputs["context"], int(case["seq_len"]), inputs["y"])
         expected = fx.tensor(case["expected"]["out"])
@@ -288,14 +292,14 @@ def check_dit_i2v(folder: Path) -> Iterator[CaseResult]:
     yield from run_cases("dit_i2v", fx.cases["cases"], check)
 
 
-def check_dit_animate(folder: Path) -> Iterator[CaseResult]:
+def check_dit_animate(folder: Path, device: torch.device) -> Iterator[CaseResult]:
     from pipeline.weights.loader import load_animate_dit
 
-    fx = Fixture(folder)
-    model = load_animate_dit(fx.file(fx.cases["checkpoint"]["folder"]))
+    fx = Fixture(folder, device)
+    model = load_animate_dit(fx.file(fx.cases["checkpoint"]["folder"]), device=device)
 
     def check(case: dict[str, Any]) -> CaseResult:
-        inputs = {k: fx.tensor(spec) for k, spec in case["inputs"].items()}
+        inputs = {k: fx.input(spec) for k, spec in case["inputs"].items()}
         with torch.no_grad():
             got = model(inputs["x"], inputs["t"], inputs["context"], int(case["seq_len"]), inputs["y"],
                         clip_fea=inputs.get("clip_fea"), pose_latents=inputs["pose_latents"],
@@ -309,8 +313,8 @@ def check_dit_animate(folder: Path) -> Iterator[CaseResult]:
 # ---------------------------------------------------------------------------------------------- I2V pipeline
 
 
-def check_pipeline_i2v(folder: Path) -> Iterator[CaseResult]:
-    fx = Fixture(folder)
+def check_pipeline_i2v(folder: Path, device: torch.device) -> Iterator[CaseResult]:
+    fx = Fixture(folder, device)
     models = _pipeline_models(fx)
     yield from PipelineCheck(fx, models).run()
 
@@ -321,9 +325,9 @@ def _pipeline_models(fx: Fixture) -> Any:
     from pipeline.weights.loader import load_i2v_experts
 
     sources = fx.cases["checkpoints"]
-    high, low = load_i2v_experts(fx.file(_first_word(sources["ckpt_dir"])))
-    vae = WanVAE.from_checkpoint(fx.file(_first_word(sources["vae"])))
-    return I2VModels(high, low, vae, None, torch.device("cpu"), torch.float32)
+    high, low = load_i2v_experts(fx.file(_first_word(sources["ckpt_dir"])), device=fx.device)
+    vae = WanVAE.from_checkpoint(fx.file(_first_word(sources["vae"])), device=fx.device)
+    return I2VModels(high, low, vae, None, fx.device, torch.float32)
 
 
 class _RecordingGuidance:
@@ -411,7 +415,7 @@ def _plan_notes(plan: dict[str, Any] | None, t: int, switch: Any) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-CHECKS: dict[str, Callable[[Path], Iterator[CaseResult]]] = {
+CHECKS: dict[str, Callable[[Path, torch.device], Iterator[CaseResult]]] = {
     "schedulers": check_schedulers,
     "t5": check_t5,
     "vae": check_vae,
@@ -430,25 +434,35 @@ def components_in(root: Path) -> list[str]:
     return known + unknown
 
 
-def verify_component(root: Path, name: str) -> Iterator[CaseResult]:
+def verify_component(root: Path, name: str, device: torch.device) -> Iterator[CaseResult]:
     """All results of one component; a component that cannot start yields one failing line saying why."""
     if name not in CHECKS:
         yield CaseResult(name, "(component)", None, None, False,
                          f"cannot run: unknown component; known: {', '.join(COMPONENTS)}")
         return
     try:
-        yield from CHECKS[name](root / name)
+        yield from CHECKS[name](root / name, device)
     except Exception as err:  # setup failed (missing model file, missing implementation, bad cases.json)
         yield CaseResult(name, "(component)", None, None, False, _reason(err))
 
 
-def verify(root: Path, only: list[str] | None = None, echo: Callable[[str], None] = print) -> list[CaseResult]:
+def verify(root: Path, only: list[str] | None = None, echo: Callable[[str], None] = print,
+           device: str | torch.device = "cpu") -> list[CaseResult]:
     results: list[CaseResult] = []
     for name in only or components_in(root):
-        for result in verify_component(root, name):
+        for result in verify_component(root, name, torch.device(device)):
             echo(result.line())
             results.append(result)
     return results
+
+
+def _exact_cuda(attention: str) -> None:
+    """The fixtures are float32 results: no TF32 matmuls, and by default the float32 attention path."""
+    from pipeline.models.attention import set_backend
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    set_backend(attention)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path, help="folder laid out like fixtures/wan_ref")
     parser.add_argument("--component", action="append", choices=COMPONENTS,
                         help="check only this component (repeatable)")
+    parser.add_argument("--device", default="cpu",
+                        help="run the models here, e.g. cuda (float32, TF32 off, exact attention by default)")
+    parser.add_argument("--attention", default=None,
+                        help="CUDA attention kernel (auto|cudnn|flash|fa3|math); fused kernels compute in bf16 "
+                             "and will not meet the float32 tolerances")
     args = parser.parse_args(argv)
     root: Path = args.directory
     if not root.is_dir():
@@ -466,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root}: no component folders found; expected some of {', '.join(COMPONENTS)}", file=sys.stderr)
         return 1
     torch.manual_seed(0)  # nothing here should depend on it; fixed so that reruns print the same numbers
-    results = verify(root, args.component)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        _exact_cuda(args.attention or "math")
+    results = verify(root, args.component, device=device)
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed or not results else 0

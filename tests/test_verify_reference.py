@@ -202,3 +202,10 @@ def test_other_sizes_frames_solvers_and_grids_come_from_the_folder(tmp_path: Pat
     assert verify_main([str(root), "--component", "pipeline_i2v"]) == 1
     failing = [line for line in capsys.readouterr().out.splitlines() if "FAIL" in line]
     assert len(failing) == 1 and failing[0].split()[:2] == ["pipeline_i2v", "video"]
+
+
+@pytest.mark.gpu
+def test_every_reference_case_passes_on_cuda_in_float32(wan_ref: Path) -> None:
+    done = _verify(wan_ref, "--device", "cuda")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _counts(done.stdout) == (_expected_case_count(wan_ref), 0)
