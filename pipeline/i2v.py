@@ -190,6 +190,9 @@ def prepare_i2v(models: I2VModels, image: ImageLike, prompt: str | torch.Tensor,
                 sp: Any | None = None, noise: torch.Tensor | None = None) -> I2VInputs:
     """Size, conditioning latent, noise and text contexts, as WanI2V.generate builds them (§2.9)."""
     check_frames(frames)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise I2VParameterError(f"seed: got {seed!r}, expected an integer in [0, 2**63) "
+                                f"(a random seed is chosen and recorded before the job runs)")
     pixels = image_tensor(image)
     lat_h, lat_w = latent_size(pixels.shape[2], pixels.shape[1], max_area)
     height, width, latent_frames = lat_h * 8, lat_w * 8, (frames - 1) // TEMPORAL_STRIDE + 1

@@ -256,6 +256,8 @@ def test_bad_parameters_are_named_before_any_work(reference_run: tuple, fixture_
     image, prompt, negative = args.pop("image"), args.pop("prompt"), args.pop("negative_prompt")
     with pytest.raises(I2VParameterError, match="frames: got 8, expected 4n\\+1"):
         generate_i2v(fixture_models, image, prompt, negative, **{**args, "frames": 8})
+    with pytest.raises(I2VParameterError, match="seed: got -1"):
+        generate_i2v(fixture_models, image, prompt, negative, **{**args, "seed": -1})
     with pytest.raises(I2VParameterError, match="noise: got shape"):
         generate_i2v(fixture_models, image, prompt, negative, **{**args, "noise": torch.zeros(16, 2, 6, 8)})
     with pytest.raises(ValueError, match="guide_scale"):
