@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.t5 import CheckpointError, load_checked, load_pth, read_json
+from pipeline.models.t5 import CheckpointError, count_indices, load_checked, load_pth, read_json
 
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CONFIG_FILE = "clip_config.json"
@@ -58,7 +58,7 @@ class ClipVisionConfig:
         patch = _visual_key(visual, "patch_embedding.weight", source)
         width, patch_size = patch.shape[0], patch.shape[-1]
         grid = math.isqrt(_visual_key(visual, "pos_embedding", source).shape[1] - 1)
-        layers = 1 + max((int(k.split(".")[1]) for k in visual if k.startswith("transformer.")), default=-1)
+        layers = count_indices(visual, "transformer.")
         if layers < 2:
             raise CheckpointError(
                 f"{source}: found {layers} 'visual.transformer.N' blocks, expected at least 2"

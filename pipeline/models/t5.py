@@ -80,6 +80,12 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def count_indices(state: Mapping[str, Tensor], prefix: str) -> int:
+    """1 + the largest N among keys `<prefix>N.*` (0 when there are none)."""
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # Config
 
@@ -112,7 +118,7 @@ class T5Config:
     def from_state_dict(cls, state: Mapping[str, Tensor], source: str | Path) -> T5Config:
         """Every size can be read off the tensor shapes (heads from the position-bias table)."""
         emb = require_key(state, "token_embedding.weight", source)
-        layers = _count_blocks(state, "blocks.")
+        layers = count_indices(state, "blocks.")
         if layers == 0:
             raise CheckpointError(f"{source}: missing key 'blocks.0.attn.q.weight' (no encoder blocks)")
         shared = "pos_embedding.embedding.weight" in state
@@ -128,11 +134,6 @@ class T5Config:
             num_buckets=pos.shape[0],
             shared_pos=shared,
         )
-
-
-def _count_blocks(state: Mapping[str, Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.t5 import CheckpointError, load_checked, load_pth, require_key
+from pipeline.models.t5 import CheckpointError, count_indices, load_checked, load_pth, require_key
 
 CACHE_FRAMES = 2  # a kernel-3 causal conv needs the two frames before the chunk
 # The released latent statistics (Wan2_1_VAE), per latent channel.
@@ -53,36 +53,30 @@ class VaeConfig:
         channels from `conv2.weight`, stages from the resample layers of `encoder.downsamples`."""
         width = require_key(state, "encoder.conv1.weight", source).shape[0]
         z_dim = require_key(state, "conv2.weight", source).shape[0]
-        stages: list[list[str]] = [[]]  # layer kinds per encoder stage, split at each resample
+        stages: list[list[int]] = [[]]  # output widths of the residual blocks, per encoder stage
+        attention: set[int] = set()  # stages with an attention block
         temporal: list[bool] = []
-        for i in range(_count_indices(state, "encoder.downsamples.")):
+        for i in range(count_indices(state, "encoder.downsamples.")):
             prefix = f"encoder.downsamples.{i}."
-            if prefix + "resample.1.weight" in state:
+            if prefix + "resample.1.weight" in state:  # a resample closes the stage
                 temporal.append(prefix + "time_conv.weight" in state)
                 stages.append([])
             elif prefix + "to_qkv.weight" in state:
-                stages[-1].append("attn")
+                attention.add(len(stages) - 1)
             else:
-                out = require_key(state, prefix + "residual.6.weight", source).shape[0]
-                stages[-1].append(f"res:{out}")
-        residual_outs = [[int(k[4:]) for k in stage if k.startswith("res:")] for stage in stages]
-        if not all(residual_outs) or len({len(outs) for outs in residual_outs}) != 1:
+                stages[-1].append(require_key(state, prefix + "residual.6.weight", source).shape[0])
+        if not all(stages) or len({len(widths) for widths in stages}) != 1:
             raise CheckpointError(
                 f"{source}: encoder.downsamples.* do not form equal stages of residual blocks"
             )
         return cls(
             dim=width,
             z_dim=z_dim,
-            dim_mult=tuple(outs[-1] // width for outs in residual_outs),
-            num_res_blocks=len(residual_outs[0]),
-            attn_scales=tuple(1.0 / 2**i for i, stage in enumerate(stages) if "attn" in stage),
+            dim_mult=tuple(widths[-1] // width for widths in stages),
+            num_res_blocks=len(stages[0]),
+            attn_scales=tuple(1.0 / 2**i for i in sorted(attention)),
             temporal_downsample=tuple(temporal),
         )
-
-
-def _count_indices(state: dict[str, Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
 
 
 class FeatureCache:
