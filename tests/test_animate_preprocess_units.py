@@ -6,6 +6,7 @@ Synthetic inputs with hand-computed expectations; no mediapipe runs here.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -260,3 +261,28 @@ def test_retarget_keeps_driving_angles_with_character_proportions() -> None:
     assert forearm[0] == pytest.approx(0, abs=1.5) and forearm[1] > 0  # driving angle kept
     shoulder_to_elbow = limb_lengths(out[1].body)[2]
     assert shoulder_to_elbow == pytest.approx(limb_lengths(character.body)[2], rel=0.01)
+
+
+def test_frames_without_detection_reuse_the_last_good_one() -> None:
+    from pipeline.preprocess.animate.errors import NoPersonError
+    from pipeline.preprocess.animate.job import fill_gaps
+
+    a, b = spread_pose(), spread_pose(600, 600)
+    assert fill_gaps([None, a, None, None, b, None], "body pose", Path("v.mp4")) == [a, a, a, a, b, b]
+    with pytest.raises(NoPersonError, match="no body pose in any of 3 frames") as error:
+        fill_gaps([None, None, None], "body pose", Path("v.mp4"))
+    assert error.value.field == "video" and error.value.value == "v.mp4"
+
+
+def test_face_falls_back_to_the_head_points_of_the_pose() -> None:
+    from pipeline.preprocess.animate.job import Findings, face_outlines
+
+    pose = spread_pose()
+    mesh_face = np.array([[580.0, 150.0], [620.0, 230.0]])
+    findings = Findings(poses=[pose, pose, None], faces=[mesh_face, None, None], persons=[None] * 3)
+    outlines = face_outlines(findings, [pose, pose, pose])
+    assert outlines[0] is mesh_face and outlines[2] is None  # no own pose: left for fill_gaps
+    x1, x2, y1, y2 = geometry.face_crop_box(outlines[1], 1200, 1200)
+    nose = pose.body[0]
+    assert x1 < pose.body[16, 0] and x2 > pose.body[17, 0]  # both ears inside
+    assert y1 < pose.body[14, 1] < nose[1] < y2  # from above the eyes to below the nose

@@ -7,6 +7,7 @@ supervisor, because a mediapipe graph error can leave the next task creation han
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,11 +50,11 @@ class Detector:
                 base_options=BaseOptions(model_asset_path=models["segmenter"]), running_mode=mode,
                 output_confidence_masks=True, output_category_mask=False)))  # fmt: skip
 
-    def _add(self, task):  # noqa: ANN001, ANN202 - mediapipe task objects are untyped
+    def _add(self, task: Any) -> Any:  # mediapipe's task classes share no base type worth naming
         self._tasks.append(task)
         return task
 
-    def _run(self, task, image, timestamp_ms: int):  # noqa: ANN001, ANN202
+    def _run(self, task: Any, image: Any, timestamp_ms: int) -> Any:
         return task.detect_for_video(image, timestamp_ms) if self._video else task.detect(image)
 
     def detect(self, rgb: np.ndarray, timestamp_ms: int = 0) -> RawDetection:
@@ -74,7 +75,7 @@ class Detector:
             found.person_mask = self._person_mask(image, timestamp_ms)
         return found
 
-    def _person_mask(self, image, timestamp_ms: int) -> np.ndarray:  # noqa: ANN001
+    def _person_mask(self, image: Any, timestamp_ms: int) -> np.ndarray:
         if self._video:
             result = self._segmenter.segment_for_video(image, timestamp_ms)
         else:

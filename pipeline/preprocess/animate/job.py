@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ class Findings:
 
     poses: list[Pose | None] = field(default_factory=list)
     faces: list[np.ndarray | None] = field(default_factory=list)  # (68, 2) pixels from the face mesh
-    persons: list[np.ndarray | None] = field(default_factory=list)  # packed bits of the segmentation
+    persons: list[bytes | None] = field(default_factory=list)  # PNG of the binary segmentation (~1 KB a frame)
     hands_found: int = 0
 
 
@@ -94,7 +94,7 @@ def make_plan(info: VideoInfo, character: np.ndarray, mode: str, resolution_area
     return Plan(info, out_fps, indices, out_w, out_h, frame_w, frame_h)
 
 
-def _detection_frames(video: Path, plan: Plan, mode: str):  # noqa: ANN202 - a generator of RGB arrays
+def _detection_frames(video: Path, plan: Plan, mode: str) -> Iterator[np.ndarray]:
     for frame in read_frames(video, plan.indices):
         yield geometry.fit_to_size(frame, plan.out_w, plan.out_h) if mode == "replacement" else frame
 
@@ -119,7 +119,13 @@ def _record(findings: Findings, found: RawDetection, width: int, height: int) ->
     person = found.person_mask
     if person is not None and person.shape != (height, width):
         person = cv2.resize(person, (width, height), interpolation=cv2.INTER_LINEAR)
-    findings.persons.append(None if person is None else np.packbits(person >= mask.PERSON_THRESHOLD))
+    findings.persons.append(None if person is None else _png((person >= mask.PERSON_THRESHOLD).astype(np.uint8)))
+
+
+def _png(binary: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", binary)
+    assert ok, "PNG encoding of a uint8 mask cannot fail"
+    return encoded.tobytes()
 
 
 def for_detection(frame: np.ndarray) -> np.ndarray:
@@ -223,12 +229,12 @@ class Outputs:
         return {name: str(writer.path) for name, writer in self.files.items()}
 
 
-def character_region(packed: np.ndarray | None, pose: Pose, shape: tuple[int, int]) -> np.ndarray:
+def character_region(segmentation: bytes | None, pose: Pose, shape: tuple[int, int]) -> np.ndarray:
     """The final replacement mask of one frame: segmentation kept where the pose is, else the pose hull."""
     person = None
-    if packed is not None:
-        bits = np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape)
-        person = mask.person_mask(bits * 255, pose)
+    if segmentation is not None:
+        binary = cv2.imdecode(np.frombuffer(segmentation, np.uint8), cv2.IMREAD_GRAYSCALE)
+        person = mask.person_mask(binary * 255, pose)
     if person is None or not person.any():
         person = mask.pose_hull_mask(pose, shape)
     return mask.character_mask(person)
