@@ -177,8 +177,9 @@ def check_parameters(mode: str, clip_len: int, refert_num: int, guide_scale: flo
                                     f"{refert_num + 4} (each clip must add new frames)")
     if not isinstance(guide_scale, (int, float)) or not np.isfinite(guide_scale) or guide_scale <= 0:
         raise AnimateParameterError(f"guide_scale: got {guide_scale!r}, expected a number > 0 (1 = no guidance)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise AnimateParameterError(f"seed: got {seed!r}, expected an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise AnimateParameterError(f"seed: got {seed!r}, expected an integer in [0, 2**63) "
+                                    f"(a random seed is chosen and recorded before the job runs)")
 
 
 def check_sequence_parallel(tokens: int, grid: tuple[int, int, int], sp: Any | None, num_heads: int) -> None:

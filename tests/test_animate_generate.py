@@ -426,7 +426,7 @@ def test_a_job_asking_for_relighting_changes_the_video_only_for_that_job(models:
 def test_bad_parameters_name_the_field(models: AnimateModels, tmp_path: Path) -> None:
     src = write_src(tmp_path / "src", 2)
     cases = [(dict(mode="replace"), "mode"), (dict(refert_num=3), "refert_num"), (dict(clip_len=6), "clip_len"),
-             (dict(clip_len=5, refert_num=5), "clip_len"), (dict(seed=-1), "seed"), (dict(guide_scale=0), "guide")]
+             (dict(clip_len=5, refert_num=5), "clip_len"), (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"), (dict(guide_scale=0), "guide")]
     for change, field in cases:
         args = dict(mode="animation", seed=1, clip_len=5) | change
         with pytest.raises(AnimateParameterError, match=field):
