@@ -209,3 +209,11 @@ def test_cli_arguments() -> None:
         "replacement", [832, 480], -1, "full", False)  # fmt: skip
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "dance", "--video", "v", "--character", "c", "--out", "o"])
+
+
+def test_the_package_stays_light_for_the_supervisor_pool() -> None:
+    # the CPU pool imports this package: neither torch nor mediapipe may come with it (mediapipe lives in the
+    # killable worker only)
+    code = "import sys, pipeline.preprocess.animate; print('torch' in sys.modules, 'mediapipe' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"], result.stderr
