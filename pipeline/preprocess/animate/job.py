@@ -308,6 +308,8 @@ def preprocess_animate_job(
 
     mark = time.monotonic()
     files = write_videos(video, out_dir, plan, mode, drawn, poses, faces, findings, retargeted, progress)
+    # The reference byte-copies the input (a JPEG may end up named .png); a real PNG of the decoded pixels gives
+    # the generator's cv2.imread exactly the same image (EXIF orientation already applied) under an honest name.
     cv2.imwrite(str(out_dir / "src_ref.png"), reference[:, :, ::-1])
     files["ref"] = str(out_dir / "src_ref.png")
     timings["write_s"] = time.monotonic() - mark
