@@ -183,15 +183,16 @@ def check_parameters(mode: str, clip_len: int, refert_num: int, guide_scale: flo
 
 
 def check_sequence_parallel(tokens: int, grid: tuple[int, int, int], sp: Any | None, num_heads: int) -> None:
-    """The face adapter groups tokens by latent frame, so the token count must divide by the world size."""
+    """The face adapter groups tokens by latent frame, so the token count must divide by the world size (no
+    padding); Ulysses gives every rank whole heads, so the head count must too. Checked before any work."""
     world = getattr(sp, "world_size", 1) if sp is not None else 1
-    if tokens % world == 0:
+    if tokens % world == 0 and num_heads % world == 0:
         return
     works = [n for n in range(1, num_heads + 1) if num_heads % n == 0 and tokens % n == 0]
     raise AnimateParameterError(
-        f"sequence parallel: {tokens} tokens per clip (latent frames x rows x cols = {grid[0]} x {grid[1]} x "
-        f"{grid[2]}) do not divide by the world size {world}; world sizes that work for this video and a "
-        f"{num_heads}-head model: {', '.join(map(str, works))}"
+        f"sequence parallel: world size {world} must divide both the {tokens} tokens per clip (latent frames x "
+        f"rows x cols = {grid[0]} x {grid[1]} x {grid[2]}) and the model's {num_heads} attention heads; world "
+        f"sizes that work for this video: {', '.join(map(str, works))}"
     )
 
 

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.animate import AnimateModels, AnimateParameterError, encode_prompts, generate_animate
+from pipeline.animate import (
+    AnimateModels,
+    AnimateParameterError,
+    check_sequence_parallel,
+    encode_prompts,
+    generate_animate,
+)
 from pipeline.animate_sources import AnimateInputError, letterbox, padded_length, ping_pong
 from pipeline.i2v import GenerationCancelled
 from pipeline.models.animate_dit import lora_targets, merge_lora
@@ -376,10 +382,24 @@ def test_indivisible_token_count_is_refused_up_front(models: AnimateModels, anim
 
     m, spy = spied(models)
     # 9-frame clips: 4 latent frames (+1 reference) x 1 x 2 patches = 8 tokens; 3 ranks cannot split them.
-    with pytest.raises(AnimateParameterError, match=r"8 tokens.*world size 3.*: 1, 2$"):
+    with pytest.raises(AnimateParameterError, match=r"world size 3 must divide both the 8 tokens.*: 1, 2$"):
         generate_animate(m, animation5.src, mode="animation", clip_len=9, refert_num=5, steps=1, seed=1,
                          sp=ThreeRanks())
     assert spy.calls == []
+
+
+def test_world_sizes_must_split_tokens_and_heads() -> None:
+    class Ranks:
+        def __init__(self, n: int) -> None:
+            self.world_size, self.rank = n, 0
+
+    grid_720p = (21, 45, 80)  # 75,600 tokens, 40 heads
+    for n in (1, 2, 4, 5, 8):
+        check_sequence_parallel(75_600, grid_720p, Ranks(n), 40)
+    with pytest.raises(AnimateParameterError, match=r"world size 3 .* work for this video: 1, 2, 4, 5, 8, 10, 20, 40$"):
+        check_sequence_parallel(75_600, grid_720p, Ranks(3), 40)
+    with pytest.raises(AnimateParameterError, match=r"world size 4 must divide .* 2 attention heads.*: 1, 2$"):
+        check_sequence_parallel(8, (4, 1, 2), Ranks(4), 2)  # the tokens split, the heads do not
 
 
 def test_relighting_lora_hooks_equal_merged_weights_and_leave_nothing_behind(models: AnimateModels,
