@@ -165,6 +165,21 @@ def test_models_are_verified_and_not_fetched_again(tmp_path: Path, models_dir: P
         find_models(tmp_path, "full", verify=True)
 
 
+def test_fetch_downloads_verifies_and_never_leaves_partial_files(tmp_path: Path, models_dir: Path) -> None:
+    mirror = models_dir.resolve().as_uri()  # a file:// mirror: the same code path as HTTPS, offline
+    dest = tmp_path / "dest"
+    assert fetch_models(dest, ("face_landmarker.task",), mirror=mirror) == [dest / "face_landmarker.task"]
+    assert (dest / "face_landmarker.task").read_bytes() == (models_dir / "face_landmarker.task").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "hand_landmarker.task").write_bytes(b"not the model")
+    with pytest.raises(ModelsMissingError, match="sha256"):
+        fetch_models(dest, ("hand_landmarker.task",), mirror=bad.as_uri())
+    with pytest.raises(ModelsMissingError, match="reachable download location"):
+        fetch_models(dest, ("selfie_segmenter.tflite",), mirror=(tmp_path / "nowhere").as_uri())
+    assert sorted(p.name for p in dest.iterdir()) == ["face_landmarker.task"]  # no .part files left
+
+
 def test_hung_worker_is_killed_and_reported(models_dir: Path) -> None:
     # deadlines far below what starting mediapipe takes: both attempts time out, each child is killed
     detector = DetectorProcess(find_models(models_dir, "full"), segment=False, frame_timeout_s=0.05,

@@ -123,28 +123,35 @@ def find_models(models_dir: Path, variant: str = "heavy", verify: bool = False) 
     )
 
 
-def fetch_models(dest: Path, names: tuple[str, ...] | None = None, timeout_s: float = 120.0) -> list[Path]:
+def fetch_models(dest: Path, names: tuple[str, ...] | None = None, timeout_s: float = 120.0,
+                 mirror: str | None = None) -> list[Path]:  # fmt: skip
     """Download the official files into `dest` (skipping those already present and verified), checking sha256.
 
-    Each file is written to a temporary name and renamed, so a failed download never leaves a partial model."""
+    `mirror` replaces the official location with `<mirror>/<file name>` (an internal mirror, or file:// for an
+    offline copy). Each file is written to a temporary name and renamed, so a failed download never leaves a
+    partial model behind."""
     dest.mkdir(parents=True, exist_ok=True)
     fetched = []
     for model in MODELS if names is None else tuple(BY_NAME[name] for name in names):
         target = dest / model.name
         if not (target.is_file() and (model.sha256 is None or sha256_of(target) == model.sha256)):
-            _download(model, target, timeout_s)
+            url = model.url if mirror is None else f"{mirror.rstrip('/')}/{model.name}"
+            _download(model, url, target, timeout_s)
         fetched.append(target)
     return fetched
 
 
-def _download(model: ModelFile, target: Path, timeout_s: float) -> None:
+def _download(model: ModelFile, url: str, target: Path, timeout_s: float) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{model.name}.", suffix=".part", dir=target.parent)
     try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(model.url, timeout=timeout_s) as response:
-            shutil.copyfileobj(response, out)
+        try:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:  # URLError and timeouts are OSErrors
+            raise ModelsMissingError(model.name, url, "a reachable download location", str(exc)) from exc
         actual = sha256_of(Path(temporary))
         if model.sha256 is not None and actual != model.sha256:
-            raise ModelsMissingError(model.name, f"sha256 {actual}", f"sha256 {model.sha256}", f"downloaded from {model.url}")
+            raise ModelsMissingError(model.name, f"sha256 {actual}", f"sha256 {model.sha256}", f"downloaded from {url}")
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
