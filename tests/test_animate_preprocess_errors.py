@@ -213,6 +213,19 @@ def test_cli_reports_a_precise_error(tmp_path: Path, media: Path) -> None:
     assert "error: models_dir/pose_landmarker_heavy.task" in result.stderr
 
 
+def test_cli_runs_a_job_and_prints_what_it_wrote(tmp_path: Path, media: Path, models_dir: Path) -> None:
+    command = [sys.executable, "-m", "pipeline.preprocess.animate", "--mode", "replacement",
+               "--video", str(media / "carphone_talking.mp4"), "--character", str(media / "animate_character.jpg"),
+               "--out", str(tmp_path / "out"), "--models-dir", str(models_dir), "--pose-model", "full",
+               "--fps", "2", "--resolution-area", "176", "144"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("src_pose.mp4", "src_face.mp4", "src_ref.png", "src_bg.mp4", "src_mask.mp4", "preview.mp4"):
+        assert f"{tmp_path / 'out' / name}" in result.stdout and (tmp_path / "out" / name).stat().st_size > 0
+    assert '"frames": 8' in result.stdout  # int(120 / 29.97 * 2)
+    assert "write: 8/8 frames" in result.stderr
+
+
 def test_cli_arguments() -> None:
     import argparse
 
