@@ -14,7 +14,7 @@ reference's own computation (PEFT adapter, not merged).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,12 +327,14 @@ def generate_animate(
     negative_prompt: str | Tensor | None = None, clip_len: int = 77, refert_num: int = 1, steps: int = 20,
     shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", seed: int,
     relighting_lora: bool = False, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
-    sp: Any | None = None, guidance: Guidance | None = None,
+    sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
 
     mode 'animation' or 'replacement' (the latter also reads src_bg.mp4 / src_mask.mp4). guide_scale <= 1
     runs one forward per step; > 1 mixes in an unconditional branch (negative prompt and a black face).
+    noise: the initial latent of every clip [16, (clip_len-1)/4 + 2, H/8, W/8] instead of drawing them from one
+    generator seeded with `seed` on models.device (e.g. to replay a reference run made on another device).
     Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
     make_solver(solver, steps, shift)  # parameter errors before any heavy work
@@ -349,12 +351,23 @@ def generate_animate(
     context, context_null = encode_prompts(models, prompt, negative_prompt)
     generator = torch.Generator(device=models.device).manual_seed(seed)  # one stream for the whole video
     starts = clip_starts(target, clip_len, refert_num)
+    _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
     loop = _ClipLoop(job, starts, steps, shift, solver, guide_scale, context, context_null, generator,
-                     on_progress, should_cancel, sp, guidance or SequentialGuidance())
+                     on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
     lora = models.relighting.applied(models.dit, models.device) if relighting_lora and models.relighting \
         else _nothing()
     with torch.no_grad(), lora:
         return loop.run()[:, : sources.frames]
+
+
+def _check_noise(noise: Sequence[Tensor] | None, clips: int, shape: tuple[int, ...]) -> None:
+    if noise is None:
+        return
+    if len(noise) != clips:
+        raise AnimateParameterError(f"noise: got {len(noise)} tensors, expected one per clip ({clips} clips)")
+    for i, tensor in enumerate(noise):
+        if tuple(tensor.shape) != shape:
+            raise AnimateParameterError(f"noise[{i}]: got shape {list(tensor.shape)}, expected {list(shape)}")
 
 
 @contextmanager
@@ -367,12 +380,14 @@ class _ClipLoop:
 
     def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str, guide_scale: float,
                  context: Tensor, context_null: Tensor, generator: torch.Generator, on_progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, sp: Any | None, guidance: Guidance) -> None:
+                 should_cancel: CancelFn | None, sp: Any | None, guidance: Guidance,
+                 noise: Sequence[Tensor] | None = None) -> None:
         self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
         self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
         self.context, self.context_null, self.generator = context, context_null, generator
         self.on_progress, self.should_cancel, self.sp, self.guidance = on_progress, should_cancel, sp, guidance
         self.total = len(starts) * steps
+        self.noise = noise
 
     def run(self) -> Tensor:
         models, job = self.job.models, self.job
@@ -399,7 +414,10 @@ class _ClipLoop:
         models = self.job.models
         lat_h, lat_w = self.job.latent_hw
         shape = (LATENT_CHANNELS, cond.y.shape[1], lat_h, lat_w)
-        latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+        if self.noise is not None:
+            latent = self.noise[index].to(models.device, torch.float32)
+        else:  # the generator's stream continues from the previous clip's draw
+            latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
         seq_len = shape[1] * lat_h * lat_w // 4
         solver = make_solver(self.solver, self.steps, self.shift)  # fresh per clip, as the reference
 

@@ -287,6 +287,17 @@ def test_noise_continues_one_generator_stream_across_clips(animation5: Run) -> N
     assert [c["t"] for c in animation5.calls] == [999, 833] * 3  # a fresh 2-step UniPC schedule (shift 5) per clip
 
 
+def test_given_noise_replaces_the_generator_draws(models: AnimateModels, animation5: Run) -> None:
+    drawn = [clip_calls(animation5, c)[0]["x"] for c in range(3)]
+    args = dict(mode="animation", clip_len=9, refert_num=5, steps=STEPS)
+    replay = run(models, animation5.src, seed=999, noise=drawn, **args)  # another seed: the noise decides
+    assert torch.equal(replay.video, animation5.video)
+    with pytest.raises(AnimateParameterError, match=r"noise: got 2 tensors, expected one per clip \(3 clips\)"):
+        generate_animate(models, animation5.src, seed=1, noise=drawn[:2], **args)
+    with pytest.raises(AnimateParameterError, match=r"noise\[1\]: got shape \[16, 3, 2, 4\], expected \[16, 4, 2, 4\]"):
+        generate_animate(models, animation5.src, seed=1, noise=[drawn[0], drawn[1][:, :3], drawn[2]], **args)
+
+
 def test_progress_counts_steps_across_clips(animation5: Run) -> None:
     sampling = [p for p in animation5.progress if p[0] == "sampling"]
     assert sampling == [("sampling", k + 1, 6, k // 2) for k in range(6)]
