@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -213,17 +214,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     try:
         from pipeline.weights import hub
     except ImportError:
-        print("wanbox models: the model hub module is not available in this build", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return _unavailable("models")
     cfg = _config(args)
     if args.action == "list":
         return int(hub.main_list(cfg.pool.models_dir))
     dest = cfg.pool.checkpoint_dir(args.family) if args.dest is None else Path(args.dest)
-    action = hub.main_pull if args.action == "pull" else hub.main_verify
-    return int(action(args.family, dest))
+    if args.action == "pull":
+        return int(hub.main_pull(args.family, dest))
+    return int(hub.main_verify(args.family, dest, deep=args.deep))
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
+    if getattr(args, "models_dir", None) is None and (args.root is not None or args.config is not None
+                                                      or os.environ.get("WANBOX_MODELS_DIR") is None):
+        args.models_dir = _config(args).preprocess.mediapipe_dir  # the daemon's configured mediapipe files
     return int(args.preprocess_run(args))
 
 
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("pull", "verify", "list"))
     p.add_argument("family", nargs="?", choices=list(MODEL_FAMILIES), help="model family (pull, verify)")
     p.add_argument("--dest", help="directory (default: the configured checkpoint dir)")
+    p.add_argument("--deep", action="store_true", help="verify: also check every file's sha256 (slow)")
     p.set_defaults(func=cmd_models)
 
     _preprocess_parser(sub)

@@ -97,23 +97,29 @@ def check_gpus(cfg: Config) -> Check:
 
 
 def check_models(cfg: Config) -> list[Check]:
-    found = []
     try:
-        from pipeline.weights.hub import check_installed  # type: ignore[import-not-found]
+        from pipeline.weights.layouts import check_installed
     except ImportError:
         check_installed = None
+    found = []
     for family in MODEL_FAMILIES:
         path = cfg.pool.checkpoint_dir(family)
-        if check_installed is not None:
-            try:
-                problem = check_installed(family, path)
-            except Exception as exc:  # a broken checkpoint dir must not crash doctor
-                problem = f"{type(exc).__name__}: {exc}"
-            found.append(Check(f"model {family}", "warn" if problem else "ok", str(problem or path)))
-        else:
+        if check_installed is None:
             ok = path.is_dir() and any(path.iterdir())
             found.append(Check(f"model {family}", "ok" if ok else "warn",
                                f"{path}" + ("" if ok else f" is missing: wanbox models pull {family}")))
+            continue
+        try:
+            missing = check_installed(family, path)
+        except Exception as exc:  # a broken checkpoint dir must not crash doctor
+            missing = [f"{type(exc).__name__}: {exc}"]
+        detail = f"{path}" if not missing else (
+            f"{path}: {len(missing)} file(s) missing, e.g. {missing[0]}; run `wanbox models pull {family}`")
+        found.append(Check(f"model {family}", "warn" if missing else "ok", detail))
+    mediapipe = cfg.preprocess.mediapipe_dir
+    has_tasks = mediapipe.is_dir() and any(mediapipe.glob("*.task"))
+    found.append(Check("animate preprocessing models", "ok" if has_tasks else "warn",
+                       f"{mediapipe}" + ("" if has_tasks else " has no mediapipe .task files (animate jobs fail)")))
     return found
 
 

@@ -171,3 +171,17 @@ def test_console_entry_point_runs_as_a_module(root: Path) -> None:
                     "preprocess", "demo"):
         assert command in result.stdout
     assert "exit codes" in result.stdout
+
+
+def test_models_and_preprocess_are_delegated_with_the_configured_dirs(root: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    assert main(["models", "list", "--root", str(root)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"{root / 'models' / 'Wan2.2-I2V-A14B'}" in out and "not installed" in out
+    assert main(["models", "verify", "animate-14B", "--root", str(root)]) == EXIT_FAILURE
+    assert "animate-14B" in capsys.readouterr().out
+    write_image(tmp_path / "hero.png")
+    code = main(["preprocess", "--root", str(root), "--mode", "animation", "--video", str(tmp_path / "none.mp4"),
+                 "--character", str(tmp_path / "hero.png"), "--out", str(tmp_path / "out")])
+    assert code == EXIT_USAGE
+    assert str(root / "models" / "mediapipe") in capsys.readouterr().err  # looked where the config says
