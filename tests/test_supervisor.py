@@ -210,3 +210,22 @@ def test_cancelling_a_staged_job_moves_its_manifest_to_failed(tmp_path: Path) ->
         sup.stopping.set()
         sup.shutdown()
         root.cleanup()
+
+
+def test_an_input_named_by_two_waiting_manifests_is_copied_not_taken(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    original = write_image(root.inbox / "shared.jpg").read_bytes()
+    (root.inbox / "first.toml").write_text(manifest_text(image='"shared.jpg"', prompt="first"))
+    (root.inbox / "second.toml").write_text(manifest_text(image='"shared.jpg"', prompt="second"))
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("first") == "done" and root.state("second") == "done")
+        first, second = root.job("first"), root.job("second")
+        for job in (first, second):
+            assert (Path(job.work_dir) / "inbox" / "shared.jpg").read_bytes() == original
+        assert not (root.inbox / "shared.jpg").exists()  # taken by the last job that needed it
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
