@@ -265,7 +265,7 @@ def reference_conditioning(job: _Job) -> tuple[Tensor, Tensor]:
 def clip_conditioning(job: _Job, start: int, first: bool, y_ref: Tensor, tail: Tensor | None) -> ClipConditioning:
     """Pose latents, face pixels and the temporal/background part of y for the clip starting at `start`.
 
-    tail: the last refert_num decoded frames of the previous clip (None for the first clip)."""
+    tail: the last refert_num frames of the video decoded so far (None for the first clip)."""
     models, src, dtype, device = job.models, job.sources, job.cond_dtype, job.models.device
     frames = job.indices[start : start + job.clip_len]
     known = 0 if first else job.refert_num  # pixel frames given by the previous clip
@@ -279,8 +279,8 @@ def clip_conditioning(job: _Job, start: int, first: bool, y_ref: Tensor, tail: T
         assert src.background is not None and src.mask is not None
         video = video_pixels(src.background, frames, dtype, device)
         character = mask_pixels(src.mask, frames, dtype, device)
-        keep = F.interpolate((1 - character)[:, None], size=(lat_h, lat_w), mode="nearest")[:, 0]
-        pixel_mask = keep  # 1 = keep the background, 0 = generate the character
+        # 1 = keep the background, 0 = generate the character; nearest, as the reference downsamples it.
+        pixel_mask = F.interpolate((1 - character)[:, None], size=(lat_h, lat_w), mode="nearest")[:, 0]
     if known:
         assert tail is not None
         # The reference bicubic-resizes the tail to (H, W) first: the same size, so an exact identity.
