@@ -13,6 +13,7 @@ reference's own computation (PEFT adapter, not merged).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,7 +50,8 @@ FPS = 30  # the reference writes Animate videos at 30 fps whatever the source fp
 
 # on_progress(phase, step, total, clip_index), clip_index from 0: "encoding" after each clip's VAE-encoded
 # conditioning and "decoding" after each clip's VAE decode (step = that clip's number, total = clips),
-# "sampling" after every denoising step (step counted across clips, total = clips x steps).
+# "sampling" after every denoising step (step counted across clips, total = clips x steps). A callback that
+# takes only (phase, step, total), like the I2V pipeline's, is called without the clip index.
 ProgressFn = Callable[[str, int, int, int], None]
 CancelFn = Callable[[], bool]
 Tensor = torch.Tensor
@@ -375,6 +377,17 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+def _with_clip_index(fn: Callable[..., None]) -> ProgressFn:
+    """fn itself if it takes (phase, step, total, clip_index), else a wrapper that drops the clip index."""
+    try:
+        inspect.signature(fn).bind("sampling", 1, 1, 0)
+    except TypeError:
+        return lambda phase, step, total, _clip: fn(phase, step, total)
+    except ValueError:  # no signature to read (some builtins): assume the full form
+        pass
+    return fn
+
+
 class _ClipLoop:
     """Sample, decode and chain the clips; holds what stays fixed across clips."""
 
@@ -385,7 +398,8 @@ class _ClipLoop:
         self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
         self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
         self.context, self.context_null, self.generator = context, context_null, generator
-        self.on_progress, self.should_cancel, self.sp, self.guidance = on_progress, should_cancel, sp, guidance
+        self.on_progress = _with_clip_index(on_progress) if on_progress is not None else None
+        self.should_cancel, self.sp, self.guidance = should_cancel, sp, guidance
         self.total = len(starts) * steps
         self.noise = noise
 

@@ -307,6 +307,17 @@ def test_progress_counts_steps_across_clips(animation5: Run) -> None:
     assert animation5.progress.index(("sampling", 3, 6, 1)) > animation5.progress.index(("encoding", 2, 3, 1))
 
 
+def test_a_three_argument_progress_callback_gets_no_clip_index(models: AnimateModels, tmp_path: Path) -> None:
+    seen: list[tuple] = []
+
+    def report(phase: str, step: int, total: int) -> None:  # the I2V pipeline's callback shape
+        seen.append((phase, step, total))
+
+    generate_animate(models, write_src(tmp_path / "src", 2), mode="animation", clip_len=5, steps=2, seed=1,
+                     on_progress=report)
+    assert [s for s in seen if s[0] == "sampling"] == [("sampling", 1, 2), ("sampling", 2, 2)]
+
+
 def test_guidance_runs_a_second_forward_with_a_black_face_and_the_negative_prompt(
     models: AnimateModels, replacement1: Run
 ) -> None:
