@@ -174,3 +174,41 @@ def test_compiled_block_equals_eager_block() -> None:
         got = block(x, e0, rope, 24, context, None, None)
     assert _rel(got, want) <= 1e-5
     assert not torch.equal(got, x)
+
+
+# ---------------------------------------------------------------------------------------------- staged loading
+
+
+def test_staged_reader_returns_every_tensor_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny pieces and a short ring force tensors across many reads and buffer reuse; CPU runs the same steps."""
+    from safetensors.torch import save_file
+
+    from pipeline.weights import loader
+
+    monkeypatch.setattr(loader, "STAGE_PIECE_BYTES", 1000)
+    monkeypatch.setattr(loader, "STAGE_BUFFERS", 3)
+    monkeypatch.setattr(loader, "STAGE_THREADS", 2)
+    torch.manual_seed(0)
+    stored = {
+        "blocks.0.w": torch.randn(37, 29), "blocks.0.b": torch.randn(5), "empty": torch.zeros(0, 4),
+        "half": torch.randn(300).to(torch.bfloat16), "steps": torch.arange(7, dtype=torch.int64),
+        "big": torch.randn(3, 1000),
+    }  # fmt: skip
+    file = tmp_path / "shard.safetensors"
+    save_file(stored, file)
+    got = {key: t for _f, key, t in loader._StagedReader(file, None, torch.device("cpu")).tensors(torch.bfloat16)}
+    assert set(got) == set(stored)
+    for key, tensor in stored.items():
+        want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+    kept = {key: t for _f, key, t in loader._StagedReader(file, None, torch.device("cpu")).tensors(None)}
+    assert kept["big"].dtype == torch.float32 and torch.equal(kept["big"], stored["big"])
+    with pytest.raises(loader.CheckpointError, match="the index lists 'nope' here but the shard lacks it"):
+        loader._StagedReader(file, [*stored, "nope"], torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_staged_cuda_load_equals_cpu_load() -> None:
+    cpu = load_i2v_experts(I2V, torch.bfloat16, "cpu")[0].state_dict()
+    gpu = load_i2v_experts(I2V, torch.bfloat16, "cuda")[0].state_dict()
+    assert all(torch.equal(gpu[k].cpu(), v) for k, v in cpu.items())
