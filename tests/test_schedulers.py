@@ -35,7 +35,7 @@ def test_every_fixture_case_matches_the_reference_trajectory(wan_ref: Path) -> N
     cases, tensors = _scheduler_cases(wan_ref)
     meta, tol = cases["fake_model"], cases["tolerance"]
     x0 = tensors[meta["x0_key"]]
-    assert len(cases["configs"]) >= 2
+    assert cases["configs"]
     for case in cases["configs"]:
         keys = {name: spec["key"] for name, spec in case["tensors"].items()}
         solver = make_solver(case["solver"], case["steps"], case["shift"])

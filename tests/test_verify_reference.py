@@ -51,11 +51,11 @@ def test_every_reference_case_passes(wan_ref: Path) -> None:
     done = _verify(wan_ref)
     assert done.returncode == 0, done.stdout + done.stderr
     passed, failed = _counts(done.stdout)
-    assert failed == 0 and passed == _expected_case_count(wan_ref) > 30
+    assert failed == 0 and passed == _expected_case_count(wan_ref) > 0
     lines = done.stdout.strip().splitlines()[:-1]
     assert len(lines) == passed and all(line.split()[-1] == "PASS" for line in lines)
     components = {line.split()[0] for line in lines}
-    assert components == {"schedulers", "t5", "vae", "clip", "dit_i2v", "dit_animate", "pipeline_i2v"}
+    assert components == {p.name for p in wan_ref.iterdir() if (p / "cases.json").is_file()}
 
 
 def _copy(wan_ref: Path, tmp_path: Path, *components: str) -> Path:
@@ -83,13 +83,16 @@ def test_a_corrupted_expected_tensor_fails_that_case_only(wan_ref: Path, tmp_pat
 def test_a_missing_model_file_is_reported_with_the_reason(wan_ref: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
     root = _copy(wan_ref, tmp_path, "t5", "dit_i2v")
-    (root / "t5" / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
-    shard = root / "dit_i2v" / "high_noise_model" / "diffusion_pytorch_model-00002-of-00002.safetensors"
-    shard.unlink()
+    t5_file = json.loads((root / "t5" / "cases.json").read_text())["checkpoint"]["file"]
+    (root / "t5" / t5_file).unlink()
+    high = root / "dit_i2v" / "high_noise_model"
+    index = json.loads((high / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard_name = sorted(set(index["weight_map"].values()))[-1]
+    (high / shard_name).unlink()
     assert verify_main([str(root)]) == 1
     done = capsys.readouterr()
     t5_lines = [line for line in done.out.splitlines() if line.startswith("t5")]
-    assert len(t5_lines) == 1 and "FAIL" in t5_lines[0] and "models_t5_umt5-xxl-enc-bf16.pth" in t5_lines[0]
+    assert len(t5_lines) == 1 and "FAIL" in t5_lines[0] and t5_file in t5_lines[0]
     cases = json.loads((root / "dit_i2v" / "cases.json").read_text())["cases"]
     high_names = {c["name"] for c in cases if c["expert"] == "high_noise_model"}
     for line in done.out.splitlines():
@@ -97,7 +100,7 @@ def test_a_missing_model_file_is_reported_with_the_reason(wan_ref: Path, tmp_pat
             name = line.split()[1]
             assert ("FAIL" in line) == (name in high_names), line
             if name in high_names:
-                assert "00002-of-00002" in line, line
+                assert shard_name in line, line
 
 
 def test_unknown_components_and_empty_folders_fail(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
