@@ -263,6 +263,11 @@ class Supervisor:
         """A staged job interrupted while its files were moved to work/: put them back in the inbox."""
         taken = jobfiles.work_inputs_dir(self.paths.work, job.id)
         if not taken.exists():
+            if not os.path.lexists(job.manifest_path):
+                why = "the manifest was removed from the inbox (while the daemon was stopped) before it was accepted"
+                self.ledger.transition(job.id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
+                                       error_kind="input")
+                jlog(logging.WARNING, job.id, "rejected: %s", why)
             return
         manifest = Path(job.manifest_path)
         folder = manifest.parent.name if manifest.name == "job.toml" and manifest.parent != self.paths.inbox else None

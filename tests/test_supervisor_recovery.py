@@ -93,13 +93,16 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         (r.inbox / "s1.toml").write_text(manifest_text(image='"s1.jpg"', prompt="staged"))
+        (r.inbox / "gone.toml").write_text(manifest_text(image='"gone.jpg"', prompt="removed while down"))
         r.drop("p1", manifest_text(image='"p1.jpg"', prompt="preprocessing"), image="p1.jpg")
         r.wait_state("p1", "preprocessing")
         r.drop("p2", manifest_text(image='"p2.jpg"', prompt="queued"), image="p2.jpg")
         r.wait_state("p2", "queued")
         r.wait_state("s1", "staged")
+        r.wait_state("gone", "staged")
         staged_id = r.job("s1").id
         r.stop(signal.SIGKILL)
+        (r.inbox / "gone.toml").unlink()  # its owner took it back while the daemon was down
         for pid in frozen:
             os.kill(pid, signal.SIGKILL)
         intake_id = craft_interrupted_intake(r)
@@ -111,6 +114,7 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         assert r.job("s1").id == staged_id and r.job("w6").id == intake_id
         assert r.job("p1").attempts == 1 and r.job("p2").attempts == 0  # the interrupted attempt counts
         assert "interrupted intake was undone" in r.log_text()
+        assert r.state("gone") == "rejected" and "removed from the inbox" in r.job("gone").last_error
 
         # --- kill 2: sampling (slow steps) and ready (waiting behind it); plus a crafted finalizing ---------
         r.knobs({"k3": {"step_seconds": 0.3}})
@@ -133,15 +137,17 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         assert r.stop() == 0
 
         jobs = r.jobs()
-        assert sorted(jobs) == ["f5", "k3", "k4", "p1", "p2", "s1", "w6"]
+        assert sorted(jobs) == ["f5", "gone", "k3", "k4", "p1", "p2", "s1", "w6"]
         with r.ledger() as ledger:
             assert ledger.audit() == []
-            assert len(ledger.list(limit=None)) == 7  # no job was recorded twice
+            assert len(ledger.list(limit=None)) == 8  # no job was recorded twice
             recovered = [
                 e.message for e in ledger.events(r.job("k3").id) if "recovered at start-up" in e.message
             ]
             assert recovered and "interrupted in sampling" in recovered[0]
         for name, job in jobs.items():
+            if name == "gone":
+                continue
             assert probe_video(Path(job.outputs_json["video"])).frames == 5, name
             assert json.loads(Path(job.outputs_json["sidecar"]).read_text())["job_id"] == job.id
         assert sorted(os.listdir(r.inbox)) == []
