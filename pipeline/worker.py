@@ -18,13 +18,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from daemon import protocol
-from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, open_family
+from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, fingerprint, open_family
 from pipeline.video import DEFAULT_CRF, write_mp4
 
 MODELS = ("i2v-A14B", "animate-14B")
@@ -244,6 +245,8 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
     }
     if first_job:
         stats["load_seconds"] = round(load_seconds, 3)
+    if ranks.master:
+        stats["checkpoints"] = family.checkpoints
     return {"type": "done", "job": job, "output": command["output"], "stats": stats}
 
 
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         link.say({"type": "hello", "model": args.model, "world_size": ranks.world_size, "pid": os.getpid(),
                   "devices": devices, "parallel": family.parallel})
         family.load()
+        family.checkpoints = fingerprint(Path(args.checkpoint_dir)) if ranks.master else {}
     except Exception as exc:
         traceback.print_exception(exc, file=sys.stderr)
         link.say(error_message(None, "internal", f"could not load {args.model}: {first_line(exc)}", False))

@@ -6,6 +6,7 @@ input, shutdown, and a rank that dies. Outputs are real mp4 files checked by dec
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -116,7 +117,7 @@ def test_hello_and_ready(pool) -> None:
     assert ready["type"] == "ready" and ready["load_seconds"] > 0
 
 
-def test_two_jobs_on_one_pool_second_without_model_load(pool) -> None:
+def test_two_jobs_on_one_pool_second_without_model_load(pool, tiny_i2v) -> None:
     pool.run("job-a", steps=2)
     done, seen = pool.until(("done", "error"))
     assert done["type"] == "done", done
@@ -128,6 +129,8 @@ def test_two_jobs_on_one_pool_second_without_model_load(pool) -> None:
     assert probe(done["output"]) == (5, stats["width"], stats["height"], 16.0)
     assert stats["width"] * stats["height"] <= MAX_AREA and len(stats["peak_memory"]) == 2
     assert set(stats["phases"]) == {"encode", "sampling", "decode", "write"}
+    config_sha = hashlib.sha256((tiny_i2v / "high_noise_model" / "config.json").read_bytes()).hexdigest()
+    assert stats["checkpoints"]["high_noise_model/config.json"] == f"sha256:{config_sha}"
 
     pool.run("job-b", steps=3, frames=9, seed=7)
     done, seen = pool.until(("done", "error"))

@@ -7,6 +7,7 @@ math is the pipelines' (pipeline/i2v.py), the socket and the mp4 are the worker'
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -237,6 +238,24 @@ def _animate_src_dir(inputs: dict[str, str]) -> Path:
     if not folder.is_dir():
         raise JobInputError(f"inputs.pose: {inputs['pose']}: its folder does not exist")
     return folder
+
+
+HASHED_MAX_BYTES = 64 * 2**20  # configs, indexes, tokenizers: hashed; multi-GB weight shards: size + mtime
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """What the pool loaded, per file under the checkpoint dir: sha256 of small files, size and mtime of big ones.
+
+    Cheap enough to compute at every pool start; `wanbox models verify --deep` hashes the shards themselves.
+    """
+    files: dict[str, str] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        info = path.stat()
+        if info.st_size <= HASHED_MAX_BYTES:
+            files[str(path.relative_to(root))] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            files[str(path.relative_to(root))] = f"size:{info.st_size} mtime:{int(info.st_mtime)}"
+    return files
 
 
 def parallel_groups(plan: ParallelPlan) -> tuple[Any, Any]:
