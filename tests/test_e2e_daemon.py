@@ -74,7 +74,7 @@ class OutboxWatch:
 
 
 def test_uploads_rsync_sftp_folder_dedupe_and_outage(root) -> None:
-    r = root()
+    r = root(inbox={"settle_seconds": 0.6})  # 4x the pauses of the slow upload below: safe on a busy machine
     r.serve()
     watch = OutboxWatch(r.outbox)
 
@@ -97,7 +97,7 @@ def test_uploads_rsync_sftp_folder_dedupe_and_outage(root) -> None:
         for chunk in chunks:
             fh.write(chunk)
             fh.flush()
-            time.sleep(0.2)  # each pause is shorter than the 0.3 s settle window
+            time.sleep(0.15)  # each pause is shorter than the 0.6 s settle window
     last_write = time.time()
 
     # The folder layout.
