@@ -137,7 +137,7 @@ class AnimateModels:
              text_encoder: bool = True) -> AnimateModels:
         """Load from a released Animate-14B directory (WAN_SPEC §1.2). The VAE runs in float32; CLIP in float16
         on CUDA with half-precision weights (as the reference), else float32. relighting_lora=True keeps the
-        LoRA resident so that jobs can ask for it (generate_animate(..., relighting_lora=True))."""
+        LoRA resident (unmerged): jobs then use it unless they say relighting_lora=False."""
         from pipeline.models.clip import ClipVision
         from pipeline.models.t5 import TextEncoder
         from pipeline.models.vae import WanVAE
@@ -328,7 +328,7 @@ def generate_animate(
     models: AnimateModels, src_dir: str | os.PathLike[str], *, mode: str, prompt: str | Tensor | None = None,
     negative_prompt: str | Tensor | None = None, clip_len: int = 77, refert_num: int = 1, steps: int = 20,
     shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", seed: int,
-    relighting_lora: bool = False, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+    relighting_lora: bool | None = None, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
@@ -337,6 +337,7 @@ def generate_animate(
     runs one forward per step; > 1 mixes in an unconditional branch (negative prompt and a black face).
     noise: the initial latent of every clip [16, (clip_len-1)/4 + 2, H/8, W/8] instead of drawing them from one
     generator seeded with `seed` on models.device (e.g. to replay a reference run made on another device).
+    relighting_lora: True/False per job; None = whatever the models were loaded with.
     Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
     make_solver(solver, steps, shift)  # parameter errors before any heavy work
@@ -356,8 +357,8 @@ def generate_animate(
     _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
     loop = _ClipLoop(job, starts, steps, shift, solver, guide_scale, context, context_null, generator,
                      on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
-    lora = models.relighting.applied(models.dit, models.device) if relighting_lora and models.relighting \
-        else _nothing()
+    use_lora = models.relighting is not None and relighting_lora is not False
+    lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
     with torch.no_grad(), lora:
         return loop.run()[:, : sources.frames]
 

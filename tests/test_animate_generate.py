@@ -91,8 +91,9 @@ class DiTSpy:
 
 
 def spied(models: AnimateModels) -> tuple[AnimateModels, DiTSpy]:
+    """The models with the DiT spied on; without the relighting LoRA (its hooks need the real module tree)."""
     spy = DiTSpy(models.dit)
-    return dataclasses.replace(models, dit=spy), spy
+    return dataclasses.replace(models, dit=spy, relighting=None), spy
 
 
 @dataclasses.dataclass
@@ -392,7 +393,7 @@ def test_a_single_frame_video_works(models: AnimateModels, tmp_path: Path) -> No
 def test_sequence_parallel_equals_one_process(models: AnimateModels, animation5: Run) -> None:
     def on_rank(sp: Any) -> torch.Tensor:
         return generate_animate(models, animation5.src, mode="animation", clip_len=9, refert_num=5, steps=STEPS,
-                                seed=7, sp=sp)
+                                seed=7, sp=sp, relighting_lora=False)
 
     for video in run_ranks(2, on_rank):
         torch.testing.assert_close(video, animation5.video, rtol=1e-4, atol=1e-4)
@@ -452,12 +453,14 @@ def test_relighting_lora_hooks_equal_merged_weights_and_leave_nothing_behind(mod
 def test_a_job_asking_for_relighting_changes_the_video_only_for_that_job(models: AnimateModels, tmp_path: Path) -> None:
     src = write_src(tmp_path / "src", 2)
     args = dict(mode="animation", clip_len=5, steps=1, seed=3)
-    before = generate_animate(models, src, **args)
+    before = generate_animate(models, src, relighting_lora=False, **args)
     lit = generate_animate(models, src, relighting_lora=True, **args)
-    after = generate_animate(models, src, **args)
+    after = generate_animate(models, src, relighting_lora=False, **args)
     assert torch.equal(before, after)
     assert (lit - before).abs().max() > 1e-3
+    assert torch.equal(generate_animate(models, src, **args), lit)  # loaded with it: on unless a job says no
     bare = dataclasses.replace(models, relighting=None)
+    assert torch.equal(generate_animate(bare, src, **args), before)
     with pytest.raises(AnimateParameterError, match="relighting_lora"):
         generate_animate(bare, src, mode="animation", seed=1, relighting_lora=True)
 
@@ -506,13 +509,13 @@ def test_bf16_on_cuda_runs_the_reference_dtypes(ckpt: Path, tmp_path: Path) -> N
     assert models.clip.dtype == torch.float16 and models.vae.dtype == torch.float32
     src = write_src(tmp_path / "src", 7, seed=9)
     m, spy = spied(models)
-    video = generate_animate(m, src, mode="replacement", clip_len=5, refert_num=1, steps=2, seed=4,
-                             guide_scale=2.0, relighting_lora=True)
+    args = dict(mode="replacement", clip_len=5, refert_num=1, steps=2, seed=4, guide_scale=2.0)
+    video = generate_animate(m, src, **args)
     assert video.shape == (3, 7, H, W) and torch.isfinite(video).all()
     assert spy.calls[0]["y"].dtype == torch.bfloat16 and spy.calls[0]["face_pixel_values"].dtype == torch.bfloat16
-    again = generate_animate(models, src, mode="replacement", clip_len=5, refert_num=1, steps=2, seed=4,
-                             guide_scale=2.0, relighting_lora=True)
-    assert torch.equal(video, again)
+    assert torch.equal(generate_animate(models, src, relighting_lora=False, **args), video)
+    lit = generate_animate(models, src, relighting_lora=True, **args)
+    assert torch.isfinite(lit).all() and not torch.equal(lit, video)
 
 
 def test_bench_tiny_step_runs(capsys: pytest.CaptureFixture[str]) -> None:
