@@ -119,22 +119,29 @@ class WarmPool:
     def can_launch(self, now: float | None = None) -> bool:
         return self.state == "stopped" and (time.monotonic() if now is None else now) >= self.next_launch_at
 
-    def launch(self, model: str) -> None:
-        """Start the worker command for `model` in a new session; it must say hello+ready in time."""
+    def launch(self, model: str) -> list[PoolEvent]:
+        """Start the worker command for `model` in a new session; it must say hello+ready in time.
+
+        Returns a `died` event when the command cannot even be started (missing program, bad template).
+        """
         if self._server is None:
             self.open()
-        argv = self.command(model)
         self._generation += 1
         self._drop_channel()
-        log.info("pool: launching %s (generation %d): %s", model, self._generation, " ".join(argv))
-        self._proc = subprocess.Popen(
-            argv, env=self.environment(), start_new_session=True, stdin=subprocess.DEVNULL,
-            stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
-        )
         self.model, self.state, self.job, self.hello = model, "loading", None, {}
-        self._shutdown_sent = False
         self.load_seconds, self.ready_at, self.jobs_run = None, None, 0
+        self._shutdown_sent = False
         self._deadline_from = time.monotonic()
+        try:
+            argv = self.command(model)
+            log.info("pool: launching %s (generation %d): %s", model, self._generation, " ".join(argv))
+            self._proc = subprocess.Popen(
+                argv, env=self.environment(), start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
+            )
+        except (OSError, ValueError) as exc:
+            return self._died(f"the worker command could not be started: {exc}")
+        return []
 
     @property
     def pid(self) -> int | None:

@@ -632,7 +632,8 @@ class Supervisor:
             jlog(logging.INFO, job.id, "switching the pool from %s to %s", self.pool.model, job.model_id)
             self.pool.stop()
         if self.pool.can_launch():
-            self.pool.launch(job.model_id)
+            for event in self.pool.launch(job.model_id):
+                self.on_pool_event(event)
 
     def _run(self, job: Any) -> None:
         inputs = prepared_inputs(Path(job.work_dir))

@@ -278,3 +278,14 @@ def test_fake_worker_under_real_torchrun_with_two_gloo_ranks(tmp_path: Path) -> 
     finally:
         pool.close()
     assert all(not alive(p) for p in worker_pids(tmp_path))
+
+
+def test_a_worker_command_that_cannot_start_is_a_death_not_a_crash(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path, command=("/nonexistent/wanbox-worker", "--model", "{model}"))
+    try:
+        events = pool.launch("i2v-A14B")
+        assert [e.kind for e in events] == ["died"]
+        assert "could not be started" in events[0].reason and "/nonexistent/wanbox-worker" in events[0].reason
+        assert pool.state == "stopped" and pool.failures == 1
+    finally:
+        pool.close()

@@ -229,3 +229,20 @@ def test_an_input_named_by_two_waiting_manifests_is_copied_not_taken(tmp_path: P
         sup.stopping.set()
         sup.shutdown()
         root.cleanup()
+
+
+def test_a_pool_that_never_starts_fails_its_jobs_with_the_reason(tmp_path: Path) -> None:
+    root = Root(tmp_path, pool={"command": ["/nonexistent/wanbox-worker", "--model", "{model}"]})
+    root.drop("stuck", manifest_text())
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("stuck") == "failed")
+        why = root.job("stuck").last_error
+        assert "failed to start 2 times in a row" in why and "could not be started" in why
+        assert "wanbox doctor" in why
+        assert (root.failed / "stuck" / "cat.jpg").exists()
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
