@@ -72,6 +72,7 @@ def start_ranks(device_type: str) -> tuple[int, int, torch.device, object | None
         return rank, world, device, None
     from pipeline.parallel.ulysses import UlyssesParallel
 
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the shared GPU hosts
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device, UlyssesParallel(attention_fn=attention_mod.attention)
 
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build(config, device, dtype, args.seed)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
-        print(json.dumps({"bench": "animate_build", "params": params, "world_size": world,
-                          "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(json.dumps({"bench": "animate_build", "params": params, "weights_gib": round(weights / 2**30, 2),
+                          "world_size": world, "seconds": round(time.perf_counter() - start, 2)}), flush=True)
     result = measure(model, config, size, device, dtype, sp, args)
     if rank == 0:
         print(json.dumps(result), flush=True)
