@@ -150,6 +150,8 @@ class FastSelfAttention(SelfAttention):
         if self.qkv_weight is None:
             return False
         for i, layer in enumerate((self.q, self.k, self.v)):
+            if type(layer.weight.data) is not torch.Tensor or type(layer.bias.data) is not torch.Tensor:
+                return False  # sharded (DTensor) since fusing
             rows = layer.weight.shape[0]
             if (
                 layer.weight.data_ptr() != self.qkv_weight[i * rows].data_ptr()
@@ -238,6 +240,10 @@ def optimize(
         _raise_compile_cache_limit()
         for block in model.blocks:
             block.compile(dynamic=False, mode=compile_mode)
+    else:  # undo an earlier optimize(compile=True)
+        for block in model.blocks:
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                block._compiled_call_impl = None
     return model
 
 
