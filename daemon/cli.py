@@ -119,10 +119,14 @@ def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
     lines = [header]
     for job in jobs:
         progress = ""
-        if job.phase:
+        if job.phase and job.state.value in ("preprocessing", "sampling", "finalizing"):
             progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}".strip()
-        if job.state.value in ("failed", "rejected") and job.last_error:
+        elif job.state.value in ("failed", "rejected") and job.last_error:
             progress = job.last_error.splitlines()[0][:80]
+        elif job.state.value == "done":
+            progress = str((job.outputs_json or {}).get("video", ""))
+        elif job.retry_after is not None and job.state.value in ("queued", "ready"):
+            progress = f"retry after {job.retry_after:%H:%M:%S} UTC (attempt {job.attempts + 1})"
         lines.append(f"{job.id:<22} {job.name[:24]:<24} {job.kind:<8} {job.state.value:<13} "
                      f"{_age(job.created_at):>5}  {progress}")
     lines.append("")
