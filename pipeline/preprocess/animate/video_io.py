@@ -42,22 +42,20 @@ def _open(path: Path) -> av.container.InputContainer:
 
 
 def probe_video(path: Path) -> VideoInfo:
-    """Size, frame rate and exact frame count (counted by decoding, since container headers can be wrong)."""
+    """Size, frame rate and exact frame count: packets are counted (fast, no decoding), since container headers
+    can be wrong; frames that then fail to decode are reported by read_frames."""
     with _open(path) as container:
         if not container.streams.video:
             raise VideoError("video", str(path), "a file with a video stream (this one has none)")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        frames, width, height = 0, 0, 0
+        width, height = stream.codec_context.width, stream.codec_context.height
         try:
-            for frame in container.decode(stream):
-                frames += 1
-                width, height = frame.width, frame.height
+            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
         except av.error.FFmpegError as exc:
-            if frames == 0:
-                raise VideoError("video", str(path), f"decodable video frames; FFmpeg said: {exc}") from exc
-    if frames == 0:
-        raise VideoError("video", str(path), "at least one decodable frame (found 0)")
+            raise VideoError("video", str(path), f"a readable video stream; FFmpeg said: {exc}") from exc
+    if frames == 0 or not width or not height:
+        raise VideoError("video", str(path), f"at least one video frame (found {frames}, size {width}x{height})")
     if not rate or float(rate) <= 0:
         raise VideoError("video", str(path), "a video with a known frame rate")
     return VideoInfo(width=width, height=height, fps=float(rate), frames=frames)
@@ -68,15 +66,18 @@ def read_frames(path: Path, indices: list[int]) -> Iterator[np.ndarray]:
     wanted = iter(indices)
     target = next(wanted, None)
     with _open(path) as container:
-        for position, frame in enumerate(container.decode(video=0)):
-            if target is None:
-                return
-            if position < target:
-                continue
-            rgb = frame.to_ndarray(format="rgb24")
-            while target is not None and target == position:
-                yield rgb
-                target = next(wanted, None)
+        try:
+            for position, frame in enumerate(container.decode(video=0)):
+                if target is None:
+                    return
+                if position < target:
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                while target is not None and target == position:
+                    yield rgb
+                    target = next(wanted, None)
+        except av.error.FFmpegError as exc:
+            raise VideoError("video", str(path), f"frame {target} to be decodable; FFmpeg said: {exc}") from exc
     if target is not None:
         raise VideoError("video", str(path), f"frame {target} to be decodable (the video ended before it)")
 
