@@ -125,7 +125,8 @@ def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
             progress = job.last_error.splitlines()[0][:80]
         elif job.state.value == "done":
             progress = str((job.outputs_json or {}).get("video", ""))
-        elif job.retry_after is not None and job.state.value in ("queued", "ready"):
+        elif (job.retry_after is not None and job.state.value in ("queued", "ready")
+              and job.retry_after > datetime.now(timezone.utc)):
             progress = f"retry after {job.retry_after:%H:%M:%S} UTC (attempt {job.attempts + 1})"
         lines.append(f"{job.id:<22} {job.name[:24]:<24} {job.kind:<8} {job.state.value:<13} "
                      f"{_age(job.created_at):>5}  {progress}")
