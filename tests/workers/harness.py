@@ -6,9 +6,11 @@ It must not be imported by the daemon itself.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +55,9 @@ def write_image(path: Path, size: tuple[int, int] = (96, 64), color: tuple[int, 
 
 def short_socket_dir() -> Path:
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp paths can be longer than that.
-    return Path(tempfile.mkdtemp(prefix="wbx-"))
+    path = Path(tempfile.mkdtemp(prefix="wbx-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def toml_value(value: Any) -> str:
