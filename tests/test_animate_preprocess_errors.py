@@ -204,6 +204,38 @@ def test_crashed_worker_is_restarted_and_a_mediapipe_error_kills_it(models_dir: 
         assert detector.detect_image(landscape()).face is None  # the next request gets a fresh child
 
 
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # exited; only waiting for a reaper
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_worker_does_not_outlive_a_killed_parent(models_dir: Path) -> None:
+    code = ("import sys, time, numpy as np\n"
+            "from pathlib import Path\n"
+            "from pipeline.preprocess.animate.models import find_models\n"
+            "from pipeline.preprocess.animate.worker import DetectorProcess\n"
+            "d = DetectorProcess(find_models(Path(sys.argv[1]), 'full'), segment=False)\n"
+            "d.detect_image(np.zeros((64, 64, 3), np.uint8))\n"
+            "print(d.pid, flush=True)\n"
+            "time.sleep(120)\n")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code, str(models_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()  # SIGKILL: no cleanup code runs in the parent
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(child), "the mediapipe worker outlived its parent"
+    finally:
+        parent.kill()
+
+
 def test_cli_reports_a_precise_error(tmp_path: Path, media: Path) -> None:
     command = [sys.executable, "-m", "pipeline.preprocess.animate", "--mode", "animation",
                "--video", str(media / "carphone_talking.mp4"), "--character", str(media / "animate_character.jpg"),

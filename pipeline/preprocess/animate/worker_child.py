@@ -7,6 +7,8 @@ it must not be imported by the parent (that would load mediapipe there).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from multiprocessing.connection import Connection
 
 
@@ -37,9 +39,19 @@ def _serve(requests: Connection, replies: Connection, models: dict[str, str], se
             replies.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _exit_when_orphaned(parent: int, interval_s: float = 1.0) -> None:
+    """A hung mediapipe call never returns to read stdin's EOF, so a daemon thread ends the process as soon as
+    its parent is gone (killed with SIGKILL, say) instead of leaving an orphan spinning on a core."""
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
 def main() -> None:
     """Entry of the child process: requests on stdin, replies on the original stdout; anything the libraries
     print goes to stderr so it cannot corrupt the reply stream."""
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     replies_fd = os.dup(1)
     os.dup2(2, 1)
     requests = Connection(os.dup(0), writable=False)
