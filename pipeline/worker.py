@@ -116,8 +116,12 @@ class Link:
         self.waiting: list[dict[str, Any]] = []  # commands read while a job ran, handled after it
 
     def say(self, msg: dict[str, Any]) -> None:
-        if self.channel is not None:
+        if self.channel is None:
+            return
+        try:
             self.channel.send(msg)
+        except OSError as exc:  # the supervisor is gone: the next read sees EOF and the pool shuts down
+            print(f"worker: could not send {msg['type']} to the supervisor: {exc}", file=sys.stderr)
 
     def next_command(self) -> dict[str, Any]:
         """The next command, identical on every rank; a closed socket reads as shutdown."""
@@ -138,12 +142,15 @@ class Link:
 
     def _read(self) -> dict[str, Any]:
         assert self.channel is not None
-        try:
-            msg = self.channel.recv()
-        except protocol.ProtocolError as exc:
-            print(f"worker: ignoring a garbled line from the supervisor: {exc}", file=sys.stderr)
-            return self._read()
-        return msg if msg is not None else {"type": "shutdown", "reason": "supervisor closed the socket"}
+        while True:
+            try:
+                msg = self.channel.recv()
+            except protocol.ProtocolError as exc:
+                print(f"worker: ignoring a garbled line from the supervisor: {exc}", file=sys.stderr)
+                continue
+            except OSError:
+                msg = None
+            return msg if msg is not None else {"type": "shutdown", "reason": "supervisor closed the socket"}
 
     def _poll(self, job: str) -> str | None:
         assert self.channel is not None
@@ -155,6 +162,8 @@ class Link:
             except protocol.ProtocolError as exc:
                 print(f"worker: ignoring a garbled line from the supervisor: {exc}", file=sys.stderr)
                 continue
+            except OSError:
+                msg = None
             if msg is None or msg["type"] == "shutdown":
                 self.waiting.insert(0, {"type": "shutdown"})
                 return "shutdown"
@@ -260,8 +269,9 @@ def classify_failure(job: str, exc: BaseException) -> dict[str, Any]:
     if hasattr(exc, "kind") and hasattr(exc, "retryable"):  # families.JobFailure: it knows what it is
         return error_message(job, exc.kind, first_line(exc), bool(exc.retryable))
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return error_message(job, "oom", f"out of memory: {first_line(exc)}; use fewer frames, a smaller size, "
-                             "more GPUs, or --sharding fsdp", False)
+        return error_message(job, "oom", f"out of memory: {first_line(exc)}; use fewer frames or a smaller "
+                             "size, or give the pool more GPUs (pool.nproc) or shard the weights (worker "
+                             "flag --sharding fsdp in pool.command)", False)
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError, TypeError)):
         return error_message(job, "input", f"{type(exc).__name__}: {first_line(exc)}", False)
     return error_message(job, "internal", f"{type(exc).__name__}: {first_line(exc)}", True)
@@ -300,13 +310,9 @@ def free_memory(device: torch.device) -> None:
 # --- 4. the pool: set up, load, loop over jobs, report ------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    ranks = set_up(args)
-    link = connect_supervisor(args, ranks)
-    devices = describe_devices(ranks)
-
-    started = time.monotonic()
+def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[str, Any]]) -> Any | None:
+    """Plan, say hello, load the family on every rank; None (after telling the supervisor why) on failure."""
+    family, failure = None, None
     try:
         family = open_family(args, ranks)
         link.say({"type": "hello", "model": args.model, "world_size": ranks.world_size, "pid": os.getpid(),
@@ -315,7 +321,24 @@ def main(argv: list[str] | None = None) -> int:
         family.checkpoints = fingerprint(Path(args.checkpoint_dir)) if ranks.master else {}
     except Exception as exc:
         traceback.print_exception(exc, file=sys.stderr)
-        link.say(error_message(None, "internal", f"could not load {args.model}: {first_line(exc)}", False))
+        failure = f"rank {ranks.rank}: {type(exc).__name__}: {first_line(exc)}"
+    failures = [f for f in gather_on_control(ranks, failure) if f is not None]
+    if failures:  # any rank's failure, named, so the supervisor's error says what to fix
+        link.say(error_message(None, "internal", f"could not load {args.model}: {failures[0]}", False))
+        return None
+    return family
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ranks = set_up(args)
+    link = connect_supervisor(args, ranks)
+    devices = describe_devices(ranks)
+
+    started = time.monotonic()
+    family = load(args, ranks, link, devices)
+    if family is None:
         return 1
     load_seconds = time.monotonic() - started
     link.say({"type": "ready", "load_seconds": round(load_seconds, 3)})

@@ -201,3 +201,15 @@ def test_cfg_parallel_fsdp_pool_runs_a_job_then_a_dead_rank_ends_it(tiny_i2v, tm
         assert sup.chan.recv(timeout=10) is None, "rank 0 must go away, not hang"
     finally:
         sup.close()
+
+
+def test_a_checkpoint_that_cannot_load_is_reported_without_a_job(tmp_path) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    sup = Supervisor(tmp_path, missing, nproc=1)
+    try:
+        error, _ = sup.until(("error",), timeout=60)
+        assert error["job"] is None and error["kind"] == "internal" and error["retryable"] is False
+        assert "could not load i2v-A14B" in error["message"] and str(missing) in error["message"]
+        assert sup.proc.wait(timeout=60) != 0
+    finally:
+        sup.close()
