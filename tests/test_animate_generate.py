@@ -532,3 +532,21 @@ def test_bench_tiny_step_runs(capsys: pytest.CaptureFixture[str]) -> None:
     step = lines[-1]
     assert step["bench"] == "animate_step" and step["finite"] and step["forwards_per_step"] == 2
     assert step["latent"] == [16, 4, 4, 8] and step["face"] == [1, 3, 9, 32, 32] and step["tokens"] == 32
+
+
+def test_run_cli_writes_the_mp4(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from pipeline.animate_run import main
+    from pipeline.video import probe
+
+    src = write_src(tmp_path / "src", 6, seed=8)
+    out = tmp_path / "out.mp4"
+    args = [str(ckpt), str(src), str(out), "--mode", "replacement", "--clip-len", "5", "--steps", "1",
+            "--device", "cpu", "--relighting-lora"]
+    assert main(args) == 0
+    assert probe(out) == (6, W, H, 30.0)
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["frames"] == 6
+    (src / "src_bg.mp4").unlink()
+    assert main(args) == 2
+    assert "src_bg.mp4: missing" in capsys.readouterr().err
