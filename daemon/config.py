@@ -80,6 +80,7 @@ class PoolSettings:
     relaunch_cap_seconds: float = 300.0  # ... up to this
     stop_grace_seconds: float = 60.0  # on shutdown/switch, wait this long before SIGTERM, then SIGKILL
     max_switch_wait_seconds: float = 1800.0  # a job of another model waits at most this long
+    preload: str = ""  # a model to load at start-up (systemd READY=1 then waits for it); "" = on demand
 
     def checkpoint_dir(self, model: str) -> Path:
         return self.checkpoint_dirs.get(model, self.models_dir / MODEL_FAMILIES.get(model, model))
@@ -191,6 +192,9 @@ def _check_choices(cfg: Config) -> None:
     for model in cfg.pool.checkpoint_dirs:
         if model not in MODEL_FAMILIES:
             raise _unknown(where, f"pool.checkpoint_dirs.{model}", list(MODEL_FAMILIES))
+    if cfg.pool.preload and cfg.pool.preload not in MODEL_FAMILIES:
+        raise ConfigError(f"{_where(where, 'pool.preload')} = {cfg.pool.preload!r}: expected \"\" (load on "
+                          f"demand) or one of {', '.join(MODEL_FAMILIES)}")
     if not cfg.pool.command:
         raise ConfigError(f"{_where(where, 'pool.command')}: expected a non-empty list of strings")
 

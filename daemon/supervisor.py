@@ -162,7 +162,13 @@ class Supervisor:
         self.watcher.start()
         log.info("wanbox %s serving %s (inbox %s, outbox %s)", software_version(), self.paths.root,
                  self.paths.inbox, self.paths.outbox)
-        self.notifier.ready()  # the pool loads lazily, per model: we are ready to take jobs now
+        if self.cfg.pool.preload:
+            # READY=1 once the pool is warm (or has failed to start, which STATUS then explains).
+            for event in self.pool.launch(self.cfg.pool.preload):
+                self.on_pool_event(event)
+            self.report_status()
+        else:
+            self.notifier.ready()  # the pool loads on demand, per model: we can take jobs now
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -665,6 +671,7 @@ class Supervisor:
             self._pool_died(event)
         elif event.kind == "ready":
             log.info("pool %s warm (load %.1f s)", self.pool.model, self.pool.load_seconds or 0)
+            self.notifier.ready()
 
     def _worker_error(self, job_id: str, msg: dict[str, Any]) -> None:
         self.run_started.pop(job_id, None)
@@ -677,6 +684,9 @@ class Supervisor:
         self._failed(job_id, S.SAMPLING, msg["message"], msg["kind"], bool(msg["retryable"]))
 
     def _pool_died(self, event: PoolEvent) -> None:
+        if not self.notifier.ready_sent:  # the preload failed: start anyway, STATUS says why
+            self.notifier.status(f"pool failed to start: {event.reason}")
+            self.notifier.ready()
         if event.job is not None:
             self.run_started.pop(event.job, None)
             if self.ledger.get(event.job).state == S.SAMPLING:

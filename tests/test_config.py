@@ -83,6 +83,7 @@ def test_database_url_is_kept_as_is(tmp_path: Path) -> None:
         ("[pool]\ncommand = \"torchrun\"\n", ["pool.command = 'torchrun'", "a list of strings"]),
         ("[pool.checkpoint_dirs]\n\"t2v\" = \"/x\"\n", ["pool.checkpoint_dirs.t2v", "i2v-A14B"]),
         ("[outbox]\ncrf = 60\n", ["outbox.crf = 60", "0..51"]),
+        ("[pool]\npreload = \"i2v\"\n", ["pool.preload = 'i2v'", "i2v-A14B, animate-14B"]),
         ("inbox = 3\n", ["inbox", "expected a table"]),
         ("[inbox\n", ["not valid TOML"]),
     ],

@@ -118,6 +118,29 @@ def test_the_daemon_says_ready_to_systemd(tmp_path: Path, notify_socket: socket.
             proc.kill()
 
 
+def test_with_preload_ready_waits_for_the_warm_pool(tmp_path: Path, notify_socket: socket.socket) -> None:
+    from tests.workers.harness import Root
+
+    root = Root(tmp_path, pool={"preload": "i2v-A14B"})
+    root.knobs({"*": {"load_seconds": 1.0}})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(root.config)],
+                            cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        notify_socket.settimeout(30)
+        messages = []
+        while "READY=1" not in messages:
+            messages.append(notify_socket.recv(4096).decode())
+        assert messages[0] == "STATUS=loading i2v-A14B", messages
+        assert [p for p in root.worker_pids()], "READY=1 came before the pool was launched"
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        root.cleanup()
+
+
 def unit_settings() -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
     for line in (SYSTEMD / "wanbox.service").read_text().splitlines():
