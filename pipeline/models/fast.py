@@ -138,7 +138,8 @@ class FastSelfAttention(SelfAttention):
 
     def unfuse(self) -> None:
         """Give q/k/v their own storage again and drop the fused buffers."""
-        if self.qkv_weight is None:
+        if not self.fused_intact():  # nothing fused, or q/k/v already have storage of their own
+            self.drop_fused()
             return
         for layer in (self.q, self.k, self.v):
             layer.weight.data = layer.weight.data.clone()
@@ -279,16 +280,11 @@ def _check_fused_views(model: nn.Module, args: Any) -> None:
 
 
 def _raise_compile_cache_limit() -> None:
+    """Dynamo falls back to eager after 8 compiled variants of one code object; a warm pool may need more."""
+    wanted = {"recompile_limit": COMPILE_CACHE_LIMIT, "cache_size_limit": COMPILE_CACHE_LIMIT,
+              "accumulated_recompile_limit": 8 * COMPILE_CACHE_LIMIT,
+              "accumulated_cache_size_limit": 8 * COMPILE_CACHE_LIMIT}  # fmt: skip
     config = torch._dynamo.config
-    for name in (
-        "recompile_limit",
-        "cache_size_limit",
-        "accumulated_recompile_limit",
-        "accumulated_cache_size_limit",
-    ):
-        if hasattr(config, name):
-            setattr(
-                config,
-                name,
-                max(getattr(config, name), COMPILE_CACHE_LIMIT * (8 if "accumulated" in name else 1)),
-            )
+    for name, value in wanted.items():
+        if hasattr(config, name):  # the names changed across torch versions
+            setattr(config, name, max(getattr(config, name), value))
