@@ -20,7 +20,7 @@ from mediapipe_models import mediapipe_models_dir  # noqa: E402
 
 from pipeline.preprocess.animate import preprocess_animate_job  # noqa: E402
 from pipeline.preprocess.animate.models import find_models  # noqa: E402
-from pipeline.preprocess.animate.video_io import decode_all  # noqa: E402
+from pipeline.preprocess.animate.video_io import decode_all, read_frames  # noqa: E402
 from pipeline.preprocess.animate.worker import DetectorProcess  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -174,3 +174,22 @@ def test_retargeted_animation_draws_on_the_character_canvas(retargeted: tuple[di
     assert calls[-1] == ("write", 7, 7) and ("detect", 7, 7) in calls
     done = [d for phase, d, _ in calls if phase == "detect"]
     assert done == sorted(done)
+
+
+def test_small_faces_are_found_again_around_the_head(media: Path, models_dir: Path) -> None:
+    # The host shrunk to a quarter (face ~60 px from hairline to chin) on a 960x540 canvas: the full-frame face
+    # detector misses it, a second look at a crop around the pose's head finds it, mapped back onto the frame.
+    originals = list(read_frames(media / "animate_driving.mp4", [0, 60]))
+    canvases = []
+    for frame in originals:
+        canvas = np.zeros((540, 960, 3), np.uint8)
+        canvas[270:, 240:720] = cv2.resize(frame, (480, 270), interpolation=cv2.INTER_AREA)
+        canvases.append(canvas)
+    with DetectorProcess(find_models(models_dir, "full"), segment=False) as detector:
+        found = detector.detect_video(canvases, [0, 2000])
+        for original, result in zip(originals, found, strict=True):
+            assert result.face is not None and result.face_from_head_crop
+            # the same face found at full size, moved to where the shrunk copy sits on the canvas
+            expected = detector.detect_image(original, "original").face * [0.5, 0.5] + [0.25, 0.5]
+            assert np.abs(result.face.mean(axis=0) - expected.mean(axis=0)).max() < 0.01
+            assert np.ptp(result.face, axis=0) == pytest.approx(np.ptp(expected, axis=0), rel=0.15)

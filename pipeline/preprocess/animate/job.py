@@ -42,6 +42,7 @@ class Findings:
     faces: list[np.ndarray | None] = field(default_factory=list)  # (68, 2) pixels from the face mesh
     persons: list[bytes | None] = field(default_factory=list)  # PNG of the binary segmentation (~1 KB a frame)
     hands_found: int = 0
+    faces_from_head_crop: int = 0
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _record(findings: Findings, found: RawDetection, width: int, height: int) ->
         findings.hands_found += bool(found.hands)
     findings.poses.append(pose)
     findings.faces.append(None if found.face is None else skeleton.face68_from_mesh(found.face, width, height))
+    findings.faces_from_head_crop += found.face_from_head_crop
     person = found.person_mask
     if person is not None and person.shape != (height, width):
         person = cv2.resize(person, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -328,6 +330,7 @@ def preprocess_animate_job(
         "frames_without_pose": sum(p is None for p in findings.poses),
         "frames_without_face": sum(f is None for f in findings.faces),
         "frames_with_hands": findings.hands_found,
+        "faces_found_in_head_crop": findings.faces_from_head_crop,
         "detector_restarts": restarts,
         "timings": {name: round(value, 3) for name, value in timings.items()},
         "frames_per_second": round(len(plan.indices) / max(timings["total_s"], 1e-9), 2),
