@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pipeline.parallel.cfg import CfgParallel, ParallelPlan, plan_parallel
 from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.ulysses import UlyssesParallel
+from pipeline.parallel.vae_decode import decode_pipelined
 
 
 class Reporter(Protocol):
@@ -62,7 +63,7 @@ def param(params: dict[str, Any], path: str) -> Any:
 
 
 class I2VFamily:
-    """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode on rank 0."""
+    """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode (pipelined)."""
 
     kind = "i2v"
 
@@ -111,11 +112,12 @@ class I2VFamily:
                                 should_cancel=should_cancel)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
-        video = None
-        if self.ranks.master:  # the reference decodes on rank 0 only; the others wait for the next job
-            report.progress("decode", 0, 1)
+        report.progress("decode", 0, 1)
+        if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
+            video = decode_pipelined(self.models.vae, latent)
+        else:
             video = decode_video(self.models, latent)
-            report.progress("decode", 1, 1)
+        report.progress("decode", 1, 1)
         return {"video": video, "latent": latent, "fps": job.fps, "frames": job.frames,
                 "width": inputs.width, "height": inputs.height, "seed": job.seed}
 
