@@ -203,9 +203,9 @@ class _StagedReader:
                     reads.popleft().result()
                     slot = i % STAGE_BUFFERS
                     raw[filled : filled + size].copy_(ring[slot][:size], non_blocking=on_gpu)
-                    if on_gpu:
-                        copied[slot] = torch.cuda.Event()
-                        copied[slot].record()
+                    if on_gpu:  # readers sleep on it (blocking) before refilling this buffer
+                        copied[slot] = torch.cuda.Event(blocking=True)
+                        copied[slot].record(torch.cuda.current_stream(self.device))
                     filled += size
                     if nxt < len(pieces):  # reuses the buffer of piece i-1, whose copy was issued before
                         submit(nxt)
