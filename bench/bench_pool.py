@@ -3,10 +3,11 @@
 Runs the pool's own code path (pipeline.i2v.sample_i2v with pipeline.parallel's Ulysses / CFG-parallel
 objects, plan_parallel's checks) on random bf16 weights built from the real 14B config (no checkpoint, no
 download; one random expert serves both noise levels) at 480p, 81 frames: seconds per denoising step, scaling
-efficiency, peak memory per GPU and the difference of the final latent vs 1 GPU. Writes a JSON file and prints
-a table. Must not load real weights. `--tiny` runs the same thing on the CPU with gloo (smoke test).
+efficiency, peak memory per GPU and the difference of the final latent vs 1 GPU; with --decode also the VAE
+decode (one rank vs the pool's pipelined decode, same latent). Writes a JSON file and prints a table. Must not
+load real weights. `--tiny` runs the same thing on the CPU with gloo (smoke test).
 
-    python bench/bench_pool.py --worlds 1,2,4 --out bench/pool.json     # on a 4-GPU host
+    python bench/bench_pool.py --worlds 1,2,4 --decode --out bench/pool.json     # on a 4-GPU host
     python bench/bench_pool.py --tiny --worlds 1,2                      # CPU smoke test
 """
 
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="ulysses,cfg", help="parallel modes for world sizes > 1")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (the first one is warm-up)")
     p.add_argument("--guide-scale", type=float, default=3.5, help="CFG scale (> 1: two forwards per step)")
+    p.add_argument("--decode", action="store_true",
+                   help="also time the VAE decode (random real-size VAE): one rank vs pipelined over the ranks")
     p.add_argument("--tiny", action="store_true", help="tiny config on the CPU (gloo, fp32): a smoke test")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -123,18 +126,43 @@ def child(args: argparse.Namespace) -> None:
     solver = make_solver("unipc", args.steps, 5.0)
     latent = sample_i2v(models, inputs, solver, ExpertSwitch(0.9, args.guide_scale), guidance=guidance, sp=sp,
                         on_progress=on_step)
+    decoded = time_decode(noise, device, args) if args.decode else None
     peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.int64, device=device)
     peaks = [torch.zeros_like(peak) for _ in range(world)]
     dist.all_gather(peaks, peak)
     if rank == 0:
         steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         torch.save(latent.float().cpu(), out + ".pt")
+        if decoded is not None:
+            torch.save(decoded[1].cpu(), out + ".video.pt")
         Path(out + ".json").write_text(json.dumps({
             "world_size": world, "mode": mode, **plan.as_dict(), "step_seconds": steps,
+            **({"decode_seconds": decoded[0]} if decoded is not None else {}),
             "peak_memory": [int(p.item()) for p in peaks], "tokens": t * h * w // 4,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         }))
     dist.destroy_process_group()
+
+
+def time_decode(latent: torch.Tensor, device: torch.device, args: argparse.Namespace):  # noqa: ANN201
+    """Seconds to decode `latent` (the same on every configuration: the start noise), and the video.
+
+    One rank decodes alone (vae.decode); several run the pipelined decode of the pool. The VAE has the
+    real architecture (tiny widths with --tiny) and random weights, identical on every rank (same seed).
+    """
+    from pipeline.models.vae import VaeConfig, VideoVAE, WanVAE
+    from pipeline.parallel.vae_decode import decode_pipelined
+
+    torch.manual_seed(7)
+    vae = WanVAE(VideoVAE(VaeConfig(dim=8 if args.tiny else 96)), device=device)
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    video = vae.decode(latent) if dist.get_world_size() == 1 else decode_pipelined(vae, latent)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, video
 
 
 # --- the driver: every configuration as its own torchrun, then the table ------------------------------
@@ -159,7 +187,8 @@ def launch(world: int, mode: str, workdir: Path, args: argparse.Namespace) -> di
     out = workdir / f"w{world}-{mode}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(Path(__file__).resolve()), "--child", f"{mode}:{out}", "--steps", str(args.steps),
-           "--guide-scale", str(args.guide_scale), *(["--tiny"] if args.tiny else [])]
+           "--guide-scale", str(args.guide_scale), *(["--tiny"] if args.tiny else []),
+           *(["--decode"] if args.decode else [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key, value in NCCL_SAFETY.items():
         env.setdefault(key, value)
@@ -169,6 +198,8 @@ def launch(world: int, mode: str, workdir: Path, args: argparse.Namespace) -> di
         return None
     result = json.loads(Path(str(out) + ".json").read_text())
     result["latent"] = torch.load(str(out) + ".pt")
+    if args.decode:
+        result["video"] = torch.load(str(out) + ".video.pt")
     return result
 
 
@@ -182,11 +213,15 @@ def summarise(results: list[dict]) -> list[dict]:
     for r in results:
         diff = (r["latent"] - base["latent"]).float()
         speedup = base["step_median"] / r["step_median"]
-        rows.append({k: v for k, v in r.items() if k != "latent"} | {
+        row = {k: v for k, v in r.items() if k not in ("latent", "video")} | {
             "speedup": round(speedup, 3), "efficiency": round(speedup / r["world_size"], 3),
             "max_abs_diff_vs_1": float(diff.abs().max()),
             "rel_l2_vs_1": float(diff.norm() / base["latent"].float().norm()),
-        })
+        }
+        if "video" in r:  # the same latent decoded: the pipelined decode must be bit-exact
+            row["decode_speedup"] = round(base["decode_seconds"] / r["decode_seconds"], 3)
+            row["decode_max_abs_diff_vs_1"] = float((r["video"] - base["video"]).abs().max())
+        rows.append(row)
     return rows
 
 
@@ -197,7 +232,9 @@ def table(rows: list[dict]) -> str:
         peak = max(r["peak_memory"]) / 2**30
         lines.append(f"{r['world_size']:>4} {r['mode']:8} {r['cfg']:>3} {r['ulysses']:>3} {r['step_median']:>8.3f} "
                      f"{r['speedup']:>7.2f} {r['efficiency']:>5.2f} {peak:>14.1f} "
-                     f"{r['max_abs_diff_vs_1']:>10.2e} {r['rel_l2_vs_1']:>9.2e}")
+                     f"{r['max_abs_diff_vs_1']:>10.2e} {r['rel_l2_vs_1']:>9.2e}"
+                     + (f"  decode {r['decode_seconds']:.2f} s (x{r['decode_speedup']:.2f}, "
+                        f"max|diff| {r['decode_max_abs_diff_vs_1']:.1e})" if "decode_seconds" in r else ""))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_pool_tiny_runs_and_reports(tmp_path) -> None:
     out = tmp_path / "pool.json"
     done = subprocess.run([sys.executable, "bench/bench_pool.py", "--tiny", "--worlds", "1,2", "--modes", "cfg",
-                           "--steps", "2", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                           "--steps", "2", "--decode", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -30,4 +30,5 @@ def test_bench_pool_tiny_runs_and_reports(tmp_path) -> None:
     assert len(cfg["step_seconds"]) == 2 and all(s > 0 for s in cfg["step_seconds"])
     assert cfg["rel_l2_vs_1"] < 1e-5, "CFG-parallel must give the 1-rank latent"
     assert runs[(1, "single")]["speedup"] == 1.0
+    assert cfg["decode_seconds"] > 0 and cfg["decode_max_abs_diff_vs_1"] == 0.0, "pipelined decode is exact"
     assert "speedup" in done.stdout and "2 cfg" in done.stdout
