@@ -7,6 +7,7 @@ It must not be imported by the daemon itself.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import secrets
@@ -106,6 +107,7 @@ class Root:
             for name, values in config.items()
         ))
         self.proc: subprocess.Popen[bytes] | None = None
+        self._ledger: Any = None
 
     # --- inputs ------------------------------------------------------------------------------------
 
@@ -153,9 +155,12 @@ class Root:
     # --- the ledger ----------------------------------------------------------------------------------
 
     def ledger(self) -> Any:
+        """The root's ledger, opened once (opening runs the migration check: too slow to poll with)."""
         from daemon.ledger import Ledger
 
-        return Ledger.open(self.root / "state" / "wanbox.db")
+        if self._ledger is None:
+            self._ledger = Ledger.open(self.root / "state" / "wanbox.db")
+        return contextlib.nullcontext(self._ledger)
 
     def jobs(self) -> dict[str, Any]:
         """name -> newest job row (several jobs may share a name: the newest wins)."""
@@ -181,6 +186,9 @@ class Root:
         return [int(p.name) for p in self.pid_dir.iterdir()] if self.pid_dir.exists() else []
 
     def cleanup(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
