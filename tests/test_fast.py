@@ -228,3 +228,26 @@ def test_gpu_optimized_bf16_close_to_plain_and_reference() -> None:
             got = _run_i2v(fast[case["expert"]], case, inp)
         assert _rel(got, want) < 1e-2, case["name"]
         assert _rel(got.cpu(), tensors[case["expected"]["out"]["key"]]) < 5e-2, case["name"]
+
+
+def test_attention_op_copies_views_once_a_kernel_refuses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that only takes contiguous q/k/v (as some cuDNN builds do) gets copies, and keeps getting them."""
+    from pipeline.models import attention as attention_mod
+    from pipeline.models import fast
+
+    real, calls = attention_mod.attention, []
+
+    def picky(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_len: int | None = None) -> torch.Tensor:
+        calls.append(all(t.is_contiguous() for t in (q, k, v)))
+        if not calls[-1]:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(q, k, v, k_len)
+
+    monkeypatch.setattr(attention_mod, "attention", picky)
+    monkeypatch.setattr(fast, "_strided_inputs_ok", True)
+    qkv = torch.randn(1, 10, 3 * 8)
+    q, k, v = (t.unflatten(2, (2, 4)) for t in qkv.chunk(3, dim=-1))  # views, as the fused projection gives
+    want = attention_mod.attention_math(q, k, v, 9)
+    assert torch.allclose(fast.dit_attention(q, k, v, 9), want, atol=1e-6)
+    assert torch.allclose(fast.dit_attention(q, k, v, 9), want, atol=1e-6)
+    assert calls == [False, True, True] and fast._strided_inputs_ok is False

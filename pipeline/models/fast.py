@@ -60,10 +60,28 @@ COMPILE_CACHE_LIMIT = 64  # compiled variants per code object: resolutions x (I2
 # ---------------------------------------------------------------------------------------------- attention op
 
 
+_strided_inputs_ok = True  # False once a kernel has refused q/k/v views (then they are copied first)
+
+
 @torch.library.custom_op("wanbox::dit_attention", mutates_args=())
 def dit_attention(q: Tensor, k: Tensor, v: Tensor, k_len: int) -> Tensor:
-    """pipeline.models.attention.attention as one opaque op: [B, Lq, H, D] out, contiguous."""
-    return attention_mod.attention(q, k, v, k_len).contiguous()
+    """pipeline.models.attention.attention as one opaque op: [B, Lq, H, D] out, contiguous.
+
+    The fused projection hands over v as a view into the [L, 3*dim] GEMM output (cuDNN's "packed QKV"
+    value layout, which torch's cuDNN path accepts next to plain [B, L, H, D]); a kernel that refuses
+    a layout gets contiguous copies instead, from then on (a warning says so)."""
+    global _strided_inputs_ok
+    if not _strided_inputs_ok:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    try:
+        return attention_mod.attention(q, k, v, k_len).contiguous()
+    except RuntimeError:
+        if all(t.is_contiguous() for t in (q, k, v)):
+            raise
+        log.warning("attention kernel refused strided q/k/v (strides %s, %s, %s); copying them from now on",
+                    q.stride(), k.stride(), v.stride())  # fmt: skip
+        _strided_inputs_ok = False
+        return attention_mod.attention(q.contiguous(), k.contiguous(), v.contiguous(), k_len).contiguous()
 
 
 @dit_attention.register_fake
