@@ -7,6 +7,7 @@ ever overwriting (a collision takes the suffix -2, -3, ...). It must not touch i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -82,9 +83,23 @@ def free_base(outbox: Path, base: str, suffixes: tuple[str, ...]) -> str:
 
 def publish(temp: Path, final: Path) -> None:
     """Give a complete, fsynced temp file its final name; never replaces an existing file."""
-    os.link(temp, final)  # fails with FileExistsError instead of overwriting (rename would overwrite)
-    os.unlink(temp)
+    link_without_replacing(temp, final)
     fsync_dir(final.parent)
+
+
+def link_without_replacing(temp: Path, final: Path) -> None:
+    """Rename `temp` to `final`, raising FileExistsError rather than replacing a file already there."""
+    try:
+        os.link(temp, final)  # atomic and refuses to overwrite (rename would overwrite)
+    except FileExistsError:
+        raise
+    except OSError:
+        # Some shares (SMB, FAT) have no hard links: check, then rename (a tiny race, never a partial file).
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, "exists", str(final)) from None
+        os.rename(temp, final)
+        return
+    os.unlink(temp)
 
 
 class Outbox:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from daemon.jobfiles import fsync_dir
+from daemon.outbox import link_without_replacing
 from daemon.watcher import FOLDER_MANIFEST
 from inbox_schema import load_manifest
 
@@ -37,7 +38,7 @@ def _copy_durably(src: Path, dest: Path) -> None:
         shutil.copyfile(src, temp)
         with open(temp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.link(temp, dest)  # FileExistsError rather than replacing a file someone else put there
+        link_without_replacing(temp, dest)  # FileExistsError rather than replacing someone else's file
     finally:
         if temp.exists():
             temp.unlink()

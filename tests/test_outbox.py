@@ -110,3 +110,15 @@ def test_the_outbox_never_shows_a_partial_file(tmp_path: Path) -> None:
     assert len(checked) == 9, checked
     assert not [v for v in checked.values() if v.startswith("PARTIAL")], checked
     assert checked["clip.mp4"] == "60 frames" and checked["clip-3.json"] == "J2"
+
+
+def test_publishing_never_replaces_an_existing_file(tmp_path: Path) -> None:
+    from daemon.outbox import link_without_replacing
+
+    (tmp_path / "final").write_text("theirs")
+    (tmp_path / ".temp").write_text("ours")
+    with pytest.raises(FileExistsError):
+        link_without_replacing(tmp_path / ".temp", tmp_path / "final")
+    assert (tmp_path / "final").read_text() == "theirs" and (tmp_path / ".temp").exists()
+    link_without_replacing(tmp_path / ".temp", tmp_path / "new")
+    assert (tmp_path / "new").read_text() == "ours" and not (tmp_path / ".temp").exists()
