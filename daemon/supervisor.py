@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -86,6 +87,19 @@ def failed_text(job_id: str, name: str, why: str) -> str:
         "To change it: fix the manifest and submit it again (`wanbox submit FILE`, or copy the media into\n"
         "the inbox first and the manifest last).\n"
     )
+
+
+def _file_kind(path: Path) -> str:
+    """"file", "symlink", "folder", "special file" or "missing file", by lstat (never opening it)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing file"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "folder" if stat.S_ISDIR(mode) else "special file"
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -324,8 +338,11 @@ class Supervisor:
     def consider(self, candidate: Candidate) -> None:
         manifest = candidate.manifest
         key = str(manifest)
-        if os.path.islink(manifest):
-            self._reject_new(candidate, [ManifestError("manifest", candidate.key, "a regular file, not a symbolic link")])
+        kind = _file_kind(manifest)
+        if kind != "file":
+            # Never open it: a symlink may lead out of the inbox, a FIFO would block the daemon forever.
+            expected = "a regular file" + (", not a symbolic link" if kind == "symlink" else f", not a {kind}")
+            self._reject_new(candidate, [ManifestError("manifest", candidate.key, expected)])
             return
         if not self.tracker.is_stable(manifest):
             return  # still being written
@@ -385,6 +402,8 @@ class Supervisor:
         sig = _signature(item.path)
         if sig is None:
             return f"{field_name} = {item.relpath!r}: the file is not in the inbox (yet)"
+        if _file_kind(item.path) != "file":  # replaced by a link or special file after validation
+            return f"{field_name} = {item.relpath!r}: expected a regular file, found a {_file_kind(item.path)}"
         if not self.tracker.is_stable(item.path):
             return f"{field_name} = {item.relpath!r}: the file is still changing (upload in progress?)"
         if item.size is not None and sig[0] != item.size:

@@ -175,10 +175,11 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
         else:
             (r.inbox / f"{name}.toml").write_text(text)
     os.symlink(r.inbox / "binary.toml", r.inbox / "symlinked.toml")
+    os.mkfifo(r.inbox / "piped.toml")  # a manifest that is a FIFO: opening it would hang the daemon
     r.serve()
 
     names = [f"bad-{i:02d}" for i in range(len(CASES))] + ["dotdot", "absolute", "linked", "empty", "binary",
-                                                           "symlinked"]
+                                                           "symlinked", "piped"]
     wait_for(lambda: all((r.failed / n / "error.txt").exists() for n in names), 60,
              lambda: f"missing: {[n for n in names if not (r.failed / n / 'error.txt').exists()]}\n{r.log_text()[-3000:]}")
     for index, (case_id, _text, field, _value, expected, _line) in enumerate(CASES):
@@ -193,6 +194,7 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
     assert "UTF-8" in (r.failed / "binary" / "error.txt").read_text()
     assert "symbolic link" in (r.failed / "symlinked" / "error.txt").read_text()
     assert os.path.islink(r.failed / "symlinked" / "symlinked.toml")  # the link itself was moved
+    assert "not a special file" in (r.failed / "piped" / "error.txt").read_text()
     assert fifo.exists() and not any(r.inbox.glob("bad-*"))
 
     # The declared hash does not match: staged until the deadline, then rejected saying why.
