@@ -62,6 +62,7 @@ def test_animate_pool_runs_a_job_and_refuses_the_other_kind(tiny_animate, tmp_pa
     try:
         hello, _ = sup.until(("hello",))
         assert hello["model"] == "animate-14B" and hello["parallel"]["ulysses"] == 2
+        assert hello["parallel"]["text_encoder"] == "rank0"  # embeddings broadcast to rank 1
         sup.until(("ready",))
         inputs = write_src(tmp_path / "animate", frames=7)
         sup.chan.send(animate_command("anim-1", tmp_path, inputs))

@@ -20,6 +20,9 @@ from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.ulysses import UlyssesParallel
 from pipeline.parallel.vae_decode import decode_pipelined
 
+# the pipelines' progress phases -> the protocol's
+PHASE_NAMES = {"encoding": "encode", "sampling": "sampling", "decoding": "decode"}
+
 
 class Reporter(Protocol):
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None: ...
@@ -122,16 +125,9 @@ class I2VFamily:
                 "width": inputs.width, "height": inputs.height, "seed": job.seed}
 
     def _encode_prompts(self, job: I2VJob) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 runs on rank 0 only (its 11 GB stay off the other GPUs); the embeddings are broadcast."""
         from pipeline.i2v import encode_prompts
 
-        pair: list[Any] = [None]
-        if self.ranks.master:
-            context, context_null = encode_prompts(self.models, job.prompt, job.negative_prompt)
-            pair = [(context.cpu(), context_null.cpu())]
-        dist.broadcast_object_list(pair, src=0, group=self.ranks.control)
-        context, context_null = pair[0]
-        return context.to(self.ranks.device), context_null.to(self.ranks.device)
+        return broadcast_prompts(self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
 
 
 class I2VJob:
@@ -188,9 +184,7 @@ class AnimateFamily:
         if args.sharding not in ("auto", "replicate"):
             raise ValueError(f"sharding: got {args.sharding!r}; Animate-14B runs replicated in this build "
                              "(one 17B DiT fits an 80 GB GPU in bf16): use auto or replicate")
-        # T5 on every rank here: pipeline.animate.encode_prompts cannot take embeddings yet (`prompt or default`
-        # on a tensor), so rank 0 cannot encode once and broadcast as it does for I2V.
-        self.parallel = {**self.plan.as_dict(), "sharding": "replicate", "text_encoder": "all"}
+        self.parallel = {**self.plan.as_dict(), "sharding": "replicate", "text_encoder": "rank0"}
         self.models: Any = None
         self.sp: Any = None
         self.guidance: Any = None
@@ -199,11 +193,12 @@ class AnimateFamily:
         from pipeline.animate import LORA_FILE, AnimateModels
 
         self.models = AnimateModels.load(self.root, self.ranks.device, dtype_of(self.args),
-                                         relighting_lora=(self.root / LORA_FILE).is_file(), text_encoder=True)
+                                         relighting_lora=(self.root / LORA_FILE).is_file(),
+                                         text_encoder=self.ranks.master)
         self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
-        from pipeline.animate import generate_animate
+        from pipeline.animate import encode_prompts, generate_animate
         from pipeline.i2v import GenerationCancelled
 
         params = command["params"]
@@ -212,14 +207,17 @@ class AnimateFamily:
         sampling = param(params, "sampling")
         seed = param(params, "sampling.seed")
         report.progress("encode", 0, 1)
+        context, context_null = broadcast_prompts(
+            self.ranks, lambda: encode_prompts(self.models, params.get("prompt") or None,
+                                               params.get("negative_prompt") or None))
 
         def on_progress(phase: str, step: int, total: int, _clip: int) -> None:
-            report.progress("sampling" if phase == "sampling" else "decode", step, total)
+            report.progress(PHASE_NAMES.get(phase, phase), step, total)
 
         try:
             video = generate_animate(
-                self.models, src, mode=str(options.get("mode", "animation")), prompt=params.get("prompt") or None,
-                negative_prompt=params.get("negative_prompt") or None, clip_len=int(options.get("clip_len", 77)),
+                self.models, src, mode=str(options.get("mode", "animation")), prompt=context,
+                negative_prompt=context_null, clip_len=int(options.get("clip_len", 77)),
                 refert_num=int(options.get("refert_num", 1)), steps=int(sampling["steps"]),
                 shift=float(sampling["shift"]), guide_scale=float(sampling["guide_scale"]),
                 solver=str(sampling["solver"]), seed=seed, relighting_lora=bool(options.get("relighting_lora")),
@@ -240,6 +238,18 @@ def _animate_src_dir(inputs: dict[str, str]) -> Path:
     if not folder.is_dir():
         raise JobInputError(f"inputs.pose: {inputs['pose']}: its folder does not exist")
     return folder
+
+
+def broadcast_prompts(ranks: Any, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 runs on rank 0 only (its ~11 GB stay off the other GPUs); the embeddings go to every rank."""
+    pair: list[Any] = [None]
+    if ranks.master:
+        context, context_null = encode()
+        pair = [(context.cpu(), context_null.cpu())]
+    dist.broadcast_object_list(pair, src=0, group=ranks.control)
+    context, context_null = pair[0]
+    return context.to(ranks.device), context_null.to(ranks.device)
 
 
 HASHED_MAX_BYTES = 64 * 2**20  # configs, indexes, tokenizers: hashed; multi-GB weight shards: size + mtime
