@@ -100,7 +100,7 @@ class I2VFamily:
         from pipeline.sampling import make_solver
         from pipeline.sampling.moe import ExpertSwitch
 
-        job = I2VJob.from_command(command, self.args.max_area)
+        job = I2VJob(command, self.args.max_area)
         report.progress("encode", 0, 1)
         context, context_null = self._encode_prompts(job)
         inputs = prepare_i2v(self.models, job.image, context, context_null, max_area=job.max_area,
@@ -121,7 +121,7 @@ class I2VFamily:
         else:
             video = decode_video(self.models, latent)
         report.progress("decode", 1, 1)
-        return {"video": video, "latent": latent, "fps": job.fps, "frames": job.frames,
+        return {"video": video, "fps": job.fps, "frames": job.frames,
                 "width": inputs.width, "height": inputs.height, "seed": job.seed}
 
     def _encode_prompts(self, job: I2VJob) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +157,6 @@ class I2VJob:
             raise JobInputError(f"params.sampling.seed: got {self.seed!r}, expected an integer fixed at acceptance")
         self.boundary = float(sampling.get("boundary") or 0.9)
         self.timesteps = sampling.get("timesteps")
-
-    @classmethod
-    def from_command(cls, command: dict[str, Any], max_area_cap: int | None) -> I2VJob:
-        return cls(command, max_area_cap)
 
 
 class AnimateFamily:
