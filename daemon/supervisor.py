@@ -32,6 +32,7 @@ from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs,
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import ManifestError, ManifestInvalid, load_manifest, render_errors
+from inbox_schema.defaults import MANIFEST_MAX_BYTES
 from inbox_schema.hashing import manifest_hash
 
 log = logging.getLogger("wanbox.supervisor")
@@ -347,6 +348,10 @@ class Supervisor:
         if not self.tracker.is_stable(manifest):
             return  # still being written
         signature = _signature(manifest)
+        if signature is not None and signature[0] > MANIFEST_MAX_BYTES:  # do not even read it
+            self._reject_new(candidate, [ManifestError("manifest", f"{signature[0]} bytes",
+                                                       f"a manifest of at most {MANIFEST_MAX_BYTES} bytes")])
+            return
         entry = self.staging.get(key)
         if entry is not None and self._left_staging(entry, candidate):
             return

@@ -176,10 +176,12 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
             (r.inbox / f"{name}.toml").write_text(text)
     os.symlink(r.inbox / "binary.toml", r.inbox / "symlinked.toml")
     os.mkfifo(r.inbox / "piped.toml")  # a manifest that is a FIFO: opening it would hang the daemon
+    with open(r.inbox / "huge.toml", "wb") as fh:  # sparse: 2 GB that must not be read
+        fh.truncate(2 * 1024**3)
     r.serve()
 
     names = [f"bad-{i:02d}" for i in range(len(CASES))] + ["dotdot", "absolute", "linked", "empty", "binary",
-                                                           "symlinked", "piped"]
+                                                           "symlinked", "piped", "huge"]
     wait_for(lambda: all((r.failed / n / "error.txt").exists() for n in names), 60,
              lambda: f"missing: {[n for n in names if not (r.failed / n / 'error.txt').exists()]}\n{r.log_text()[-3000:]}")
     for index, (case_id, _text, field, _value, expected, _line) in enumerate(CASES):
@@ -195,6 +197,7 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
     assert "symbolic link" in (r.failed / "symlinked" / "error.txt").read_text()
     assert os.path.islink(r.failed / "symlinked" / "symlinked.toml")  # the link itself was moved
     assert "not a special file" in (r.failed / "piped" / "error.txt").read_text()
+    assert "2147483648 bytes" in (r.failed / "huge" / "error.txt").read_text()
     assert fifo.exists() and not any(r.inbox.glob("bad-*"))
 
     # The declared hash does not match: staged until the deadline, then rejected saying why.
