@@ -449,6 +449,8 @@ class Supervisor:
         hashes = {role: entry.hashes[str(item.path)][1] for role, item in job.inputs.items()}
         content_hash = manifest_hash(candidate.manifest.read_bytes(), hashes)
         duplicate = self.ledger.find_duplicate(content_hash, exclude_id=entry.job_id)
+        if duplicate is not None and duplicate.state in (S.FAILED, S.CANCELLED):
+            duplicate = None  # an identical job that gave up or was cancelled: this one is a fresh try
         if duplicate is not None and self.cfg.inbox.dedupe == "skip":
             outputs = (duplicate.outputs_json or {}).get("video", "not delivered yet")
             why = (f"identical to job {duplicate.id} ({duplicate.state.value}), output {outputs}; "
