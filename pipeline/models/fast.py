@@ -13,11 +13,12 @@ What each part buys, predicted for one 14B forward on an H200 (measured baseline
   Dynamo does not trace the backend choice / self-test code; inductor fuses RMSNorm + RoPE + the bf16 cast
   of q and k into one kernel that reads the GEMM output once and writes bf16 q/k directly (eager writes fp32
   q/k, then a bf16 copy: 4 extra passes over 2 x 774 MB per block at 720p ≈ 2.5 ms per block, 0.1 s per
-  forward). Ulysses (`sp` given) calls its collectives in a `torch.compiler.disable`d function instead: one
+  forward; already inside the measured 11.43 s, kept here). Ulysses (`sp` given) calls its collectives in a `torch.compiler.disable`d function instead: one
   graph break per self-attention, no traced collective.
-* attention_layout="bhld": q/k/v written as contiguous [B, H, L, D] for the kernel (free for q and k inside
-  the fused RoPE kernel, one copy for v). Worth it only if cuDNN is faster on that layout than on the
-  strided [B, L, H, D] view; bench_fast.py times both kernels alone, so keep the default unless it wins.
+* Layout: torch's cuDNN path takes [B, L, H, D] rows as they come (its "unpacked" layout) and v as a view
+  into the fused [L, 3*dim] output (its "packed QKV" layout), so q/k/v reach the kernel with no copy;
+  attention_layout="bhld" (contiguous head-major) exists to measure the alternative, which torch may refuse
+  for cuDNN (then the op copies: see dit_attention). bench_fast.py times all three layouts alone.
 * Regional compile of the 40 blocks shares one compiled graph (same code, same shapes): the first call per
   resolution costs ~20 s, paid once per warm pool; the cache limit is raised so that a pool that serves many
   sizes keeps its compiled code instead of silently falling back to eager.
