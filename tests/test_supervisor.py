@@ -246,3 +246,25 @@ def test_a_pool_that_never_starts_fails_its_jobs_with_the_reason(tmp_path: Path)
         sup.stopping.set()
         sup.shutdown()
         root.cleanup()
+
+
+def test_a_failed_job_does_not_block_its_identical_resubmission(tmp_path: Path) -> None:
+    root = Root(tmp_path)
+    root.knobs({"first": {"error": "input"}})  # the worker refuses it: a permanent failure
+    text = manifest_text(sampling="seed = 9")
+    root.drop("first", text)
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: root.state("first") == "failed")
+        assert root.job("first").attempts == 1 and "injected input error" in root.job("first").last_error
+        root.drop("second", text)
+        run_until(sup, lambda: root.state("second") == "done")
+        assert root.job("second").input_hash == root.job("first").input_hash
+        root.drop("third", text)  # identical to a done job: recognised
+        run_until(sup, lambda: root.state("third") == "rejected")
+        assert f"identical to job {root.job('second').id} (done)" in root.job("third").last_error
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
