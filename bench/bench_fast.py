@@ -167,7 +167,7 @@ def _time_attention(label: str, size: str, layouts: dict, tokens: int, config: D
     for layout, (q, k, v) in layouts.items():
         try:
             times, _, out = timed(lambda q=q, k=k, v=v, n=tokens: attention_mod.attention(q, k, v, n), 3, device)
-        except RuntimeError as exc:  # a kernel may refuse a memory layout
+        except Exception as exc:  # a kernel may refuse a layout, a plugged-in impl may fail: report, go on
             rows.append(_unavailable(f"{label} {layout}", size, f"{exc}"[:120]))
             continue
         want = out if want is None else want

@@ -124,6 +124,19 @@ def read_all(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def filesystem(path: Path) -> str:
+    """Type of the filesystem holding `path` (tmpfs means the 'disk' is RAM: say so next to the numbers)."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mount, fstype, *_ = line.split()
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
 def timed_load(root: Path, experts: int, device: torch.device, staged: bool) -> tuple[float, dict[str, float]]:
     """Seconds to load the experts to `device` in bf16 (until the GPU is done), and checksums of a few tensors."""
     loader.STAGED_READS = staged
@@ -181,7 +194,8 @@ def run(args: argparse.Namespace, device: torch.device, config: DiTConfig, shape
     warm_s = read_all(files)
     report = {"bench": "load", "experts": args.experts, "scale": args.scale, "params_per_expert": expert_bytes // 4,
               "bytes_on_disk": written, "write_s": round(write_s, 1), "first_read_s": round(warm_s, 2),
-              "first_read_gb_s": round(written / warm_s / 1e9, 2), "device": str(device)}  # fmt: skip
+              "first_read_gb_s": round(written / warm_s / 1e9, 2), "device": str(device),
+              "filesystem": filesystem(root)}  # fmt: skip
     print(json.dumps(report), flush=True)
     paths = [p.strip() for p in args.paths.split(",")] if device.type == "cuda" else ["cpu"]
     sums: dict[str, dict[str, float]] = {}
