@@ -132,12 +132,32 @@ def test_two_jobs_on_one_pool_second_without_model_load(pool, tiny_i2v) -> None:
     config_sha = hashlib.sha256((tiny_i2v / "high_noise_model" / "config.json").read_bytes()).hexdigest()
     assert stats["checkpoints"]["high_noise_model/config.json"] == f"sha256:{config_sha}"
 
+    assert_same_video_as_one_process(done["output"], tiny_i2v, steps=2, frames=5, seed=42)
+
     pool.run("job-b", steps=3, frames=9, seed=7)
     done, seen = pool.until(("done", "error"))
     assert done["type"] == "done" and done["job"] == "job-b", done
     assert done["stats"]["model_load"] is False and "load_seconds" not in done["stats"]
     assert probe(done["output"])[0] == 9
     assert [m["step"] for m in seen if m["phase"] == "sampling"][-3:] == [1, 2, 3]
+
+
+def assert_same_video_as_one_process(output: str, ckpt: Path, steps: int, frames: int, seed: int) -> None:
+    """The pool's mp4 (2 ranks: Ulysses, T5 on rank 0, pipelined decode) shows the video that generate_i2v
+    makes in this one process, encoded the same way."""
+    import numpy as np
+    import torch
+
+    from pipeline.i2v import I2VModels, generate_i2v
+    from pipeline.video import read_mp4, write_mp4
+
+    models = I2VModels.load(ckpt, "cpu", torch.float32)
+    video = generate_i2v(models, IMAGE, "a lighthouse at dusk", None, max_area=MAX_AREA, frames=frames,
+                         steps=steps, shift=5.0, guide_scale=(3.5, 3.5), solver="unipc", seed=seed)
+    expected = read_mp4(write_mp4(video, Path(output).with_name("one-process.mp4"), fps=16))[0].astype(np.int16)
+    got = read_mp4(output)[0].astype(np.int16)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).mean() < 0.5, "the pool's video differs from the one-process video"
 
 
 def test_bad_input_gives_an_error_and_the_pool_stays_up(pool) -> None:
