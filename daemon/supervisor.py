@@ -6,6 +6,7 @@ It must never import torch, never crash on user input, and never delete an input
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -37,8 +38,13 @@ from inbox_schema.hashing import manifest_hash
 
 log = logging.getLogger("wanbox.supervisor")
 S = JobState
+LOCK_FILE = "serve.lock"  # state/serve.lock: flock held by the running supervisor, with its pid
 MAX_INTAKE_CRASHES = 5  # internal errors on one manifest before it is rejected instead of retried forever
 SEED_LIMIT = 2**31  # a seed every backend accepts (torch.Generator takes 64 bits, numpy 32)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another supervisor holds this root."""
 
 
 def jlog(level: int, job_id: str, text: str, *args: Any) -> None:
@@ -161,12 +167,14 @@ class Supervisor:
         self._reported: set[str] = set()  # problems logged once, not every tick
         self._last_prep_progress: dict[str, dict[str, Any]] = {}
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
+        self._lock_file: Any = None
 
     # --- start and stop --------------------------------------------------------------------------
 
     def start(self) -> None:
         for path in self.cfg.all_dirs:
             path.mkdir(parents=True, exist_ok=True)
+        self._lock_root()
         backoff = Backoff(self.cfg.jobs.backoff_base_seconds, self.cfg.jobs.backoff_cap_seconds)
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
         self.recover()
@@ -184,6 +192,24 @@ class Supervisor:
             self.report_status()
         else:
             self.notifier.ready()  # the pool loads on demand, per model: we can take jobs now
+
+    def _lock_root(self) -> None:
+        """One supervisor per root: a second one would take the same jobs and replace the pool's socket."""
+        self._lock_file = open(self.paths.state / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise AlreadyRunning(
+                f"another `wanbox serve` (pid {holder}) is running on {self.paths.root}; stop it first "
+                "(systemctl stop wanbox), or use another --root"
+            ) from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"{os.getpid()}\n")
+        self._lock_file.flush()
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -227,6 +253,9 @@ class Supervisor:
         self.pool.close()
         if self.ledger is not None:
             self.ledger.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the root for the next supervisor
+            self._lock_file = None
         log.info("stopped")
 
     def _stop_pool(self, why: str) -> None:
@@ -810,4 +839,7 @@ def serve(config: Config) -> int:
         return supervisor.serve()
     except LedgerError as exc:
         log.error("cannot use the ledger: %s", exc)
+        return 1
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
         return 1

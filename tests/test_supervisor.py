@@ -7,6 +7,7 @@ driven tick by tick (the subprocess scenarios live in test_e2e_daemon.py and tes
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -268,3 +269,23 @@ def test_a_failed_job_does_not_block_its_identical_resubmission(tmp_path: Path) 
         sup.stopping.set()
         sup.shutdown()
         root.cleanup()
+
+
+def test_one_supervisor_per_root(tmp_path: Path) -> None:
+    from daemon.supervisor import AlreadyRunning
+
+    root = Root(tmp_path)
+    first = Supervisor(load_config(root.config))
+    first.start()
+    try:
+        with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
+            Supervisor(load_config(root.config)).start()
+        assert root.socket.exists()  # the refused one did not touch the running one's socket
+    finally:
+        first.stopping.set()
+        first.shutdown()
+    again = Supervisor(load_config(root.config))
+    again.start()  # released on shutdown
+    again.stopping.set()
+    again.shutdown()
+    root.cleanup()
