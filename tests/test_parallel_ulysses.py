@@ -99,7 +99,7 @@ def main(mode: str, out_dir: str) -> None:
 
     dist.init_process_group("gloo")
     out = Path(out_dir)
-    result = {"ulysses": run_ulysses, "cfg": run_cfg}[mode](out)
+    result = {**run_ulysses(out), **run_cfg(out)} if mode == "all" else {"ulysses": run_ulysses, "cfg": run_cfg}[mode](out)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -135,19 +135,14 @@ def test_local_attention_excludes_padding_keys() -> None:
 
 
 @pytest.mark.slow
-def test_ulysses_two_ranks_match_one_process(tmp_path) -> None:
-    ranks = torchrun(2, "ulysses", tmp_path)
+def test_ulysses_and_cfg_parallel_on_four_ranks_match_one_process(tmp_path) -> None:
+    ranks = torchrun(4, "all", tmp_path)  # one launch: Ulysses over 4, then CFG halves of 2 with Ulysses inside
     for r in ranks:
-        assert r["world_size"] == 2
+        assert r["world_size"] == 4
         assert r["full"] < 1e-6 and r["padded"] < 1e-6, r
-        assert r["gather_order"] == [[0.0, 0.0, 1.0, 1.0]]
-        assert "size 5" in r["shard_error"] and "multiple of the Ulysses size 2" in r["shard_error"]
-        assert "3 attention heads" in r["heads_error"]
-
-
-@pytest.mark.slow
-def test_cfg_parallel_with_ulysses_inside_matches_one_process(tmp_path) -> None:
-    ranks = torchrun(4, "cfg", tmp_path)
+        assert r["gather_order"] == [[0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]]
+        assert "size 5" in r["shard_error"] and "multiple of the Ulysses size 4" in r["shard_error"]
+        assert "got 4 ranks for a model with 3 attention heads" in r["heads_error"]
     assert [r["branch"] for r in ranks] == [0, 0, 1, 1]
     assert all(r["ulysses"] == 2 for r in ranks)
     assert all(r["diff"] < 1e-5 for r in ranks), ranks
