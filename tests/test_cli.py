@@ -103,7 +103,9 @@ def test_status_show_and_json(root: Path, capsys) -> None:
     assert main(["status", "--json", "--root", str(root)]) == EXIT_OK
     data = json.loads(capsys.readouterr().out)
     assert data["counts"]["sampling"] == 1 and {j["name"] for j in data["jobs"]} == set(ids)
-    assert main(["show", ids["running"][:17], "--root", str(root)]) == EXIT_OK
+    others = [i for i in ids.values() if i != ids["running"]]
+    prefix = next(ids["running"][:n] for n in range(8, 21) if not any(o.startswith(ids["running"][:n]) for o in others))
+    assert main(["show", prefix, "--root", str(root)]) == EXIT_OK  # a unique prefix is enough
     out = capsys.readouterr().out
     assert "state: sampling" in out and "steps 4, seed 3" in out
     assert out.count("->") == 5  # staged, queued, preprocessing, ready, sampling

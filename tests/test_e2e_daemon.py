@@ -246,7 +246,7 @@ def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root, capsys) 
     wait_for(lambda: "the pool stopped it: cancelled at step" in r.log_text(), 15, r.log_text)
     assert r.state("long") == "cancelled"
     r.knobs({"long": {"step_seconds": 0.01}, "term": {"step_seconds": 0.25}})
-    assert cli_main(["retry", r.job("long").id[:15], "--config", str(r.config)]) == 0  # a unique id prefix
+    assert cli_main(["retry", r.job("long").id, "--config", str(r.config)]) == 0
     r.wait_state("long", "done")
 
     # retry of a failed job brings its inputs back from failed/ and runs it (now without the hang).
