@@ -2,7 +2,7 @@
 
 Runs the pool's own code path (pipeline.i2v.sample_i2v with pipeline.parallel's Ulysses / CFG-parallel
 objects, plan_parallel's checks) on random bf16 weights built from the real 14B config (no checkpoint, no
-download; one random expert serves both noise levels) at 480p, 81 frames: seconds per denoising step, scaling
+download; one random expert serves both noise levels) at 480p or 720p, 81 frames: seconds per denoising step, scaling
 efficiency, peak memory per GPU and the difference of the final latent vs 1 GPU; with --decode also the VAE
 decode (one rank vs the pool's pipelined decode, same latent). Writes a JSON file and prints a table. Must not
 load real weights. `--tiny` runs the same thing on the CPU with gloo (smoke test).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from pipeline.models.dit import DiTConfig, WanDiT  # noqa: E402
 
-LATENT_480P = (21, 60, 104)  # 81 frames at 832x480: [T, h, w] of the 16-channel latent
+LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}  # 81 frames at 832x480 / 1280x720: latent [T, h, w]
 LATENT_TINY = (3, 6, 10)
 NCCL_SAFETY = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_NVLS_ENABLE": "0",
                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode", action="store_true",
                    help="also time the VAE decode (random real-size VAE): one rank vs pipelined over the ranks")
     p.add_argument("--tiny", action="store_true", help="tiny config on the CPU (gloo, fp32): a smoke test")
+    p.add_argument("--size", choices=sorted(LATENTS), default="480p", help="81-frame latent shape")
+    p.add_argument("--compile", action="store_true",
+                   help="apply the worker's fast path (pipeline.models.fast.optimize: fused q/k/v + regional "
+                        "compile); the warm-up step then includes compilation")
     p.add_argument("--out", type=Path, default=None, help="JSON results file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run under torchrun
@@ -102,8 +106,12 @@ def child(args: argparse.Namespace) -> None:
     sp, guidance = parallel_groups(plan)
 
     expert = build_expert(config, device, dtype, seed=1234)
+    if args.compile:
+        from pipeline.models.fast import optimize
+
+        optimize(expert, compile=True)
     models = I2VModels(expert, expert, vae=None, text_encoder=None, device=device, dtype=dtype)
-    t, h, w = LATENT_TINY if args.tiny else LATENT_480P
+    t, h, w = LATENT_TINY if args.tiny else LATENTS[args.size]
     gen = torch.Generator(device=device).manual_seed(42)
     y = torch.cat([torch.zeros(4, t, h, w, device=device),
                    torch.randn(16, t, h, w, device=device, generator=gen)])
@@ -187,7 +195,8 @@ def launch(world: int, mode: str, workdir: Path, args: argparse.Namespace) -> di
     out = workdir / f"w{world}-{mode}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(Path(__file__).resolve()), "--child", f"{mode}:{out}", "--steps", str(args.steps),
-           "--guide-scale", str(args.guide_scale), *(["--tiny"] if args.tiny else []),
+           "--guide-scale", str(args.guide_scale), "--size", args.size, *(["--tiny"] if args.tiny else []),
+           *(["--compile"] if args.compile else []),
            *(["--decode"] if args.decode else [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for key, value in NCCL_SAFETY.items():
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(results)
     print(table(rows))
     report = {"what": "I2V sampling steps, random bf16 14B weights (one expert for both noise levels), "
-                      "480p 81 frames" if not args.tiny else "tiny CPU smoke test",
+                      f"{args.size} 81 frames" if not args.tiny else "tiny CPU smoke test",
               "steps": args.steps, "guide_scale": args.guide_scale, "runs": rows}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -55,6 +55,20 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
+def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, sharding: str) -> None:
+    """The fast path of pipeline.models.fast on loaded DiTs: fused q/k/v and regional compile (same function).
+
+    FSDP shards the q/k/v parameters, so their fusion is skipped there; compile stays off on the CPU (tests,
+    the demo), where compiling would cost more than it saves.
+    """
+    from pipeline.models.fast import optimize
+
+    mode = getattr(args, "compile", "auto")
+    compile_blocks = mode == "on" or (mode == "auto" and args.device == "cuda")
+    for expert in experts:
+        optimize(expert, compile=compile_blocks, fuse_qkv=sharding != "fsdp")
+
+
 def param(params: dict[str, Any], path: str) -> Any:
     """params["video"]["frames"] as param(params, "video.frames"), with an error that names the field."""
     value: Any = params
@@ -93,6 +107,7 @@ class I2VFamily:
                                      text_encoder=self.ranks.master, offload_experts=in_host)
         if self.sharding == "fsdp":
             shard_experts(self.models, self.ranks.device)
+        speed_up([self.models.high_noise, self.models.low_noise], self.args, self.sharding)
         self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
