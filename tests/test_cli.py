@@ -167,7 +167,7 @@ def test_render_status_of_an_empty_ledger() -> None:
 
 def test_console_entry_point_runs_as_a_module(root: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "daemon.cli", "--help"], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert result.returncode == 0
     for command in ("serve", "submit", "status", "show", "cancel", "retry", "validate", "doctor", "models",
                     "preprocess", "demo"):

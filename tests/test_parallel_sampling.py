@@ -71,7 +71,7 @@ def check_two_ranks(tmp_path: Path, device: str, tolerance: float) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
            str(tmp_path), device]
     # math attention: float32 end to end on CUDA too (the fused kernels would compute in bf16)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANBOX_ATTENTION": "math"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1", "WANBOX_ATTENTION": "math"}
     run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     torch.set_num_threads(1)
     expected = sample(None, None, device=device)  # one process, sequential guidance, while torchrun runs

@@ -94,7 +94,7 @@ def test_the_daemon_says_ready_to_systemd(tmp_path: Path, notify_socket: socket.
     from tests.workers.harness import Root
 
     root = Root(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(root.config)],
                             cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     try:
@@ -123,7 +123,7 @@ def test_with_preload_ready_waits_for_the_warm_pool(tmp_path: Path, notify_socke
 
     root = Root(tmp_path, pool={"preload": "i2v-A14B"})
     root.knobs({"*": {"load_seconds": 1.0}})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"]}
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(root.config)],
                             cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     try:

@@ -48,7 +48,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "pipeline.worker", "--model", model, "--socket", str(self.sockdir / "pool.sock"),
                "--checkpoint-dir", str(ckpt), "--device", "cpu", "--max-area", str(MAX_AREA), *extra]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
         self.log = open(workdir / "pool.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                                      stdout=self.log, stderr=subprocess.STDOUT)

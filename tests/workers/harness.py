@@ -130,7 +130,7 @@ class Root:
     # --- the daemon --------------------------------------------------------------------------------
 
     def serve(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("NOTIFY_SOCKET", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config)],
@@ -148,7 +148,7 @@ class Root:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         return subprocess.run([sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
