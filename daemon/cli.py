@@ -225,8 +225,25 @@ def cmd_models(args: argparse.Namespace) -> int:
         return int(hub.main_list(cfg.pool.models_dir))
     dest = cfg.pool.checkpoint_dir(args.family) if args.dest is None else Path(args.dest)
     if args.action == "pull":
-        return int(hub.main_pull(args.family, dest))
+        code = int(hub.main_pull(args.family, dest))
+        if code == EXIT_OK and args.family == "animate-14B":
+            code = _pull_mediapipe(cfg.preprocess.mediapipe_dir)
+        return code
     return int(hub.main_verify(args.family, dest, deep=args.deep))
+
+
+def _pull_mediapipe(dest: Path) -> int:
+    """Animate preprocessing needs Google's mediapipe task files too: fetch them (official locations, sha256)."""
+    from pipeline.preprocess.animate.errors import PreprocessError
+    from pipeline.preprocess.animate.models import fetch_models
+
+    try:
+        for path in fetch_models(dest):
+            print(f"mediapipe model: {path}")
+    except (OSError, PreprocessError) as exc:
+        print(f"wanbox models pull: mediapipe task files into {dest}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -342,7 +359,15 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+# Commands whose options belong to another module's parser: everything after the name is passed through
+# untouched (argparse's REMAINDER would still claim a leading "--option" for the subcommand).
+DELEGATED = {"validate": cmd_validate, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return int(DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])))
     parser = build_parser()
     args = parser.parse_args(argv)
     args.root = getattr(args, "root", None)

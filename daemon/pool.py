@@ -137,7 +137,7 @@ class WarmPool:
             log.info("pool: launching %s (generation %d): %s", model, self._generation, " ".join(argv))
             self._proc = subprocess.Popen(
                 argv, env=self.environment(), start_new_session=True, stdin=subprocess.DEVNULL,
-                stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno(),
+                stdout=_log_stream(), stderr=_log_stream(),
             )
         except (OSError, ValueError) as exc:
             return self._died(f"the worker command could not be started: {exc}")
@@ -352,3 +352,12 @@ class WarmPool:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _log_stream() -> int | None:
+    """The worker's output joins ours on stderr (journald under systemd); None (inherit) when our stderr is
+    not a real file, e.g. when the supervisor is embedded or its stderr is captured in memory."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -187,3 +187,30 @@ def test_models_and_preprocess_are_delegated_with_the_configured_dirs(root: Path
                  "--character", str(tmp_path / "hero.png"), "--out", str(tmp_path / "out")])
     assert code == EXIT_USAGE
     assert str(root / "models" / "mediapipe") in capsys.readouterr().err  # looked where the config says
+
+
+def test_delegated_commands_receive_their_own_leading_options(capsys) -> None:
+    # `wanbox demo --cache-dir X` and `wanbox validate --json-schema`: the options belong to the delegate.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--cache-dir" in capsys.readouterr().out
+    assert main(["validate", "--json-schema"]) == EXIT_OK
+    assert '"$schema"' in capsys.readouterr().out
+
+
+def test_models_pull_animate_reports_unreachable_mediapipe_files(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The download location is the one thing replaced here (no network in tests): the error must say which
+    # file and where, and the command must fail rather than report success.
+    from daemon import cli
+    from pipeline.preprocess.animate import models
+    from pipeline.preprocess.animate.errors import ModelsMissingError
+
+    def unreachable(dest: Path, **_: object) -> list[Path]:
+        raise ModelsMissingError("face_landmarker.task", "https://example.invalid", "a reachable download location",
+                                 "name resolution failed")
+
+    monkeypatch.setattr(models, "fetch_models", unreachable)
+    assert cli._pull_mediapipe(tmp_path / "mediapipe") == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "face_landmarker.task" in err and str(tmp_path / "mediapipe") in err
