@@ -1,0 +1,39 @@
+"""The README is the front door: its manifest examples must be valid manifests and its commands real ones.
+
+A README that drifts from the code misleads exactly the user who reads it first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import build_parser
+from inbox_schema import parse_manifest_text
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TEXT = README.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("block", re.findall(r"```toml\n(.*?)```", TEXT, re.S))
+def test_readme_manifest_examples_are_valid(block: str, tmp_path: Path) -> None:
+    job = parse_manifest_text(block, "README.md", tmp_path, tmp_path, check_inputs=False)
+    assert job.kind in ("i2v", "animate")
+
+
+def test_every_wanbox_command_the_readme_names_exists() -> None:
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # the registered subcommands
+    shell = "\n".join(re.findall(r"```sh\n(.*?)```", TEXT, re.S))
+    named = set(re.findall(r"`wanbox ([a-z]+)", TEXT)) | set(re.findall(r"\bwanbox ([a-z]+)", shell))
+    assert named, "the README names no wanbox command"
+    assert named <= commands, f"README names commands that do not exist: {sorted(named - commands)}"
+
+
+def test_the_two_commands_are_what_ci_runs() -> None:
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "pip install torch==2.13.0" in TEXT and "pip install -q torch==2.13.0" in ci
+    assert "python -m pytest" in TEXT and "python -m pytest" in ci
+    assert "wanbox demo" in TEXT
