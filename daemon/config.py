@@ -90,6 +90,8 @@ class PoolSettings:
 class PreprocessSettings:
     workers: int = 2  # CPU processes preparing the next jobs while the GPUs sample
     mediapipe_dir: Path = Path("models/mediapipe")  # the animate preprocessing's mediapipe task files
+    pose_model: str = "heavy"  # mediapipe pose landmarker: "heavy" (most accurate) or "full" (faster)
+    max_area: int = 0  # cap on the animate resolution area in pixels (0 = the manifest's size); tiny models, demos
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,11 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"{_where(where, 'jobs.max_attempts')} = {cfg.jobs.max_attempts}: expected at least 1")
     if not 0 <= cfg.outbox.crf <= 51:
         raise ConfigError(f"{_where(where, 'outbox.crf')} = {cfg.outbox.crf}: expected 0..51 (H.264 crf)")
+    if cfg.preprocess.pose_model not in ("heavy", "full"):
+        raise ConfigError(f"{_where(where, 'preprocess.pose_model')} = {cfg.preprocess.pose_model!r}: "
+                          "expected \"heavy\" or \"full\"")
+    if cfg.preprocess.max_area < 0:
+        raise ConfigError(f"{_where(where, 'preprocess.max_area')} = {cfg.preprocess.max_area}: expected >= 0")
     if cfg.preprocess.workers < 1:
         raise ConfigError(f"{_where(where, 'preprocess.workers')} = {cfg.preprocess.workers}: expected >= 1")
     for model in cfg.pool.checkpoint_dirs:

@@ -109,8 +109,8 @@ class Outbox:
         self.root = root
         self.poster = poster
 
-    def _suffixes(self) -> tuple[str, ...]:
-        return (".mp4", ".json", ".jpg") if self.poster else (".mp4", ".json")
+    def _suffixes(self, extras: tuple[str, ...] = ()) -> tuple[str, ...]:
+        return (".mp4", ".json", *((".jpg",) if self.poster else ()), *extras)
 
     def _stage_copy(self, src: Path, final_name: str) -> Path:
         temp = _temp_name(self.root, final_name)
@@ -132,38 +132,49 @@ class Outbox:
         _fsync_file(temp)
         return temp
 
-    def deliver(self, video: Path, base: str, sidecar: dict[str, Any]) -> dict[str, str]:
-        """Publish video (+ poster) + sidecar; returns {"video": path, "poster": path, "sidecar": path}.
+    def deliver(self, video: Path, base: str, sidecar: dict[str, Any],
+                extras: dict[str, Path] | None = None) -> dict[str, str]:
+        """Publish video (+ poster, + extras) + sidecar; returns {"video": path, "poster": path, "sidecar":
+        path, <extra role>: path}.
 
         The video is checked by decoding first; the sidecar is written last, so its presence means the
-        delivery is complete. The source video is copied, not moved (the caller removes it afterwards).
+        delivery is complete. The source files are copied, not moved (the caller removes them afterwards).
+        `extras` maps a role to a file delivered as `<name>.<role><suffix>` (e.g. the Animate overlay preview
+        as `<name>.preview.mp4`).
         """
         info = probe_video(video)
         self.root.mkdir(parents=True, exist_ok=True)
+        extra_suffixes = {role: f".{role}{path.suffix}" for role, path in (extras or {}).items()}
         staged: list[Path] = []
         try:
             staged.append(self._stage_copy(video, f"{base}.mp4"))
             if self.poster:
                 staged.append(self._stage_poster(video, f"{base}.jpg"))
-            return self._publish_all(staged, base, info, sidecar)
+            for role, path in (extras or {}).items():
+                staged.append(self._stage_copy(path, f"{base}{extra_suffixes[role]}"))
+            return self._publish_all(staged, base, info, sidecar, extra_suffixes)
         finally:
             for temp in staged:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
 
-    def _publish_all(self, staged: list[Path], base: str, info: VideoInfo, sidecar: dict[str, Any]) -> dict:
+    def _publish_all(self, staged: list[Path], base: str, info: VideoInfo, sidecar: dict[str, Any],
+                     extra_suffixes: dict[str, str]) -> dict:
         # A concurrent writer could take the name between the check and the link: try the next one.
         for _ in range(MAX_COLLISIONS):
-            name = free_base(self.root, base, self._suffixes())
+            name = free_base(self.root, base, self._suffixes(tuple(extra_suffixes.values())))
             outputs = {"video": str(self.root / f"{name}.mp4"), "sidecar": str(self.root / f"{name}.json")}
             if self.poster:
                 outputs["poster"] = str(self.root / f"{name}.jpg")
+            outputs |= {role: str(self.root / f"{name}{suffix}") for role, suffix in extra_suffixes.items()}
             try:
                 publish(staged[0], self.root / f"{name}.mp4")
             except FileExistsError:
                 continue
             if self.poster:
                 publish(staged[1], self.root / f"{name}.jpg")
+            for temp, role in zip(staged[1 + self.poster :], extra_suffixes, strict=True):
+                publish(temp, Path(outputs[role]))
             document = {**sidecar, "outputs": outputs, "video": info.__dict__}
             data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
             publish(self._stage_bytes(data, f"{name}.json"), self.root / f"{name}.json")

@@ -72,19 +72,28 @@ def read_progress(work_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _prepare_animate(params: dict[str, Any], work_dir: Path, models_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+def capped_area(width: int, height: int, cap: int) -> tuple[int, int]:
+    """The resolution area (width, height) scaled down, aspect kept, so that width * height <= cap (0: no cap)."""
+    if cap <= 0 or width * height <= cap:
+        return width, height
+    scale = (cap / (width * height)) ** 0.5
+    return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
+
+
+def _prepare_animate(params: dict[str, Any], work_dir: Path, models_dir: Path, pose_model: str = "heavy",
+                     area_cap: int = 0) -> tuple[dict[str, str], dict[str, Any]]:
     from pipeline.preprocess.animate import PreprocessError, preprocess_animate_job
     from pipeline.preprocess.animate.errors import DetectorError
 
     options = params.get("animate") or {}
-    width, height = (int(v) for v in str(params["video"]["size"]).split("*"))
+    width, height = capped_area(*(int(v) for v in str(params["video"]["size"]).split("*")), area_cap)
     fps = options.get("preprocess_fps", 30)
     try:
         stats = preprocess_animate_job(
             Path(params["inputs"]["video"]["path"]), Path(params["inputs"]["character"]["path"]),
             work_dir / "animate", mode=options.get("mode", "animation"), resolution_area=(width, height),
             fps=fps if fps and fps > 0 else -1, retarget=bool(options.get("retarget", False)),
-            models_dir=models_dir, on_progress=ProgressFile(work_dir),
+            models_dir=models_dir, pose_variant=pose_model, on_progress=ProgressFile(work_dir),
         )
     except DetectorError as exc:  # the detector crashed or hung: not the input's fault, try again
         raise PreprocessFailed(f"animate preprocessing: {exc}", "internal", True) from None
@@ -111,7 +120,8 @@ def warm_up() -> None:
     import pipeline.preprocess.image  # noqa: F401
 
 
-def prepare_job(kind: str, params: dict[str, Any], work_dir: str, models_dir: str = "") -> dict[str, Any]:
+def prepare_job(kind: str, params: dict[str, Any], work_dir: str, models_dir: str = "", pose_model: str = "heavy",
+                area_cap: int = 0) -> dict[str, Any]:
     """Prepare one job (runs in a pool process); returns {"inputs": role -> path, "info", "seconds"}."""
     started = time.monotonic()
     work = Path(work_dir)
@@ -119,7 +129,7 @@ def prepare_job(kind: str, params: dict[str, Any], work_dir: str, models_dir: st
         if kind == "i2v":
             inputs, info = _prepare_i2v(params, work)
         elif kind == "animate":
-            inputs, info = _prepare_animate(params, work, Path(models_dir))
+            inputs, info = _prepare_animate(params, work, Path(models_dir), pose_model, area_cap)
         else:
             raise PreprocessFailed(f"kind = {kind!r}: expected i2v or animate")
     except PreprocessFailed:

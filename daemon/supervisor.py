@@ -590,8 +590,9 @@ class Supervisor:
                 return
             if not self._inputs_in_work(job):
                 continue
+            prep = self.cfg.preprocess
             future = self.executor.submit(prepare_job, job.kind, job.params_json, job.work_dir,
-                                          str(self.cfg.preprocess.mediapipe_dir))
+                                          str(prep.mediapipe_dir), prep.pose_model, prep.max_area)
             self.preparing[job.id] = (future, time.monotonic())
             self.ledger.record_progress(job.id, "preprocess", None, None)
             jlog(logging.INFO, job.id, "preprocessing")
@@ -780,7 +781,7 @@ class Supervisor:
         job = self.ledger.get(job_id)
         video = Path(msg["output"])
         try:
-            outputs = self.outbox.deliver(video, job.name, self.sidecar(job, stats))
+            outputs = self.outbox.deliver(video, job.name, self.sidecar(job, stats), self.extra_outputs(job))
         except (OutputInvalid, OSError) as exc:
             self._failed(job_id, S.FINALIZING, f"delivery failed: {exc}", "output", True)
             return
@@ -788,6 +789,13 @@ class Supervisor:
         self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs)
         video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])
+
+    @staticmethod
+    def extra_outputs(job: Any) -> dict[str, Path]:
+        """Files delivered beside the video: the Animate overlay preview (the extracted pose and face box over
+        the driving frames), so a person can see at a glance what the model was given."""
+        preview = Path(job.work_dir) / "animate" / "preview.mp4"
+        return {"preview": preview} if job.kind == "animate" and preview.is_file() else {}
 
     def sidecar(self, job: Any, stats: dict[str, Any]) -> dict[str, Any]:
         params = job.params_json or {}

@@ -122,3 +122,21 @@ def test_publishing_never_replaces_an_existing_file(tmp_path: Path) -> None:
     assert (tmp_path / "final").read_text() == "theirs" and (tmp_path / ".temp").exists()
     link_without_replacing(tmp_path / ".temp", tmp_path / "new")
     assert (tmp_path / "new").read_text() == "ours" and not (tmp_path / ".temp").exists()
+
+
+def test_extras_are_delivered_under_the_same_free_name_before_the_sidecar(tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.video import probe
+    from pipeline.video import write_mp4 as write_frames
+
+    frames = torch.rand(3, 5, 32, 48) * 2 - 1
+    video, preview = write_frames(frames, tmp_path / "v.mp4", 16), write_frames(frames, tmp_path / "p.mp4", 16)
+    outbox = Outbox(tmp_path / "outbox", True)
+    first = outbox.deliver(video, "job", {"k": 1}, {"preview": preview})
+    second = outbox.deliver(video, "job", {"k": 2}, {"preview": preview})
+    assert first["preview"].endswith("job.preview.mp4") and second["preview"].endswith("job-2.preview.mp4")
+    assert probe(Path(second["preview"]))[0] == 5
+    # a name taken only by an extra is not reused either: the whole set moves on to the next free base
+    (tmp_path / "outbox" / "next.preview.mp4").write_bytes(b"x")
+    assert outbox.deliver(video, "next", {}, {"preview": preview})["video"].endswith("next-2.mp4")

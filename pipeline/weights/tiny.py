@@ -50,6 +50,7 @@ class TinySizes:
     clip_heads: int = 2
     clip_layers: int = 3
     face_inner: int = 16
+    face_size: int = 32  # face crop side the motion encoder takes (the released model: 512)
     lora_rank: int = 4
 
 
@@ -157,11 +158,16 @@ def write_i2v(out: Path, seed: int = 0, sizes: TinySizes | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------- animate
 
 
-def tiny_motion_spec(motion_dim: int = 512):  # noqa: ANN201 - MotionEncoderSpec, imported lazily
-    """Motion encoder at 32x32 face crops (the fixture's reduced widths); the 512-d motion vector is real."""
+def tiny_motion_spec(motion_dim: int = 512, face_size: int = 32):  # noqa: ANN201 - MotionEncoderSpec, lazily
+    """Motion encoder at face_size² crops (32: the fixture's reduced widths; 512: the real input size with
+    narrow layers, so that real preprocessing output runs end to end); the 512-d motion vector is real."""
     from pipeline.models.motion_encoder import MotionEncoderSpec
 
-    return MotionEncoderSpec(stem=8, res_out=(16, 16, 24), style_dim=32, fc_out=(32, 32, 32, 32, 20),
+    blocks = int(math.log2(face_size // 4))
+    if face_size < 8 or 4 * 2**blocks != face_size:
+        raise ValueError(f"face_size {face_size}: expected 4 * 2**n, e.g. 32 or 512")
+    res_out = ((8,) * max(blocks - 3, 0) + (16, 16, 24))[-blocks:]  # 32: (16, 16, 24), the fixture's widths
+    return MotionEncoderSpec(stem=8, res_out=res_out, style_dim=32, fc_out=(32, 32, 32, 32, 20),
                              direction_shape=(motion_dim, 20))
 
 
@@ -216,7 +222,7 @@ def write_animate(out: Path, seed: int = 0, sizes: TinySizes | None = None) -> P
     fields = animate_fields(sizes)
     base = AnimateConfig.from_dict(fields)
     config = replace(base, clip_dim=sizes.clip_dim, face_inner_dim=sizes.face_inner,
-                     num_face_blocks=_face_blocks(sizes.dit_layers), motion=tiny_motion_spec())
+                     num_face_blocks=_face_blocks(sizes.dit_layers), motion=tiny_motion_spec(face_size=sizes.face_size))
     model = fill_random(WanAnimateDiT(config), seed * 100 + 21)
     write_sharded(out, state_of(model),
                   {"_class_name": "WanAnimateModel", "_diffusers_version": DIFFUSERS_VERSION, **fields})
@@ -243,13 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="directory to create (must be empty or absent)")
     parser.add_argument("--family", required=True, choices=("i2v", "animate"))
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    parser.add_argument("--face-size", type=int, default=32,
+                        help="animate: face crop side of the motion encoder (512 takes real preprocessing output)")
     args = parser.parse_args(argv)
     out: Path = args.out_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"{out}: exists and is not an empty directory; choose a new OUT_DIR", file=sys.stderr)
         return 2
-    writer = write_i2v if args.family == "i2v" else write_animate
-    writer(out, args.seed)
+    if args.family == "i2v":
+        write_i2v(out, args.seed)
+    else:
+        write_animate(out, args.seed, TinySizes(face_size=args.face_size))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote tiny {args.family} checkpoint to {out} ({size / 1e6:.1f} MB, seed {args.seed})")
     return 0
