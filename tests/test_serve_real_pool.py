@@ -1,0 +1,174 @@
+"""End to end through `wanbox serve` with the REAL warm pool (pipeline.worker under torchrun, gloo, tiny models).
+
+The fake worker stands in for the GPU elsewhere; here nothing does: real manifests become real videos through
+the supervisor, the CPU preprocessing pool, the torchrun worker and the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.config import DEFAULT_WORKER_COMMAND
+from pipeline.video import probe
+from tests.conftest import MEDIA
+from tests.workers.harness import REPO, Root, manifest_text, wait_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mediapipe_models import mediapipe_models_dir  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def tiny_checkpoint(dest: Path, family: str, *extra: str) -> Path:
+    subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(dest), "--family", family, *extra],
+                   cwd=REPO, check=True, capture_output=True)
+    return dest
+
+
+def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str) -> dict:
+    return {"command": [*DEFAULT_WORKER_COMMAND, *worker_args], "nproc": nproc, "checkpoint_dirs": {model: str(ckpt)},
+            "env": {"OMP_NUM_THREADS": "1"}, "heartbeat_seconds": 90, "load_deadline_seconds": 240,
+            "stop_grace_seconds": 30}
+
+
+def worker_rank_pids(socket: Path, rank: int) -> list[int]:
+    """The pipeline.worker processes of this pool (by its socket) that torchrun started as `rank`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pipeline.worker" in cmdline and str(socket).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def sidecar_of(root: Root, name: str) -> dict:
+    return json.loads((root.outbox / f"{name}.json").read_text())
+
+
+def wait_sampling_step(root: Root, name: str, step: int, timeout: float = 240) -> None:
+    def reached() -> bool:
+        job = root.job(name)
+        return job is not None and job.state.value == "sampling" and (job.step or 0) >= step
+
+    wait_for(reached, timeout, lambda: f"{name}: {root.job(name)}\n{root.log_text()[-3000:]}")
+
+
+def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
+    root = Root(tmp_path, pool=real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096"), jobs={"max_attempts": 3})
+    try:
+        root.serve()
+        # 1. a job, delivered as a decodable mp4 with a complete sidecar
+        root.drop("first", manifest_text(frames=5, steps=3, sampling="seed = 7\n"))
+        root.wait_state("first", "done", timeout=300)
+        first = sidecar_of(root, "first")
+        frames, width, height, fps = probe(root.outbox / "first.mp4")
+        assert (frames, fps) == (5, 16) and (width, height) == (first["video"]["width"], first["video"]["height"])
+        assert first["seed"] == 7 and first["model_load"] is True and first["pool"]["world_size"] == 2
+        for key in ("parameters", "timings_seconds", "gpu_seconds", "checkpoints", "software", "attempts"):
+            assert first[key] not in (None, {}, ""), key
+        assert (root.outbox / "first.jpg").is_file()
+
+        # 2. the next job runs on the same warm pool: no model load
+        root.drop("second", manifest_text(frames=5, steps=3, sampling="seed = 8\n"))
+        root.wait_state("second", "done", timeout=120)
+        assert sidecar_of(root, "second")["model_load"] is False
+
+        # 3. one rank killed mid-job: the pool is relaunched and the job retried to completion
+        root.drop("victim", manifest_text(frames=5, steps=40, sampling="seed = 9\n"))
+        wait_sampling_step(root, "victim", 2)
+        victims = worker_rank_pids(root.socket, 1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        job = root.wait_state("victim", "done", timeout=400)
+        assert job.attempts >= 1 and sidecar_of(root, "victim")["attempts"] >= 2
+        with root.ledger() as ledger:
+            moves = [(e.from_state, e.to_state) for e in ledger.events(job.id)]
+        assert ("sampling", "ready") in [(str(a), str(b)) for a, b in moves], moves  # requeued for the GPUs
+        assert sidecar_of(root, "victim")["model_load"] is True  # a fresh pool loaded the model again
+        assert probe(root.outbox / "victim.mp4")[0] == 5
+
+        # 4. cancel mid-job: the pool stops at the next step and is free for the next job at once
+        root.drop("cancelme", manifest_text(frames=41, steps=100, sampling="seed = 10\n"))
+        wait_sampling_step(root, "cancelme", 2)
+        started = time.monotonic()
+        with root.ledger() as ledger:  # what `wanbox cancel` does (tests/test_cli.py covers the command)
+            ledger.cancel(root.job("cancelme").id, "cancelled by the test")
+        root.drop("after", manifest_text(frames=5, steps=2, sampling="seed = 11\n"))
+        root.wait_state("after", "done", timeout=240)
+        stopped = root.job("cancelme")
+        assert stopped.state.value == "cancelled" and not (root.outbox / "cancelme.mp4").exists()
+        assert (stopped.step or 0) < 100, "the pool ran the cancelled job to its end"
+        assert "telling the pool to stop at the next step" in root.log_text() and time.monotonic() - started < 120
+        assert root.stop() == 0
+    finally:
+        root.cleanup()
+
+
+@pytest.fixture(scope="module")
+def mediapipe_dir() -> Path:
+    return mediapipe_models_dir()
+
+
+ANIMATE_MANIFEST = """schema = 1
+kind = "animate"
+
+[inputs]
+character = "character.jpg"
+video = "driving.mp4"
+
+[sampling]
+steps = 2
+seed = {seed}
+
+[animate]
+mode = "{mode}"
+refert_num = {refert}
+clip_len = 13
+preprocess_fps = 6
+"""
+
+
+def test_animate_jobs_in_both_modes_run_two_clips_through_serve(tmp_path: Path, mediapipe_dir: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "tiny-animate", "animate", "--face-size", "512")
+    root = Root(tmp_path, pool=real_pool("animate-14B", ckpt, 1),
+                preprocess={"mediapipe_dir": str(mediapipe_dir), "pose_model": "full", "max_area": 256 * 144})
+    try:
+        root.serve()
+        cases = {"dance": ("animation", 1, 3), "swap": ("replacement", 5, 4)}
+        for name, (mode, refert, seed) in cases.items():
+            folder = root.inbox / name
+            folder.mkdir()
+            shutil.copyfile(MEDIA / "animate_character.jpg", folder / "character.jpg")
+            shutil.copyfile(MEDIA / "animate_driving.mp4", folder / "driving.mp4")
+            (folder / ".job.toml.tmp").write_text(ANIMATE_MANIFEST.format(mode=mode, refert=refert, seed=seed))
+            (folder / ".job.toml.tmp").rename(folder / "job.toml")
+        for name, (_mode, refert, _seed) in cases.items():
+            job = root.wait_state(name, ("done", "failed"), timeout=600)
+            assert job.state.value == "done", job.last_error
+            sidecar = sidecar_of(root, name)
+            frames, width, height, fps = probe(root.outbox / f"{name}.mp4")
+            # 106 frames at 30 fps resampled to 6 fps: 21 frames; two clips of 13 with `refert` frames of overlap
+            assert frames == 21 and (width, height) == (256, 144) and fps == 6
+            assert sidecar["parameters"]["animate"]["refert_num"] == refert
+            assert probe(root.outbox / f"{name}.preview.mp4")[0] == 21  # the overlay, beside the video
+            # one clip gives at most clip_len = 13 frames: 21 frames took two clips, stitched and trimmed
+            assert json.loads((Path(job.work_dir) / "animate" / "preprocess_stats.json").read_text())["frames"] == 21
+        assert root.stop() == 0
+    finally:
+        root.cleanup()
