@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,9 +27,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.bench_dit_forward import build  # noqa: E402  (the same random 14B weights as the DiT bench)
 from pipeline.models import attention as attention_mod  # noqa: E402
-from pipeline.models.animate_dit import AnimateConfig, WanAnimateDiT  # noqa: E402
-from pipeline.models.motion_encoder import Blur, MotionEncoderSpec  # noqa: E402
+from pipeline.models.animate_dit import AnimateConfig  # noqa: E402
+from pipeline.models.motion_encoder import MotionEncoderSpec  # noqa: E402
 from pipeline.sampling import make_solver  # noqa: E402
 from pipeline.sampling.guidance import SequentialGuidance  # noqa: E402
 
@@ -75,29 +75,6 @@ def start_ranks(device_type: str) -> tuple[int, int, torch.device, object | None
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the shared GPU hosts
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device, UlyssesParallel(attention_fn=attention_mod.attention)
-
-
-def build(config: AnimateConfig, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """Meta-device model, allocated on `device` in `dtype`, filled in place (same seed on every rank)."""
-    with torch.device("meta"):
-        model = WanAnimateDiT(config)
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("modulation", "padding_tokens")):
-                p.normal_(0, 1 / math.sqrt(config.dim), generator=gen)
-            elif p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1 or name.endswith(".bias"):
-                p.normal_(0, 0.02, generator=gen)
-            else:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=gen)
-        for module in model.modules():
-            if isinstance(module, Blur):  # a fixed FIR buffer, not a weight
-                k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device)
-                module.kernel.copy_(torch.outer(k, k) / 64)
-    return model.eval().requires_grad_(False)
 
 
 def clip_inputs(config: AnimateConfig, size: str, device: torch.device, dtype: torch.dtype, seed: int) -> dict:

@@ -6,7 +6,6 @@ daemon never sees a partial file. It must never overwrite or delete anything alr
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -15,19 +14,11 @@ from pathlib import Path
 from daemon.jobfiles import fsync_dir
 from daemon.outbox import link_without_replacing
 from daemon.watcher import FOLDER_MANIFEST
-from inbox_schema import load_manifest
+from inbox_schema import file_sha256, load_manifest
 
 
 class SubmitError(ValueError):
     """The job cannot be submitted as given (exit 2): says which file and why."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_durably(src: Path, dest: Path) -> None:
@@ -79,7 +70,7 @@ def _submit_flat(manifest: Path, job: object, inbox: Path, name: str) -> list[st
     for item in job.inputs.values():  # type: ignore[attr-defined]
         dest = inbox / item.relpath
         if os.path.lexists(dest):
-            if dest.is_file() and _sha256(dest) == _sha256(item.path):
+            if dest.is_file() and file_sha256(dest) == file_sha256(item.path):
                 done.append(f"{item.relpath}: already in the inbox with the same content")
                 continue
             raise SubmitError(f"{dest} already exists with other content: rename your file, or submit a folder")

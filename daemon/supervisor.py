@@ -7,7 +7,6 @@ It must never import torch, never crash on user input, and never delete an input
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -32,7 +31,7 @@ from daemon.pool import PoolEvent, WarmPool
 from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs, read_progress, warm_up
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
-from inbox_schema import ManifestError, ManifestInvalid, load_manifest, render_errors
+from inbox_schema import ManifestError, ManifestInvalid, file_sha256, load_manifest, render_errors
 from inbox_schema.defaults import MANIFEST_MAX_BYTES
 from inbox_schema.hashing import manifest_hash
 
@@ -63,14 +62,6 @@ def software_version() -> str:
         return version("wanbox")
     except Exception:  # not installed (a checkout): the version in pyproject
         return "0.1.0+checkout"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -444,7 +435,7 @@ class Supervisor:
             return f"{field_name}.size: the file has {sig[0]} bytes, expected {item.size} (as declared)"
         cached = entry.hashes.get(str(item.path))
         if cached is None or cached[0] != sig:
-            cached = (sig, sha256_file(item.path))
+            cached = (sig, file_sha256(item.path))
             entry.hashes[str(item.path)] = cached
         if item.sha256 is not None and cached[1] != item.sha256:
             return f"{field_name}.sha256: the file's sha256 is {cached[1]}, expected {item.sha256} (as declared)"
