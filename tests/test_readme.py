@@ -26,7 +26,8 @@ def test_readme_manifest_examples_are_valid(block: str, tmp_path: Path) -> None:
 def test_every_wanbox_command_the_readme_names_exists() -> None:
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # the registered subcommands
-    shell = "\n".join(re.findall(r"```sh\n(.*?)```", TEXT, re.S))
+    shell_lines = "\n".join(re.findall(r"```sh\n(.*?)```", TEXT, re.S)).splitlines()
+    shell = "\n".join(line.split("#", 1)[0] for line in shell_lines)  # comments are prose, not commands
     named = set(re.findall(r"`wanbox ([a-z]+)", TEXT)) | set(re.findall(r"\bwanbox ([a-z]+)", shell))
     assert named, "the README names no wanbox command"
     assert named <= commands, f"README names commands that do not exist: {sorted(named - commands)}"
