@@ -5,6 +5,7 @@ Tests use the real fixtures and media beside the checkout (../shared); nothing h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread() -> Iterator[None]:
+    """For modules of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_cpu_thread")`): tiny
+    matmuls and convolutions gain nothing from intra-op threads, and on a loaded 2-core machine two threads
+    spin-wait against each other (seen ~10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

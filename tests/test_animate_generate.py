@@ -39,13 +39,7 @@ STEPS = 2
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny convolutions gain nothing from threads, and on a shared CPU two threads spin-wait (~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

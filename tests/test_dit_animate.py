@@ -24,13 +24,7 @@ FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "
 CASES = json.loads((FIXTURE / "cases.json").read_text())["cases"] if FIXTURE.is_dir() else []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine (10x slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ WAN_REF = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "
 I2V, ANIMATE = WAN_REF / "dit_i2v", WAN_REF / "dit_animate"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny models: intra-op threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # conftest: tiny models, one thread
 
 
 def _cases(folder: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
