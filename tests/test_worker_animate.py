@@ -5,8 +5,6 @@ preprocessed src folder, driven over a real Unix socket; the mp4 is checked by d
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import pytest
 import torch
 
 from pipeline.video import probe, write_mp4
-from tests.test_worker_pool import REPO, Supervisor
+from tests.test_worker_pool import Supervisor
+from tests.workers.harness import write_tiny_checkpoint
 
 H, W, FACE = 16, 32, 32  # pose frames; the tiny motion encoder takes 32x32 face crops
 
@@ -24,9 +23,7 @@ H, W, FACE = 16, 32, 32  # pose frames; the tiny motion encoder takes 32x32 face
 @pytest.fixture(scope="module")
 def tiny_animate() -> Path:
     out = Path(tempfile.mkdtemp(prefix="wanbox-tiny-animate-"))
-    subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(out / "ckpt"), "--family", "animate"],
-                   cwd=REPO, check=True, capture_output=True)
-    yield out / "ckpt"
+    yield write_tiny_checkpoint(out / "ckpt", "animate")
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from daemon import protocol
 from pipeline.video import probe
+from tests.workers.harness import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO.parent / "shared" / "media" / "i2v_input.jpg"
@@ -29,9 +30,7 @@ MAX_AREA = 48 * 64  # tiny: a 6x8 or 8x6 latent
 @pytest.fixture(scope="module")
 def tiny_i2v() -> Path:
     out = Path(tempfile.mkdtemp(prefix="wanbox-tiny-"))
-    subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(out / "ckpt"), "--family", "i2v"],
-                   cwd=REPO, check=True, capture_output=True)
-    yield out / "ckpt"
+    yield write_tiny_checkpoint(out / "ckpt", "i2v")
     shutil.rmtree(out, ignore_errors=True)
 
 

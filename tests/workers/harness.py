@@ -54,6 +54,13 @@ def write_image(path: Path, size: tuple[int, int] = (96, 64), color: tuple[int, 
     return path
 
 
+def write_tiny_checkpoint(dest: Path, family: str, *extra: str) -> Path:
+    """A tiny checkpoint in the released layout, written by the CLI users run (`python -m pipeline.weights.tiny`)."""
+    subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(dest), "--family", family, *extra],
+                   cwd=REPO, check=True, capture_output=True)
+    return dest
+
+
 def short_socket_dir() -> Path:
     # AF_UNIX paths are limited to 107 bytes; pytest's tmp paths can be longer than that.
     path = Path(tempfile.mkdtemp(prefix="wbx-"))
