@@ -7,6 +7,7 @@ same code on the CPU with a tiny config (smoke test). Rank 0 prints one JSON lin
 
     python bench/bench_animate_step.py                                   # 1 GPU, guide scale 1 (1 forward)
     python bench/bench_animate_step.py --guide-scale 2                   # text+face guidance (2 forwards)
+    python bench/bench_animate_step.py --compile                         # the pool's fast path
     torchrun --standalone --nproc-per-node 4 bench/bench_animate_step.py # Ulysses over 4 GPUs
     python bench/bench_animate_step.py --tiny                            # CPU smoke test
     torchrun --standalone --nproc-per-node 2 bench/bench_animate_step.py --tiny   # CPU, gloo, 2 ranks
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.bench_dit_forward import build  # noqa: E402  (the same random 14B weights as the DiT bench)
 from pipeline.models import attention as attention_mod  # noqa: E402
 from pipeline.models.animate_dit import AnimateConfig  # noqa: E402
+from pipeline.models.fast import optimize  # noqa: E402
 from pipeline.models.motion_encoder import MotionEncoderSpec  # noqa: E402
 from pipeline.sampling import make_solver  # noqa: E402
 from pipeline.sampling.guidance import SequentialGuidance  # noqa: E402
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--attention", default=None, help="auto|cudnn|flash|fa3|math (default: WANBOX_ATTENTION)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="the pool's fast path: fused q/k/v + regional compile")
     return p.parse_args(argv)
 
 
@@ -142,7 +145,7 @@ def measure(model: nn.Module, config: AnimateConfig, size: str, device: torch.de
         "forwards_per_step": 1 if scale == 1.0 else 2, "latent": list(inputs["latent"].shape),
         "pose_latents": list(inputs["pose_latents"].shape), "face": list(inputs["face"].shape),
         "tokens": inputs["seq_len"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "attention": attention_mod.active_backend(), "seconds_best": round(min(times), 4),
+        "attention": attention_mod.active_backend(), "compiled": bool(args.compile), "seconds_best": round(min(times), 4),
         "seconds_all": [round(s, 4) for s in times],
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "finite": bool(torch.isfinite(out).all()),
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("tiny" if args.tiny else "720p")
     start = time.perf_counter()
     model = build(config, device, dtype, args.seed)
+    if args.compile:
+        optimize(model, compile=not args.tiny)  # the warm pool's set-up; compile stays off on the CPU
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict | None] = {
     "compiled": dict(compile=True, fuse_qkv=True),
     "compiled-bhld": dict(compile=True, fuse_qkv=True, attention_layout="bhld"),
 }
+LAYOUTS = ("blhd", "blhd+packed-v", "bhld")  # q/k/v layouts the kernel table can feed (see _attention_inputs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--attention", default="cudnn", help="auto|cudnn|flash|fa3|math")
     p.add_argument("--no-kernels", action="store_true", help="skip the attention / GEMM kernel table")
+    p.add_argument("--kernel-backends", default="cudnn,flash,fa3", help="attention backends in the kernel table")
+    p.add_argument("--kernel-layouts", default=",".join(LAYOUTS), help="q/k/v memory layouts in the kernel table")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny config")
     p.add_argument("--out", type=Path, default=None, help="also write every result as JSON here")
     return p.parse_args(argv)
@@ -110,19 +113,20 @@ def measure_variants(model: WanDiT, config: DiTConfig, sizes: list[str], args: a
     return results
 
 
-def measure_kernels(config: DiTConfig, sizes: list[str], device: torch.device, dtype: torch.dtype) -> list[dict]:
+def measure_kernels(config: DiTConfig, sizes: list[str], device: torch.device, dtype: torch.dtype,
+                    backends: list[str], layouts: list[str]) -> list[dict]:  # fmt: skip
     """Self-attention alone per backend and memory layout, the q/k/v projections fused vs three GEMMs, and any
     flash-attention implementation torch can plug into SDPA here (FA3/FA4 via torch.nn.attention)."""
     rows: list[dict] = []
-    backends = ["cudnn", "flash", "fa3"] if device.type == "cuda" else ["sdpa"]
+    backends = backends if device.type == "cuda" else ["sdpa"]
     for size in sizes:
-        layouts, tokens = _attention_inputs(config, size, device, dtype)
+        inputs, tokens = _attention_inputs(config, size, device, dtype, layouts)
         for backend in backends:
             if _use_backend(backend, device):
-                rows += _time_attention(f"attention[{backend}]", size, layouts, tokens, config, device)
+                rows += _time_attention(f"attention[{backend}]", size, inputs, tokens, config, device)
             else:
                 rows.append(_unavailable(f"attention[{backend}]", size, "failed its self-test or is not installed"))
-        del layouts
+        del inputs
         rows += _time_qkv_gemms(config, size, tokens, device, dtype)
     for impl in _flash_impls() if device.type == "cuda" else []:
         try:
@@ -131,13 +135,14 @@ def measure_kernels(config: DiTConfig, sizes: list[str], device: torch.device, d
             rows.append(_unavailable(f"attention[flash:{impl}]", ",".join(sizes), f"{type(exc).__name__}: {exc}"[:120]))
             continue
         for size in sizes:
-            layouts, tokens = _attention_inputs(config, size, device, dtype)
+            inputs, tokens = _attention_inputs(config, size, device, dtype, layouts)
             if _use_backend("flash", device):
-                rows += _time_attention(f"attention[flash:{impl}]", size, layouts, tokens, config, device)
+                rows += _time_attention(f"attention[flash:{impl}]", size, inputs, tokens, config, device)
     return rows
 
 
-def _attention_inputs(config: DiTConfig, size: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, int]:
+def _attention_inputs(config: DiTConfig, size: str, device: torch.device, dtype: torch.dtype,
+                      wanted: list[str]) -> tuple[dict, int]:  # fmt: skip
     t, h, w = LATENTS[size]
     tokens = t * h * w // 4
     gen = torch.Generator(device=device).manual_seed(0)
@@ -149,7 +154,7 @@ def _attention_inputs(config: DiTConfig, size: str, device: torch.device, dtype:
         "blhd+packed-v": (qkv[0], qkv[1], packed.chunk(3, dim=-1)[2].unflatten(2, heads)),  # the fused path
         "bhld": tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv),  # head-major
     }
-    return layouts, tokens
+    return {name: layouts[name] for name in wanted}, tokens
 
 
 def _use_backend(backend: str, device: torch.device) -> bool:
@@ -250,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    kernels = [] if args.no_kernels else measure_kernels(config, sizes, device, dtype)
+    layouts = [name.strip() for name in args.kernel_layouts.split(",")]
+    if unknown := [name for name in layouts if name not in LAYOUTS]:
+        raise SystemExit(f"--kernel-layouts: {unknown} not in {', '.join(LAYOUTS)}")
+    backends = [name.strip() for name in args.kernel_backends.split(",")]
+    kernels = [] if args.no_kernels else measure_kernels(config, sizes, device, dtype, backends, layouts)
     if device.type == "cuda":
         attention_mod.set_backend(args.attention)
     if args.out:

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.bench_dit_forward import LATENTS, build, forward_flops, make_inputs, run_once  # noqa: E402
-from bench.reference import build_reference_i2v, load_reference_model_module  # noqa: E402
+from bench.reference import build_reference_i2v, load_reference_model_module, use_reference_attention  # noqa: E402
 from pipeline.models import attention as attention_mod  # noqa: E402
 from pipeline.models.dit import DiTConfig  # noqa: E402
 
@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="480p,720p")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time ours with regional torch.compile of the blocks")
-    p.add_argument("--reference-backends", default="default,cudnn", help="SDPA choices for the reference")
+    p.add_argument("--reference-backends", default="default,cudnn",
+                   help="the reference's attention: SDPA choices (default, cudnn, flash) or fa3 (its FA3 call)")
+    p.add_argument("--skip-eager", action="store_true", help="time ours compiled only (needs --compile)")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     return p.parse_args(argv)
 
@@ -71,6 +73,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reference_forward(model: torch.nn.Module, inputs: dict, backend: str) -> torch.Tensor:
+    use_reference_attention(backend)
     kernels = {"cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}
     ctx = sdpa_kernel(kernels[backend]) if backend in kernels else contextlib.nullcontext()
     with ctx, torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -88,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = build(config, device, torch.bfloat16, seed=0)
     weights_gib = sum(p.numel() * p.element_size() for p in ours.parameters()) / 2**30
     outputs: dict[str, torch.Tensor] = {}
-    for size in sizes:
+    if args.skip_eager and not args.compile:
+        print("error: --skip-eager needs --compile (nothing of ours would be timed)", file=sys.stderr)
+        return 2
+    for size in [] if args.skip_eager else sizes:
         inputs = make_inputs(config, LATENTS[size], device, seed=0)
         flops = forward_flops(config, inputs["seq_len"], animate=False)
         times, peak, out = timed(lambda: run_once(ours, inputs, device), args.iters)  # noqa: B023
@@ -106,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - start
             times, peak, out = timed(lambda: run_once(ours, inputs, device), args.iters)  # noqa: B023
+            eager = outputs.setdefault(size, out.cpu())  # with --skip-eager the compiled output is ours
             results.append(row("ours+compile", size, times, peak, flops, attention=attention_mod.active_backend(),
-                               first_call_s=round(compile_s, 1), rel_l2_vs_eager=rel_l2(out.cpu(), outputs[size])))
+                               first_call_s=round(compile_s, 1), rel_l2_vs_eager=rel_l2(out.cpu(), eager)))
             print(json.dumps(results[-1]), flush=True)
     if args.reference_src is not None and args.reference_src.is_dir():
         module = load_reference_model_module(args.reference_src)

@@ -1,7 +1,8 @@
 """Loads the public Wan2.2 reference's WanModel from a source checkout, for side-by-side benchmarks.
 
 Nothing of the reference is vendored: the caller points at a checkout fetched for the run. This module only
-supplies stand-ins for the two imports a GPU machine may lack (diffusers' config mixins, FlashAttention).
+supplies stand-ins for the two imports a GPU machine may lack (diffusers' config mixins, FlashAttention): the
+reference's `flash_attention` runs on torch SDPA, or on its own FlashAttention-3 call where an FA3 build exists.
 """
 
 from __future__ import annotations
@@ -58,12 +59,67 @@ def sdpa_flash_attention(
     return torch.cat(outs).to(out_dtype)
 
 
+def fa3_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_lens: torch.Tensor | None = None,
+    k_lens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    q_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    deterministic: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    version: int | None = None,
+) -> torch.Tensor:
+    """The reference's own FlashAttention-3 path: sequences packed, `flash_attn_varlen_func` over cu_seqlens.
+
+    The reference indexes the call's result with [0] (older FA3 builds returned (out, lse)); newer builds
+    return the output alone, so both are accepted here. Everything else is the reference's call.
+    """
+    import flash_attn_interface  # an FA3 build must be importable for this backend
+
+    b, lq, lk, out_dtype = q.size(0), q.size(1), k.size(1), q.dtype
+    half = (torch.float16, torch.bfloat16)
+    q_lens = torch.full((b,), lq, dtype=torch.int32) if q_lens is None else q_lens
+    k_lens = torch.full((b,), lk, dtype=torch.int32) if k_lens is None else k_lens
+    q = torch.cat([u[:n] for u, n in zip(q, q_lens, strict=True)])
+    k = torch.cat([u[:n] for u, n in zip(k, k_lens, strict=True)])
+    v = torch.cat([u[:n] for u, n in zip(v, k_lens, strict=True)])
+    q, k, v = (x if x.dtype in half else x.to(dtype) for x in (q, k, v))
+    if q_scale is not None:
+        q = q * q_scale
+    cumulative = lambda lens: torch.cat([lens.new_zeros([1]), lens]).cumsum(0, dtype=torch.int32).to(q.device)  # noqa: E731
+    out = flash_attn_interface.flash_attn_varlen_func(
+        q=q, k=k, v=v, cu_seqlens_q=cumulative(q_lens), cu_seqlens_k=cumulative(k_lens), seqused_q=None,
+        seqused_k=None, max_seqlen_q=lq, max_seqlen_k=lk, softmax_scale=softmax_scale, causal=causal,
+        deterministic=deterministic,
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    return out.unflatten(0, (b, lq)).to(out_dtype)
+
+
+# Which stand-in the reference's `flash_attention` calls: set by use_reference_attention().
+_ATTENTION = {"impl": sdpa_flash_attention}
+
+
+def use_reference_attention(name: str) -> None:
+    """'fa3': the reference's FlashAttention-3 call; anything else: torch SDPA (the caller picks its backend)."""
+    _ATTENTION["impl"] = fa3_flash_attention if name == "fa3" else sdpa_flash_attention
+
+
+def _dispatch_flash_attention(*args: object, **kwargs: object) -> torch.Tensor:
+    return _ATTENTION["impl"](*args, **kwargs)
+
+
 def _install_stand_ins() -> None:
     """Registers a package for the reference modules and, where missing, diffusers' two mixins."""
     pkg = types.ModuleType(PACKAGE)
     pkg.__path__ = []  # a namespace for the loaded files only
     attention = types.ModuleType(f"{PACKAGE}.attention")
-    attention.flash_attention = sdpa_flash_attention
+    attention.flash_attention = _dispatch_flash_attention
     sys.modules[PACKAGE] = pkg
     sys.modules[f"{PACKAGE}.attention"] = attention
     try:

@@ -5,6 +5,7 @@ Read-only: it creates, moves and deletes nothing, and must not import torch (GPU
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from daemon.config import MODEL_FAMILIES, Config
 
 MIN_FREE_GIB = 20  # one 720p job's intermediates plus room for outputs; below it, warn
 CRITICAL_FREE_GIB = 2
+PAGE_CACHE_HEADROOM_GIB = 16  # RAM for the daemon, preprocessing and the OS beside the cached weight files
 
 
 @dataclass
@@ -67,16 +69,41 @@ def check_disk(cfg: Config) -> Check:
     return Check("free disk", status, f"{free_gib:.1f} GiB free under {cfg.paths.root}")
 
 
-def check_memory() -> Check:
+def _meminfo_gib() -> dict[str, float] | None:
+    """/proc/meminfo in GiB (MemTotal, MemAvailable, ...); None where it cannot be read."""
     try:
         lines = Path("/proc/meminfo").read_text().splitlines()
     except OSError:
+        return None
+    return {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in lines if line.split()[1:]}
+
+
+def check_memory() -> Check:
+    info = _meminfo_gib()
+    if info is None:
         return Check("memory", "warn", "cannot read /proc/meminfo")
-    info = {line.split(":")[0]: int(line.split()[1]) for line in lines if line.split()[1:]}
-    total, available = info.get("MemTotal", 0) / 2**20, info.get("MemAvailable", 0) / 2**20
+    total, available = info.get("MemTotal", 0.0), info.get("MemAvailable", 0.0)
     status = "warn" if total < 64 else "ok"
     return Check("memory", status, f"{total:.0f} GiB total, {available:.0f} GiB available"
                  + (" (14B models want 64+ GiB of host RAM to load)" if status == "warn" else ""))
+
+
+HOPPER_NAMES = ("H100", "H200", "H800", "H20", "GH200")  # compute capability 9.0: FlashAttention-3's GPUs
+
+
+def check_attention(cfg: Config, gpus: Check) -> Check:
+    """Which attention kernel the worker can use; FlashAttention-3 is optional but ~12% faster on Hopper."""
+    if cfg.pool.device != "cuda":
+        return Check("attention kernel", "ok", "torch SDPA on the CPU (pool.device = cpu)")
+    # Looked up, not imported: doctor must not import torch. The default worker runs this same interpreter.
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        return Check("attention kernel", "ok", "FlashAttention-3 found: the worker uses it after its self-test")
+    hopper = gpus.status == "ok" and any(name in gpus.detail for name in HOPPER_NAMES)
+    detail = "FlashAttention-3 not installed: torch's cuDNN attention is used"
+    if hopper:
+        detail += ("; on this Hopper GPU a 720p forward takes ~13% longer than with FlashAttention-3 "
+                   "(README: 'Faster attention on Hopper' builds it in ~2 minutes)")  # fmt: skip
+    return Check("attention kernel", "warn" if hopper else "ok", detail)
 
 
 def check_gpus(cfg: Config) -> Check:
@@ -123,6 +150,42 @@ def check_models(cfg: Config) -> list[Check]:
     return found
 
 
+def check_model_load(cfg: Config) -> list[Check]:
+    """Per installed family: how many bytes the pool reads at each start, and whether RAM can cache them.
+
+    A pool (re)start reads every weight file; from the page cache that is fast (both I2V experts reach the
+    GPU in ~6.4 s, bench/RESULTS.md), from disk it runs at the disk's speed. So RAM >= the files + headroom.
+    """
+    try:
+        from pipeline.weights.layouts import check_installed, required_files
+    except ImportError:
+        return []
+    info = _meminfo_gib()
+    found = []
+    for family in MODEL_FAMILIES:
+        root = cfg.pool.checkpoint_dir(family)
+        try:
+            if check_installed(family, root):
+                continue  # check_models already says what is missing and how to pull it
+            size_gib = sum((root / rel).stat().st_size for rel in required_files(family, root)) / 2**30
+        except (OSError, ValueError):
+            continue
+        need = size_gib + PAGE_CACHE_HEADROOM_GIB
+        head = f"each pool start reads {size_gib:.1f} GiB of weights from {root}"
+        if info is None:
+            found.append(Check(f"model {family} load", "warn", f"{head}; RAM unknown (no /proc/meminfo)"))
+            continue
+        total = info.get("MemTotal", 0.0)
+        if total >= need:
+            found.append(Check(f"model {family} load", "ok", f"{head}; {total:.0f} GiB of RAM can keep them in the "
+                                                              "page cache, so restarts load in seconds"))
+            continue
+        found.append(Check(f"model {family} load", "warn",
+                           f"{head}; {total:.0f} GiB of RAM cannot cache them (needs ~{need:.0f} GiB), so every "
+                           f"restart reads them from disk (~{size_gib * 2**30 / 2e9:.0f} s at 2 GB/s)"))
+    return found
+
+
 def check_worker(cfg: Config) -> list[Check]:
     from daemon.pool import WarmPool
 
@@ -145,13 +208,16 @@ def check_worker(cfg: Config) -> list[Check]:
 
 def run_checks(cfg: Config) -> list[Check]:
     source = str(cfg.source) if cfg.source else "built-in defaults"
+    gpus = check_gpus(cfg)
     return [
         Check("config", "ok", source),
         *check_dirs(cfg),
         check_same_filesystem(cfg),
         check_disk(cfg),
         check_memory(),
-        check_gpus(cfg),
+        gpus,
+        check_attention(cfg, gpus),
         *check_models(cfg),
+        *check_model_load(cfg),
         *check_worker(cfg),
     ]

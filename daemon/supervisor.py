@@ -804,6 +804,7 @@ class Supervisor:
             "gpu_seconds": job.gpu_seconds,
             "peak_memory": stats.get("peak_memory"),
             "model_load": stats.get("model_load"),
+            "attention": stats.get("attention"),
             "pool": {k: self.pool.hello.get(k) for k in ("world_size", "devices", "parallel")},
             "attempts": job.attempts + 1,
             "created_at": job.created_at.isoformat(),

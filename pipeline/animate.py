@@ -96,7 +96,16 @@ class RelightingLora:
 
     @contextmanager
     def applied(self, model: nn.Module, device: torch.device) -> Iterator[None]:
-        """While inside, every targeted Linear returns W x + b + scale * B (A x); hooks are removed on exit."""
+        """While inside, every targeted Linear returns W x + b + scale * B (A x); hooks are removed on exit.
+
+        Compiled blocks run eagerly meanwhile: hooks that come and go per job would otherwise recompile each
+        block (the closures differ per layer). A fused q/k/v GEMM would bypass the q/k/v hooks: refused.
+        """
+        from pipeline.models.fast import fused_blocks
+
+        if fused_blocks(model):
+            raise RuntimeError("relighting LoRA: the DiT's self-attention q/k/v are fused, which would skip their "
+                               "LoRA; load with optimize(model, fuse_qkv=False) when the LoRA is resident")
         modules = dict(model.named_modules())
         handles = []
         try:
@@ -105,7 +114,8 @@ class RelightingLora:
                     a, b = a.to(device), b.to(device)
                     self.layers[name] = (a, b, scale)
                 handles.append(modules[name].register_forward_hook(_lora_hook(a, b, scale)))
-            yield
+            with torch.compiler.set_stance("force_eager"):
+                yield
         finally:
             for handle in handles:
                 handle.remove()

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from daemon import protocol
+from pipeline.models import attention as attention_mod
 from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, fingerprint, open_family
 from pipeline.video import DEFAULT_CRF, write_mp4
 
@@ -252,6 +253,7 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
         "gpu_seconds": round((time.monotonic() - report.started) * ranks.world_size, 3),
         "peak_memory": [memory for _, memory in outcomes],
         "model_load": first_job,
+        "attention": attention_mod.active_backend(),  # the kernel that ran (after its self-test): fa3, cudnn, ...
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
     }

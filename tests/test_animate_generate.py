@@ -459,6 +459,25 @@ def test_a_job_asking_for_relighting_changes_the_video_only_for_that_job(models:
         generate_animate(bare, src, mode="animation", seed=1, relighting_lora=True)
 
 
+def test_the_pools_compiled_fast_path_keeps_both_kinds_of_job_right(ckpt: Path, tmp_path: Path) -> None:
+    """The warm pool compiles the blocks; a LoRA job runs them eagerly with its hooks, a plain job compiled."""
+    from pipeline.models.fast import optimize
+
+    models = AnimateModels.load(ckpt, relighting_lora=True)
+    src = write_src(tmp_path / "src", 2)
+    args = dict(mode="animation", clip_len=5, steps=1, seed=3)
+    plain, lit = (generate_animate(models, src, relighting_lora=lora, **args) for lora in (False, True))
+    optimize(models.dit, compile=True, fuse_qkv=False)  # what the pool does when the LoRA is resident
+    torch.testing.assert_close(generate_animate(models, src, relighting_lora=True, **args), lit)
+    torch.testing.assert_close(generate_animate(models, src, relighting_lora=False, **args), plain,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    optimize(models.dit, compile=False, fuse_qkv=True)  # fused q/k/v would skip their LoRA: refused, not wrong
+    with pytest.raises(RuntimeError, match="fuse_qkv=False"):
+        generate_animate(models, src, relighting_lora=True, **args)
+    assert torch.equal(generate_animate(models, src, relighting_lora=False, **args),
+                       generate_animate(models, src, relighting_lora=False, **args))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -73,6 +73,7 @@ def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_
         frames, width, height, fps = probe(root.outbox / "first.mp4")
         assert (frames, fps) == (5, 16) and (width, height) == (first["video"]["width"], first["video"]["height"])
         assert first["seed"] == 7 and first["model_load"] is True and first["pool"]["world_size"] == 2
+        assert first["attention"] == "sdpa"  # the kernel that ran: torch SDPA on the CPU
         for key in ("parameters", "timings_seconds", "gpu_seconds", "checkpoints", "software", "attempts"):
             assert first[key] not in (None, {}, ""), key
         assert (root.outbox / "first.jpg").is_file()

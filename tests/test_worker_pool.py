@@ -124,7 +124,7 @@ def test_two_jobs_on_one_pool_second_without_model_load(pool, tiny_i2v) -> None:
     assert sampling[-2:] == [1, 2], "progress after every denoising step"
     assert {m["phase"] for m in seen} >= {"encode", "sampling", "decode", "write"}
     stats = done["stats"]
-    assert stats["model_load"] is True and stats["load_seconds"] > 0
+    assert stats["model_load"] is True and stats["load_seconds"] > 0 and stats["attention"] == "sdpa"
     assert probe(done["output"]) == (5, stats["width"], stats["height"], 16.0)
     assert stats["width"] * stats["height"] <= MAX_AREA and len(stats["peak_memory"]) == 2
     assert set(stats["phases"]) == {"encode", "sampling", "decode", "write"}

@@ -55,18 +55,18 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, sharding: str) -> None:
+def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> None:
     """The fast path of pipeline.models.fast on loaded DiTs: fused q/k/v and regional compile (same function).
 
-    FSDP shards the q/k/v parameters, so their fusion is skipped there; compile stays off on the CPU (tests,
-    the demo), where compiling would cost more than it saves.
+    fuse_qkv is off where the q/k/v layers must stay separate (FSDP shards them; a resident LoRA hooks them);
+    compile stays off on the CPU (tests, the demo), where compiling would cost more than it saves.
     """
     from pipeline.models.fast import optimize
 
     mode = getattr(args, "compile", "auto")
     compile_blocks = mode == "on" or (mode == "auto" and args.device == "cuda")
     for expert in experts:
-        optimize(expert, compile=compile_blocks, fuse_qkv=sharding != "fsdp")
+        optimize(expert, compile=compile_blocks, fuse_qkv=fuse_qkv)
 
 
 def param(params: dict[str, Any], path: str) -> Any:
@@ -107,7 +107,7 @@ class I2VFamily:
                                      text_encoder=self.ranks.master, offload_experts=in_host)
         if self.sharding == "fsdp":
             shard_experts(self.models, self.ranks.device)
-        speed_up([self.models.high_noise, self.models.low_noise], self.args, self.sharding)
+        speed_up([self.models.high_noise, self.models.low_noise], self.args, fuse_qkv=self.sharding != "fsdp")
         self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
@@ -206,6 +206,7 @@ class AnimateFamily:
         self.models = AnimateModels.load(self.root, self.ranks.device, dtype_of(self.args),
                                          relighting_lora=(self.root / LORA_FILE).is_file(),
                                          text_encoder=self.ranks.master)
+        speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
         self.sp, self.guidance = parallel_groups(self.plan)
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:

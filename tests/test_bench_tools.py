@@ -1,0 +1,79 @@
+"""The benchmark helpers' own logic, on the CPU: the profiler's kernel sorting and the reference's FA3 call.
+
+The FlashAttention-3 kernel itself runs only on Hopper GPUs; here a stand-in module with its varlen contract
+(packed sequences, cumulative lengths) computes per-sequence SDPA, so what is tested is the packing and
+unpacking around the call, which is the code that runs unchanged on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import reference
+from bench.bench_profile import kind_of
+from bench.bench_profile import main as profile_main
+
+
+def test_kernels_are_sorted_into_kinds() -> None:
+    assert kind_of("void cutlass::device_kernel<flash::enable_sm90<flash::FlashAttnFwdSm90<2>>>") == "attention"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kind_of("nvjet_sm90_tst_192x208_64x4_2x1_v_bz_coopB_bias_TNT") == "gemm"
+    assert kind_of("triton_poi_fused_gelu_view_7") == "compiled elementwise (triton)"
+    assert kind_of("Memcpy DtoD (Device -> Device)") == "copy / layout"
+    assert kind_of("something_else") == "other"
+
+
+def test_profile_result_accounts_for_every_kernel(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "profile.json"
+    assert profile_main(["--tiny", "--top", "5", "--out", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["size"] == "tiny" and result["attention"] == "sdpa" and result["kernels_s"] > 0
+    assert abs(sum(result["kinds"].values()) - result["kernels_s"]) < 1e-3
+    assert result["kinds"].get("attention", 0) > 0 and len(result["top"]) == 5
+    assert "kind" in capsys.readouterr().out
+
+
+def _varlen_by_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                    causal=False, **_: object):  # fmt: skip
+    """FA3's varlen contract on SDPA: [total, H, D] packed sequences delimited by cumulative lengths."""
+    assert q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens_q.dtype == torch.int32
+    outs = []
+    for i in range(len(cu_seqlens_q) - 1):
+        sq, eq, sk, ek = cu_seqlens_q[i], cu_seqlens_q[i + 1], cu_seqlens_k[i], cu_seqlens_k[i + 1]
+        assert eq - sq <= max_seqlen_q and ek - sk <= max_seqlen_k
+        o = F.scaled_dot_product_attention(q[sq:eq].transpose(0, 1)[None], k[sk:ek].transpose(0, 1)[None],
+                                           v[sk:ek].transpose(0, 1)[None], is_causal=causal, scale=softmax_scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("returns_lse", [False, True])
+def test_reference_fa3_call_packs_and_unpacks_like_the_sdpa_path(monkeypatch, returns_lse: bool) -> None:
+    fake = types.ModuleType("flash_attn_interface")
+    fake.flash_attn_varlen_func = (lambda *a, **k: (_varlen_by_sdpa(*a, **k), None)) if returns_lse else _varlen_by_sdpa
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 3, 16, generator=gen) for _ in range(3))
+    k_lens = torch.tensor([12, 7], dtype=torch.int32)
+    want = reference.sdpa_flash_attention(q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
+    got = reference.fa3_flash_attention(q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert torch.allclose(got, want, atol=1e-2)
+    assert not torch.allclose(got[1], reference.sdpa_flash_attention(q, k, v)[1], atol=1e-2)  # lengths used
+
+
+def test_reference_attention_switch(monkeypatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setitem(reference._ATTENTION, "impl", reference._ATTENTION["impl"])  # restored afterwards
+    monkeypatch.setattr(reference, "fa3_flash_attention", lambda *a, **k: calls.append("fa3"))
+    monkeypatch.setattr(reference, "sdpa_flash_attention", lambda *a, **k: calls.append("sdpa"))
+    for name in ("fa3", "cudnn", "default"):
+        reference.use_reference_attention(name)
+        reference._dispatch_flash_attention()
+    assert calls == ["fa3", "sdpa", "sdpa"]
