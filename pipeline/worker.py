@@ -27,6 +27,7 @@ import torch.distributed as dist
 from daemon import protocol
 from pipeline.models import attention as attention_mod
 from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, fingerprint, open_family
+from pipeline.rank_failures import FailureWatch
 from pipeline.video import DEFAULT_CRF, write_mp4
 
 MODELS = ("i2v-A14B", "animate-14B")
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collective-timeout", type=float, default=600.0,
                    help="seconds a compute collective may wait before the pool is declared dead")
     p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--failure-grace", type=float, default=30.0,
+                   help="seconds a rank's posted failure may wait for the closing gather before rank 0 reports "
+                        "it and ends the pool (the other ranks are then stuck in a collective)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="regional torch.compile of the DiT blocks (auto: on for cuda); the first job of each "
                         "resolution pays ~20 s of compilation, every later step runs ~15%% faster")
@@ -219,11 +223,28 @@ class JobReport:
 
 
 def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args: argparse.Namespace,
-            first_job: bool, load_seconds: float) -> dict[str, Any]:
-    """Run one `run` command on every rank; the message rank 0 sends back (done or error)."""
+            first_job: bool, load_seconds: float, watch: FailureWatch, seq: int) -> dict[str, Any]:
+    """Run one `run` command (the pool's job number `seq`) on every rank; rank 0's reply (done or error)."""
     job = command["job"]
     report = JobReport(job, link)
     reset_peak_memory(ranks.device)
+    with watch.watching(seq):  # rank 0: a rank's failure reported even if another rank never gets here
+        failure, result = attempt(family, command, ranks, report, link, args)
+        report.finish()
+        if failure is not None:
+            watch.post(seq, failure)
+        # Every rank reports its outcome so that a failure on any rank reaches the supervisor.
+        outcomes = gather_on_control(ranks, (failure, peak_memory(ranks.device)))
+    failures = [f for f, _ in outcomes if f is not None]
+    if failures:
+        return failures[0]
+    return done_message(command, result, report, outcomes, ranks, family, first_job, load_seconds)
+
+
+def attempt(family: Any, command: dict[str, Any], ranks: Ranks, report: JobReport, link: Link,
+            args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Run the job on this rank: (None, result) or (the error message, {})."""
+    job = command["job"]
     failure: dict[str, Any] | None = None
     result: dict[str, Any] = {}
     try:
@@ -242,12 +263,11 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
         failure = error_message(job, "cancelled", "cancelled at a step boundary", False)
     except Exception as exc:
         failure = classify_failure(job, exc)
-    report.finish()
-    # Every rank reports its outcome so that a failure on any rank reaches the supervisor.
-    outcomes = gather_on_control(ranks, (failure, peak_memory(ranks.device)))
-    failures = [f for f, _ in outcomes if f is not None]
-    if failures:
-        return failures[0]
+    return failure, result
+
+
+def done_message(command: dict[str, Any], result: dict[str, Any], report: JobReport, outcomes: list[Any],
+                 ranks: Ranks, family: Any, first_job: bool, load_seconds: float) -> dict[str, Any]:
     stats = {
         "phases": report.phases,
         "gpu_seconds": round((time.monotonic() - report.started) * ranks.world_size, 3),
@@ -261,7 +281,7 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
         stats["load_seconds"] = round(load_seconds, 3)
     if ranks.master:
         stats["checkpoints"] = family.checkpoints
-    return {"type": "done", "job": job, "output": command["output"], "stats": stats}
+    return {"type": "done", "job": command["job"], "output": command["output"], "stats": stats}
 
 
 def error_message(job: str | None, kind: str, message: str, retryable: bool) -> dict[str, Any]:
@@ -347,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load_seconds = time.monotonic() - started
     link.say({"type": "ready", "load_seconds": round(load_seconds, 3)})
+    watch = FailureWatch(ranks.rank, ranks.world_size, args.failure_grace, report=link.say)
 
     jobs_run = 0
     while True:
@@ -355,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         if command["type"] != "run":
             continue  # a cancel for a job that already ended
-        reply = run_job(family, command, ranks, link, args, first_job=jobs_run == 0, load_seconds=load_seconds)
+        reply = run_job(family, command, ranks, link, args, first_job=jobs_run == 0, load_seconds=load_seconds,
+                        watch=watch, seq=jobs_run)
         link.say(reply)
         jobs_run += 1
         free_memory(ranks.device)

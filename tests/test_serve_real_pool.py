@@ -114,6 +114,39 @@ def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_
         root.cleanup()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_rank_failing_mid_collective_is_reported_at_once_and_the_job_retried(tmp_path: Path, device: str) -> None:
+    """Rank 1 raises while rank 0 waits in a collective (600 s timeout): rank 0's failure watch reports rank
+    1's error within the grace period and ends the pool; the relaunched pool runs the retry to the end."""
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            pytest.skip("needs 2 GPUs")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
+    pool = {**real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2"), "device": device}
+    pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
+                       for part in pool["command"]]  # fmt: skip
+    marker = tmp_path / "fault-injected"
+    pool["env"]["WANBOX_TEST_FAULT_MARKER"] = str(marker)
+    root = Root(tmp_path, pool=pool, jobs={"max_attempts": 3})
+    try:
+        root.serve()
+        root.drop("unlucky", manifest_text(frames=5, steps=3, sampling="seed = 5\n"))
+        job = root.wait_state("unlucky", "done", timeout=300)
+        assert marker.exists(), "the fault was never injected"
+        with root.ledger() as ledger:
+            messages = [e.message for e in ledger.events(job.id)]
+        reported = [m for m in messages if "rank 1: RuntimeError: injected fault on rank 1" in m]
+        assert reported and "the pool restarts" in reported[0], messages
+        assert sidecar_of(root, "unlucky")["attempts"] == 2 and probe(root.outbox / "unlucky.mp4")[0] == 5
+        assert sidecar_of(root, "unlucky")["model_load"] is True  # the failed pool ended; a new one loaded
+        assert "heartbeat" not in " ".join(messages).lower(), messages  # found by the watch, not the deadline
+        assert root.stop() == 0
+    finally:
+        root.cleanup()
+
+
 @pytest.fixture(scope="module")
 def mediapipe_dir() -> Path:
     return mediapipe_models_dir()
