@@ -335,7 +335,11 @@ def free_memory(device: torch.device) -> None:
 # --- 4. the pool: set up, load, loop over jobs, report ------------------------------------------
 
 
-def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[str, Any]]) -> Any | None:
+LOAD_SEQ = -1  # the failure watch's number for the model load (jobs count from 0)
+
+
+def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[str, Any]],
+         watch: FailureWatch) -> Any | None:  # fmt: skip
     """Plan, say hello, load the family on every rank; None (after telling the supervisor why) on failure."""
     family, failure = None, None
     try:
@@ -347,6 +351,9 @@ def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[
     except Exception as exc:
         traceback.print_exception(exc, file=sys.stderr)
         failure = f"rank {ranks.rank}: {type(exc).__name__}: {first_line(exc)}"
+        # posted for rank 0's watch: the other ranks may be inside a collective (FSDP sharding) for good
+        why = f"could not load {args.model}: {type(exc).__name__}: {first_line(exc)}"
+        watch.post(LOAD_SEQ, error_message(None, "internal", why, False))
     failures = [f for f in gather_on_control(ranks, failure) if f is not None]
     if failures:  # any rank's failure, named, so the supervisor's error says what to fix
         link.say(error_message(None, "internal", f"could not load {args.model}: {failures[0]}", False))
@@ -361,13 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     link = connect_supervisor(args, ranks)
     devices = describe_devices(ranks)
 
+    watch = FailureWatch(ranks.rank, ranks.world_size, args.failure_grace, report=link.say)
     started = time.monotonic()
-    family = load(args, ranks, link, devices)
+    with watch.watching(LOAD_SEQ):
+        family = load(args, ranks, link, devices, watch)
     if family is None:
         return 1
     load_seconds = time.monotonic() - started
     link.say({"type": "ready", "load_seconds": round(load_seconds, 3)})
-    watch = FailureWatch(ranks.rank, ranks.world_size, args.failure_grace, report=link.say)
 
     jobs_run = 0
     while True:

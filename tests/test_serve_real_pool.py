@@ -147,6 +147,30 @@ def test_a_rank_failing_mid_collective_is_reported_at_once_and_the_job_retried(t
         root.cleanup()
 
 
+def test_a_rank_failing_to_load_is_reported_at_once_and_the_pool_relaunched(tmp_path: Path) -> None:
+    """Rank 1 fails loading while rank 0 goes on into creating the CFG groups (a collective that would wait
+    600 s): the load error is reported by rank 0's failure watch, and the relaunched pool runs the job."""
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
+    pool = real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2", "--cfg-parallel")
+    pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
+                       for part in pool["command"]]  # fmt: skip
+    marker = tmp_path / "fault-injected"
+    pool["env"].update(WANBOX_TEST_FAULT="load", WANBOX_TEST_FAULT_MARKER=str(marker))
+    root = Root(tmp_path, pool=pool)
+    try:
+        root.serve()
+        started = time.monotonic()
+        root.drop("patient", manifest_text(frames=5, steps=2, sampling="seed = 6\n"))
+        root.wait_state("patient", "done", timeout=300)
+        assert marker.exists(), "the fault was never injected"
+        log = root.log_text()
+        assert "rank 1: could not load i2v-A14B: RuntimeError: injected load fault on rank 1" in log, log[-3000:]
+        assert "the pool restarts" in log and time.monotonic() - started < 200
+        assert root.stop() == 0
+    finally:
+        root.cleanup()
+
+
 @pytest.fixture(scope="module")
 def mediapipe_dir() -> Path:
     return mediapipe_models_dir()

@@ -1,6 +1,8 @@
-"""pipeline.worker with one injected fault, for the real-pool test: rank 1 raises in its first attention call
-while rank 0 goes on into the next collective and waits there. Once per marker file (WANBOX_TEST_FAULT_MARKER),
-so the relaunched pool's retry of the job succeeds.
+"""pipeline.worker with one injected fault on rank 1, for the real-pool tests, once per marker file
+(WANBOX_TEST_FAULT_MARKER) so that the relaunched pool works. WANBOX_TEST_FAULT says where:
+
+* `attention`: rank 1 raises in its first attention call, while rank 0 goes on into the next collective;
+* `load`: rank 1 raises while loading the models, while rank 0 goes on into creating the parallel groups.
 
     python -m torch.distributed.run ... -m tests.workers.faulty_rank_worker <pipeline.worker arguments>
 """
@@ -12,20 +14,27 @@ import sys
 from pathlib import Path
 
 
-def inject_fault(marker: Path) -> None:
-    from pipeline.models import attention as attention_mod
-
-    def failing_attention(*args: object, **kwargs: object) -> None:
+def inject_fault(where: str, marker: Path) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         marker.touch()
-        raise RuntimeError("injected fault on rank 1")
+        raise RuntimeError(f"injected {where} fault on rank 1")
 
-    attention_mod.attention = failing_attention  # before the models and Ulysses look it up
+    if where == "attention":
+        from pipeline.models import attention as attention_mod
+
+        attention_mod.attention = fail  # before the models and Ulysses look it up
+    elif where == "load":
+        from pipeline.i2v import I2VModels
+
+        I2VModels.load = fail  # type: ignore[method-assign]
+    else:
+        raise SystemExit(f"WANBOX_TEST_FAULT={where!r}: expected attention or load")
 
 
 if __name__ == "__main__":
     marker = Path(os.environ["WANBOX_TEST_FAULT_MARKER"])
     if os.environ.get("RANK") == "1" and not marker.exists():
-        inject_fault(marker)
+        inject_fault(os.environ.get("WANBOX_TEST_FAULT", "attention"), marker)
     from pipeline.worker import main
 
     sys.exit(main())
