@@ -148,6 +148,19 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['variant']:<22}{r['size']:<7}{r['seconds_best']:>9}{r['tflops']:>9}{r['pct_of_790']:>7}"
               f"{r['peak_gib']:>10}  {r.get('rel_l2_ours_vs_ref', '')}")  # fmt: skip
+    for line in speedups(results):
+        print(line)
+
+
+def speedups(results: list[dict]) -> list[str]:
+    """Per size and variant of ours: how many times faster than each reference variant of the same run."""
+    lines = []
+    for ours in (r for r in results if r["variant"].startswith("ours")):
+        refs = [r for r in results if r["variant"].startswith("reference") and r["size"] == ours["size"]]
+        ratios = ", ".join(f"{ref['seconds_best'] / ours['seconds_best']:.2f}x {ref['variant']}" for ref in refs)
+        if ratios:
+            lines.append(f"{ours['size']} {ours['variant']} {ours['seconds_best']} s: {ratios}")
+    return lines
 
 
 if __name__ == "__main__":

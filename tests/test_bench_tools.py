@@ -77,3 +77,13 @@ def test_reference_attention_switch(monkeypatch) -> None:
         reference.use_reference_attention(name)
         reference._dispatch_flash_attention()
     assert calls == ["fa3", "sdpa", "sdpa"]
+
+
+def test_reference_bench_states_the_speed_up_per_size() -> None:
+    from bench.bench_vs_reference import speedups
+
+    rows = [{"variant": "ours+compile", "size": "720p", "seconds_best": 10.0},
+            {"variant": "reference[fa3]", "size": "720p", "seconds_best": 12.5},
+            {"variant": "reference[cudnn]", "size": "720p", "seconds_best": 13.7},
+            {"variant": "reference[cudnn]", "size": "480p", "seconds_best": 3.9}]  # fmt: skip
+    assert speedups(rows) == ["720p ours+compile 10.0 s: 1.25x reference[fa3], 1.37x reference[cudnn]"]
