@@ -92,6 +92,7 @@ class PreprocessSettings:
     mediapipe_dir: Path = Path("models/mediapipe")  # the animate preprocessing's mediapipe task files
     pose_model: str = "heavy"  # mediapipe pose landmarker: "heavy" (most accurate) or "full" (faster)
     max_area: int = 0  # cap on the animate resolution area in pixels (0 = the manifest's size); tiny models, demos
+    stall_seconds: float = 900.0  # a preparation with no progress this long is stuck: killed, retried (0 = never)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,23 @@ def prepared_inputs(work_dir: Path) -> dict[str, str] | None:
     return inputs
 
 
+def die_with(parent_pid: int) -> None:
+    """Pool-process initializer: end this process when the supervisor dies, even by SIGKILL.
+
+    The pool's processes hold their own end of the task queue, so they never see it close: without this they
+    would outlive a killed supervisor (outside systemd, which kills the whole unit) and hold their memory.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the unit's cgroup is the only guard
+        return
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
 def warm_up() -> None:
     """Import the image preparation in a fresh pool process, so the first job does not pay for it."""
     import pipeline.preprocess.image  # noqa: F401

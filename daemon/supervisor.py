@@ -28,7 +28,14 @@ from daemon.ledger import Backoff, Ledger, LedgerError
 from daemon.notify import Notifier
 from daemon.outbox import Outbox, OutputInvalid
 from daemon.pool import PoolEvent, WarmPool
-from daemon.preprocessing import PreprocessFailed, prepare_job, prepared_inputs, read_progress, warm_up
+from daemon.preprocessing import (
+    PreprocessFailed,
+    die_with,
+    prepare_job,
+    prepared_inputs,
+    read_progress,
+    warm_up,
+)
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import ManifestError, ManifestInvalid, file_sha256, load_manifest, render_errors
@@ -157,6 +164,7 @@ class Supervisor:
         self.run_started: dict[str, float] = {}
         self._reported: set[str] = set()  # problems logged once, not every tick
         self._last_prep_progress: dict[str, dict[str, Any]] = {}
+        self._prep_moved: dict[str, float] = {}  # job -> when its preparation last made progress
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
         self._lock_file: Any = None
 
@@ -170,8 +178,7 @@ class Supervisor:
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
         self.recover()
         # spawn, not fork: this process has threads (watcher, pool reader) that fork would copy mid-state.
-        self.executor = ProcessPoolExecutor(self.cfg.preprocess.workers, mp_context=get_context("spawn"))
-        self.executor.submit(warm_up)  # start the processes now, not when the first job is waiting
+        self.executor = self._new_executor()
         self.pool.open()
         self.watcher.start()
         log.info("wanbox %s serving %s (inbox %s, outbox %s)", software_version(), self.paths.root,
@@ -277,9 +284,21 @@ class Supervisor:
             time.sleep(0.1)
         for job_id in list(self.preparing):
             self.ledger.transition(job_id, S.PREPROCESSING, S.QUEUED, "requeued: the daemon is stopping")
+        self._kill_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        # spawn, not fork: this process has threads (watcher, pool reader) that fork would copy mid-state.
+        executor = ProcessPoolExecutor(self.cfg.preprocess.workers, mp_context=get_context("spawn"),
+                                       initializer=die_with, initargs=(os.getpid(),))
+        executor.submit(warm_up)  # start the processes now, not when the first job is waiting
+        return executor
+
+    def _kill_executor(self) -> None:
+        """Shut the CPU pool down without waiting: a stuck preparation must not hold anything up."""
+        assert self.executor is not None
         processes = list(getattr(self.executor, "_processes", {}).values())
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for proc in processes:  # a stuck preparation must not hold the stop
+        for proc in processes:
             if proc.is_alive():
                 proc.kill()
 
@@ -585,6 +604,7 @@ class Supervisor:
             future = self.executor.submit(prepare_job, job.kind, job.params_json, job.work_dir,
                                           str(prep.mediapipe_dir), prep.pose_model, prep.max_area)
             self.preparing[job.id] = (future, time.monotonic())
+            self._prep_moved[job.id] = time.monotonic()
             self.ledger.record_progress(job.id, "preprocess", None, None)
             jlog(logging.INFO, job.id, "preprocessing")
 
@@ -607,11 +627,16 @@ class Supervisor:
         return True
 
     def collect_preprocessing(self) -> None:
+        stuck = []
         for job_id, (future, started) in list(self.preparing.items()):
             if not future.done():
                 self._preprocess_progress(job_id)
+                stall = self.cfg.preprocess.stall_seconds
+                if stall > 0 and time.monotonic() - self._prep_moved.get(job_id, started) > stall:
+                    stuck.append(job_id)
                 continue
             del self.preparing[job_id]
+            self._prep_moved.pop(job_id, None)
             seconds = time.monotonic() - started
             try:
                 record = future.result()
@@ -627,11 +652,33 @@ class Supervisor:
             else:
                 jlog(logging.INFO, job_id, "prepared, but it was cancelled meanwhile")
             del record
+        if stuck:
+            self._restart_preprocessing(stuck)
+
+    def _restart_preprocessing(self, stuck: list[str]) -> None:
+        """Preparations with no progress for stall_seconds: which pool process runs which job cannot be told,
+        so the whole CPU pool is replaced; the stuck jobs fail this attempt (retried with backoff), the others
+        go back in line untouched."""
+        stall = self.cfg.preprocess.stall_seconds
+        for job_id in list(self.preparing):
+            del self.preparing[job_id]
+            self._prep_moved.pop(job_id, None)
+            if job_id not in stuck:
+                self.ledger.transition(job_id, S.PREPROCESSING, S.QUEUED, "requeued: the CPU pool was restarted")
+                continue
+            last = self._last_prep_progress.get(job_id)
+            where = f" (last progress: {last['phase']} {last['step']}/{last['total']})" if last else ""
+            self._failed(job_id, S.PREPROCESSING, f"preprocessing made no progress for {stall:g} s{where}; its "
+                         "process was killed ([preprocess] stall_seconds)", "internal", True)  # fmt: skip
+        log.error("preprocessing: %d stuck preparation(s); restarting the CPU pool", len(stuck))
+        self._kill_executor()
+        self.executor = self._new_executor()
 
     def _preprocess_progress(self, job_id: str) -> None:
         progress = read_progress(self.paths.work / job_id)
         if progress and progress != self._last_prep_progress.get(job_id):
             self._last_prep_progress[job_id] = progress
+            self._prep_moved[job_id] = time.monotonic()  # progress: not stuck
             self.ledger.record_progress(job_id, f"preprocess:{progress['phase']}", progress["step"],
                                         progress["total"])
 

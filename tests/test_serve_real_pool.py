@@ -137,7 +137,7 @@ def test_a_rank_failing_mid_collective_is_reported_at_once_and_the_job_retried(t
         assert marker.exists(), "the fault was never injected"
         with root.ledger() as ledger:
             messages = [e.message for e in ledger.events(job.id)]
-        reported = [m for m in messages if "rank 1: RuntimeError: injected fault on rank 1" in m]
+        reported = [m for m in messages if "rank 1: RuntimeError: injected attention fault on rank 1" in m]
         assert reported and "the pool restarts" in reported[0], messages
         assert sidecar_of(root, "unlucky")["attempts"] == 2 and probe(root.outbox / "unlucky.mp4")[0] == 5
         assert sidecar_of(root, "unlucky")["model_load"] is True  # the failed pool ended; a new one loaded

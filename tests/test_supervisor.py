@@ -289,3 +289,41 @@ def test_one_supervisor_per_root(tmp_path: Path) -> None:
     again.stopping.set()
     again.shutdown()
     root.cleanup()
+
+
+def test_a_stalled_preparation_fails_its_attempt_and_the_one_beside_it_goes_back_in_line(tmp_path: Path) -> None:
+    from tests.workers.harness import alive
+
+    root = Root(tmp_path, preprocess={"workers": 2, "stall_seconds": 3})
+    sup = Supervisor(load_config(root.config))
+    sup.ledger = Ledger.open(tmp_path / "l.db")
+    sup.executor = sup._new_executor()
+    try:
+        ids = {}
+        for name in ("stuck", "busy"):
+            row = sup.ledger.add_staged(name, "i2v", tmp_path / f"{name}.toml", None)
+            sup.ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(sup.paths.work / row.id))
+            sup.ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
+            sup.preparing[row.id] = (sup.executor.submit(time.sleep, 60), time.monotonic())  # real busy processes
+            ids[name] = row.id
+        old = sup.executor
+        wait_until = time.monotonic() + 30
+        while len(getattr(old, "_processes", {})) < 2 and time.monotonic() < wait_until:
+            time.sleep(0.1)
+        processes = list(old._processes.values())
+        sup._prep_moved[ids["stuck"]] = time.monotonic() - 10  # no progress for 10 s > 3 s
+        sup._prep_moved[ids["busy"]] = time.monotonic()
+        sup.collect_preprocessing()
+        stuck, busy = sup.ledger.get(ids["stuck"]), sup.ledger.get(ids["busy"])
+        assert stuck.state == S.QUEUED and stuck.attempts == 1 and stuck.retry_after is not None  # retried later
+        assert "preprocessing made no progress for 3 s" in stuck.last_error, stuck.last_error
+        assert busy.state == S.QUEUED and busy.attempts == 0 and not busy.last_error  # not its fault: no attempt
+        assert sup.preparing == {} and sup.executor is not old
+        deadline = time.monotonic() + 10
+        while any(alive(p.pid) for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p.pid) for p in processes), "the stuck CPU pool was not killed"
+        assert sup.executor.submit(sum, [1, 2]).result(timeout=30) == 3  # the new CPU pool works
+    finally:
+        sup._kill_executor()
+        sup.ledger.close()

@@ -43,6 +43,13 @@ def preprocessing_processes(pid: int) -> list[int]:
     return found
 
 
+def has_loaded(pid: int, library: bytes) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_bytes()
+    except OSError:
+        return False
+
+
 def craft_interrupted_intake(r: Root) -> str:
     """A staged job whose files were half moved into work/ when the daemon died."""
     with r.ledger() as ledger:
@@ -90,6 +97,8 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         proc = r.serve()
         wait_for(lambda: len(preprocessing_processes(proc.pid)) >= 1, 30, "the CPU pool did not start")
         frozen = preprocessing_processes(proc.pid)
+        # frozen only once started (its warm-up imports Pillow): so it has armed its exit with the supervisor
+        wait_for(lambda: all(has_loaded(pid, b"PIL") for pid in frozen), 30, "the CPU pool did not warm up")
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         (r.inbox / "s1.toml").write_text(manifest_text(image='"s1.jpg"', prompt="staged"))
@@ -103,8 +112,8 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         staged_id = r.job("s1").id
         r.stop(signal.SIGKILL)
         (r.inbox / "gone.toml").unlink()  # its owner took it back while the daemon was down
-        for pid in frozen:
-            os.kill(pid, signal.SIGKILL)
+        # The CPU pool dies with its supervisor, even frozen (it would otherwise wait for tasks forever).
+        wait_for(lambda: not any(alive(p) for p in frozen), 10, "the CPU pool outlived its supervisor")
         intake_id = craft_interrupted_intake(r)
 
         r.serve()
@@ -123,9 +132,12 @@ def test_sigkill_in_every_non_final_state_then_restart_finishes_everything(tmp_p
         r.drop("k4", manifest_text(image='"k4.jpg"', prompt="ready"), image="k4.jpg")
         r.wait_state("k4", "ready")
         pool_pids = [p for p in r.worker_pids() if alive(p)]
+        cpu_pool = preprocessing_processes(r.proc.pid)
+        assert cpu_pool, "the CPU pool is not running"
         r.stop(signal.SIGKILL)
         # The orphaned pool notices the dead supervisor at its next message and exits on its own.
         wait_for(lambda: not any(alive(p) for p in pool_pids), 20, "the orphaned pool kept running")
+        wait_for(lambda: not any(alive(p) for p in cpu_pool), 10, "the CPU pool outlived its supervisor")
         r.knobs({})
         final_id = craft_finalizing(r)
 
