@@ -187,6 +187,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from daemon.prune import prune_done
+
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        gone = prune_done(ledger, cfg.paths.work, timedelta(days=args.older_than), dry_run=args.dry_run)
+    if args.json:
+        _print_json([{"job": p.job_id, "name": p.name, "folder": str(p.folder), "bytes": p.bytes} for p in gone])
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for p in gone:
+        print(f"{verb} {p.folder} ({p.name}, {p.bytes / 2**20:.1f} MiB)")
+    total = sum(p.bytes for p in gone) / 2**30
+    print(f"{verb} the work folders of {len(gone)} job(s) delivered over {args.older_than:g} days ago: {total:.2f} GiB")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from inbox_schema.cli import main as validate_main
 
@@ -325,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("prune", help="delete the work folders (inputs, intermediates) of long-delivered jobs")
+    _common(p)
+    p.add_argument("--older-than", type=float, default=14.0, metavar="DAYS",
+                   help="jobs delivered more than this many days ago (default 14)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("validate", help="check a manifest (prints the resolved job or the errors)",
                        add_help=False)

@@ -63,6 +63,7 @@ class JobSettings:
     backoff_base_seconds: float = 30.0  # retry after base * 2**(attempts-1) ...
     backoff_cap_seconds: float = 3600.0  # ... but never later than this
     tick_seconds: float = 0.5  # the supervisor loop's pace when idle
+    prune_after_days: float = 0.0  # delete a delivered job's work folder (inputs, intermediates) after this (0 = keep)
 
 
 @dataclass(frozen=True)

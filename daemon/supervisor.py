@@ -36,6 +36,7 @@ from daemon.preprocessing import (
     read_progress,
     warm_up,
 )
+from daemon.prune import prune_done
 from daemon.states import JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import ManifestError, ManifestInvalid, file_sha256, load_manifest, render_errors
@@ -43,6 +44,7 @@ from inbox_schema.defaults import MANIFEST_MAX_BYTES
 from inbox_schema.hashing import manifest_hash
 
 log = logging.getLogger("wanbox.supervisor")
+PRUNE_EVERY_SECONDS = 3600.0
 S = JobState
 LOCK_FILE = "serve.lock"  # state/serve.lock: flock held by the running supervisor, with its pid
 MAX_INTAKE_CRASHES = 5  # internal errors on one manifest before it is rejected instead of retried forever
@@ -165,6 +167,7 @@ class Supervisor:
         self._reported: set[str] = set()  # problems logged once, not every tick
         self._last_prep_progress: dict[str, dict[str, Any]] = {}
         self._prep_moved: dict[str, float] = {}  # job -> when its preparation last made progress
+        self._pruned_at = -PRUNE_EVERY_SECONDS  # monotonic time of the last prune: the first tick prunes
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
         self._lock_file: Any = None
 
@@ -236,11 +239,22 @@ class Supervisor:
             self.check_cancellations()
             self.start_preprocessing()
             self.dispatch()
+            self.prune_work()
             self.report_status()
             self.notifier.healthy()
         except Exception:
             log.exception("supervisor loop error (continuing)")
             time.sleep(self.cfg.jobs.tick_seconds)
+
+    def prune_work(self) -> None:
+        """Once an hour, with [jobs] prune_after_days set: delete the work folders of long-delivered jobs."""
+        days = self.cfg.jobs.prune_after_days
+        if days <= 0 or time.monotonic() - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return
+        self._pruned_at = time.monotonic()
+        for gone in prune_done(self.ledger, self.paths.work, timedelta(days=days)):
+            jlog(logging.INFO, gone.job_id, "work folder pruned (%.1f MiB; delivered over %g days ago)",
+                 gone.bytes / 2**20, days)  # fmt: skip
 
     def shutdown(self) -> None:
         """No new work; the running job finishes its step (or is requeued); the ledger stays consistent."""
