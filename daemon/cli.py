@@ -381,8 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if verbose else logging.INFO
+    from daemon.journal import JOURNAL_SOCKET, JournalHandler, stderr_is_journal
+
+    if stderr_is_journal() and Path(JOURNAL_SOCKET).exists():  # under systemd: structured fields, no duplicates
+        handler = JournalHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))  # the journal adds time and level
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -56,8 +56,9 @@ class AlreadyRunning(RuntimeError):
 
 
 def jlog(level: int, job_id: str, text: str, *args: Any) -> None:
-    """Every line about a job starts with its id, so `journalctl | grep ID` tells its whole story."""
-    log.log(level, f"job {job_id}: {text}", *args)
+    """Every line about a job starts with its id and carries it as a field: under systemd
+    `journalctl -u wanbox WANBOX_JOB=ID` (daemon/journal.py) or `journalctl | grep ID` tells its whole story."""
+    log.log(level, f"job {job_id}: {text}", *args, extra={"job": job_id})
 
 
 def utcnow() -> datetime:
