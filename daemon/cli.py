@@ -291,12 +291,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="config file (default /etc/wanbox/config.toml when present)")
 
 
-def _preprocess_parser(sub: Any) -> None:
+def _preprocess_parser(sub: Any, full: bool) -> None:
+    p = sub.add_parser("preprocess", help="animate preprocessing of one video by hand (pose, face, mask)")
+    if not full:  # another command runs: skip importing OpenCV and the animate code (~0.4 s per call)
+        return
     try:
         from pipeline.preprocess.animate import cli as animate_cli
     except ImportError:
         animate_cli = None
-    p = sub.add_parser("preprocess", help="animate preprocessing of one video by hand (pose, face, mask)")
     _common(p)
     if animate_cli is None:
         p.set_defaults(func=lambda _a: _unavailable("preprocess"))
@@ -310,7 +312,8 @@ def _unavailable(what: str) -> int:
     return EXIT_UNAVAILABLE
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
+    """The whole CLI; `command` (the one about to run) lets the others skip their heavy imports."""
     parser = argparse.ArgumentParser(prog="wanbox", description="Drop a job into a folder, get a video out.",
                                      epilog=EPILOG)
     _common(parser)
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="verify: also check every file's sha256 (slow)")
     p.set_defaults(func=cmd_models)
 
-    _preprocess_parser(sub)
+    _preprocess_parser(sub, full=command == "preprocess")
 
     p = sub.add_parser("demo", help="a first run: tiny model, throwaway root, one job from a real photo",
                        add_help=False)
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         return int(DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:])))
-    parser = build_parser()
+    parser = build_parser("preprocess" if "preprocess" in argv else None)
     args = parser.parse_args(argv)
     args.root = getattr(args, "root", None)
     args.config = getattr(args, "config", None)

@@ -214,3 +214,13 @@ def test_models_pull_animate_reports_unreachable_mediapipe_files(tmp_path: Path,
     assert cli._pull_mediapipe(tmp_path / "mediapipe") == EXIT_FAILURE
     err = capsys.readouterr().err
     assert "face_landmarker.task" in err and str(tmp_path / "mediapipe") in err
+
+
+def test_status_stays_light(root: Path) -> None:
+    """A quick command pays for neither OpenCV and the animate code nor Alembic on an up-to-date ledger."""
+    Ledger.open(root / "state" / "wanbox.db").close()
+    probe = ("import sys; from daemon.cli import main; code = main(['status', '--root', sys.argv[1]]); "
+             "print(code, sorted(m for m in ('cv2', 'alembic', 'torch') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe, str(root)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
