@@ -19,7 +19,7 @@ from torch import nn
 PACKAGE = "wan_reference"
 
 
-def sdpa_flash_attention(
+def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -34,16 +34,25 @@ def sdpa_flash_attention(
     dtype: torch.dtype = torch.bfloat16,
     version: int | None = None,
 ) -> torch.Tensor:
-    """The reference's `flash_attention` contract on torch SDPA: half-precision inputs, keys cut to k_lens.
-
-    This is how the published baseline timing was taken (the reference hard-requires FlashAttention, which
-    the benchmark machines do not have). The SDPA backend is whatever the caller's `sdpa_kernel` allows.
-    """
+    """The reference's `flash_attention` contract: half-precision inputs, q scaled, keys cut to k_lens, the
+    result in q's dtype; the kernel is the one use_reference_attention() chose (window_size and version are
+    the reference's local-attention and FA-version knobs, unused by its forward)."""
     out_dtype = q.dtype
     half = (torch.float16, torch.bfloat16)
     q, k, v = (x if x.dtype in half else x.to(dtype) for x in (q, k, v))
     if q_scale is not None:
         q = q * q_scale
+    kernel = _ATTENTION["kernel"]
+    out = kernel(q, k, v, q_lens, k_lens, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                 deterministic=deterministic)  # fmt: skip
+    return out.to(out_dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor | None,
+                   k_lens: torch.Tensor | None, *, dropout_p: float, softmax_scale: float | None, causal: bool,
+                   deterministic: bool) -> torch.Tensor:  # fmt: skip
+    """Torch SDPA per sample. This is how the published baseline timing was taken (the reference hard-requires
+    FlashAttention, which the benchmark machines lacked). The backend is whatever `sdpa_kernel` allows."""
     outs = []
     for i in range(q.size(0)):
         k_len = k.size(1) if k_lens is None else int(k_lens[i])
@@ -56,41 +65,25 @@ def sdpa_flash_attention(
             scale=softmax_scale,
         )
         outs.append(o.transpose(1, 2))
-    return torch.cat(outs).to(out_dtype)
+    return torch.cat(outs)
 
 
-def fa3_flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_lens: torch.Tensor | None = None,
-    k_lens: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    q_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    deterministic: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
-    version: int | None = None,
-) -> torch.Tensor:
-    """The reference's own FlashAttention-3 path: sequences packed, `flash_attn_varlen_func` over cu_seqlens.
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: torch.Tensor | None,
+                  k_lens: torch.Tensor | None, *, dropout_p: float, softmax_scale: float | None, causal: bool,
+                  deterministic: bool) -> torch.Tensor:  # fmt: skip
+    """The reference's own FlashAttention-3 call: sequences packed, `flash_attn_varlen_func` over cu_seqlens.
 
     The reference indexes the call's result with [0] (older FA3 builds returned (out, lse)); newer builds
     return the output alone, so both are accepted here. Everything else is the reference's call.
     """
     import flash_attn_interface  # an FA3 build must be importable for this backend
 
-    b, lq, lk, out_dtype = q.size(0), q.size(1), k.size(1), q.dtype
-    half = (torch.float16, torch.bfloat16)
+    b, lq, lk = q.size(0), q.size(1), k.size(1)
     q_lens = torch.full((b,), lq, dtype=torch.int32) if q_lens is None else q_lens
     k_lens = torch.full((b,), lk, dtype=torch.int32) if k_lens is None else k_lens
     q = torch.cat([u[:n] for u, n in zip(q, q_lens, strict=True)])
     k = torch.cat([u[:n] for u, n in zip(k, k_lens, strict=True)])
     v = torch.cat([u[:n] for u, n in zip(v, k_lens, strict=True)])
-    q, k, v = (x if x.dtype in half else x.to(dtype) for x in (q, k, v))
-    if q_scale is not None:
-        q = q * q_scale
     cumulative = lambda lens: torch.cat([lens.new_zeros([1]), lens]).cumsum(0, dtype=torch.int32).to(q.device)  # noqa: E731
     out = flash_attn_interface.flash_attn_varlen_func(
         q=q, k=k, v=v, cu_seqlens_q=cumulative(q_lens), cu_seqlens_k=cumulative(k_lens), seqused_q=None,
@@ -98,20 +91,16 @@ def fa3_flash_attention(
         deterministic=deterministic,
     )
     out = out[0] if isinstance(out, tuple) else out
-    return out.unflatten(0, (b, lq)).to(out_dtype)
+    return out.unflatten(0, (b, lq))
 
 
-# Which stand-in the reference's `flash_attention` calls: set by use_reference_attention().
-_ATTENTION = {"impl": sdpa_flash_attention}
+# The kernel behind the reference's `flash_attention`: set by use_reference_attention().
+_ATTENTION = {"kernel": sdpa_attention}
 
 
 def use_reference_attention(name: str) -> None:
     """'fa3': the reference's FlashAttention-3 call; anything else: torch SDPA (the caller picks its backend)."""
-    _ATTENTION["impl"] = fa3_flash_attention if name == "fa3" else sdpa_flash_attention
-
-
-def _dispatch_flash_attention(*args: object, **kwargs: object) -> torch.Tensor:
-    return _ATTENTION["impl"](*args, **kwargs)
+    _ATTENTION["kernel"] = fa3_attention if name == "fa3" else sdpa_attention
 
 
 def _install_stand_ins() -> None:
@@ -119,7 +108,7 @@ def _install_stand_ins() -> None:
     pkg = types.ModuleType(PACKAGE)
     pkg.__path__ = []  # a namespace for the loaded files only
     attention = types.ModuleType(f"{PACKAGE}.attention")
-    attention.flash_attention = _dispatch_flash_attention
+    attention.flash_attention = flash_attention
     sys.modules[PACKAGE] = pkg
     sys.modules[f"{PACKAGE}.attention"] = attention
     try:

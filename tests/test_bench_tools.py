@@ -53,6 +53,16 @@ def _varlen_by_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return torch.cat(outs)
 
 
+def reference_attention(kernel: str, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """The reference's `flash_attention` stand-in on one kernel (the choice is restored afterwards)."""
+    chosen = reference._ATTENTION["kernel"]
+    reference.use_reference_attention(kernel)
+    try:
+        return reference.flash_attention(*args, **kwargs)
+    finally:
+        reference._ATTENTION["kernel"] = chosen
+
+
 @pytest.mark.parametrize("returns_lse", [False, True])
 def test_reference_fa3_call_packs_and_unpacks_like_the_sdpa_path(monkeypatch, returns_lse: bool) -> None:
     fake = types.ModuleType("flash_attn_interface")
@@ -61,21 +71,22 @@ def test_reference_fa3_call_packs_and_unpacks_like_the_sdpa_path(monkeypatch, re
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 12, 3, 16, generator=gen) for _ in range(3))
     k_lens = torch.tensor([12, 7], dtype=torch.int32)
-    want = reference.sdpa_flash_attention(q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
-    got = reference.fa3_flash_attention(q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
+    want = reference_attention("cudnn", q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
+    got = reference_attention("fa3", q, k, v, k_lens=k_lens, dtype=torch.bfloat16)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert torch.allclose(got, want, atol=1e-2)
-    assert not torch.allclose(got[1], reference.sdpa_flash_attention(q, k, v)[1], atol=1e-2)  # lengths used
+    assert not torch.allclose(got[1], reference_attention("cudnn", q, k, v)[1], atol=1e-2)  # lengths used
 
 
 def test_reference_attention_switch(monkeypatch) -> None:
     calls: list[str] = []
-    monkeypatch.setitem(reference._ATTENTION, "impl", reference._ATTENTION["impl"])  # restored afterwards
-    monkeypatch.setattr(reference, "fa3_flash_attention", lambda *a, **k: calls.append("fa3"))
-    monkeypatch.setattr(reference, "sdpa_flash_attention", lambda *a, **k: calls.append("sdpa"))
+    monkeypatch.setitem(reference._ATTENTION, "kernel", reference._ATTENTION["kernel"])  # restored afterwards
+    for name in ("fa3", "sdpa"):
+        monkeypatch.setattr(reference, f"{name}_attention", lambda q, *a, n=name, **k: calls.append(n) or q)
+    q = torch.ones(1, 2, 1, 4)
     for name in ("fa3", "cudnn", "default"):
         reference.use_reference_attention(name)
-        reference._dispatch_flash_attention()
+        assert torch.equal(reference.flash_attention(q, q, q, q_scale=2.0), 2 * q)  # the contract's q scaling
     assert calls == ["fa3", "sdpa", "sdpa"]
 
 
