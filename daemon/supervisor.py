@@ -167,7 +167,7 @@ class Supervisor:
         self.run_started: dict[str, float] = {}
         self._reported: set[str] = set()  # problems logged once, not every tick
         self._last_prep_progress: dict[str, dict[str, Any]] = {}
-        self._prep_moved: dict[str, float] = {}  # job -> when its preparation last made progress
+        self._prep_moved: dict[str, float] = {}  # job -> when its preparation last reported progress
         self._pruned_at = -PRUNE_EVERY_SECONDS  # monotonic time of the last prune: the first tick prunes
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
         self._lock_file: Any = None
@@ -619,7 +619,6 @@ class Supervisor:
             future = self.executor.submit(prepare_job, job.kind, job.params_json, job.work_dir,
                                           str(prep.mediapipe_dir), prep.pose_model, prep.max_area)
             self.preparing[job.id] = (future, time.monotonic())
-            self._prep_moved[job.id] = time.monotonic()
             self.ledger.record_progress(job.id, "preprocess", None, None)
             jlog(logging.INFO, job.id, "preprocessing")
 
@@ -650,8 +649,7 @@ class Supervisor:
                 if stall > 0 and time.monotonic() - self._prep_moved.get(job_id, started) > stall:
                     stuck.append(job_id)
                 continue
-            del self.preparing[job_id]
-            self._prep_moved.pop(job_id, None)
+            self._end_preparation(job_id)
             seconds = time.monotonic() - started
             try:
                 record = future.result()
@@ -676,18 +674,22 @@ class Supervisor:
         go back in line untouched."""
         stall = self.cfg.preprocess.stall_seconds
         for job_id in list(self.preparing):
-            del self.preparing[job_id]
-            self._prep_moved.pop(job_id, None)
+            last = self._end_preparation(job_id)
             if job_id not in stuck:
                 self.ledger.transition(job_id, S.PREPROCESSING, S.QUEUED, "requeued: the CPU pool was restarted")
                 continue
-            last = self._last_prep_progress.get(job_id)
             where = f" (last progress: {last['phase']} {last['step']}/{last['total']})" if last else ""
             self._failed(job_id, S.PREPROCESSING, f"preprocessing made no progress for {stall:g} s{where}; its "
                          "process was killed ([preprocess] stall_seconds)", "internal", True)  # fmt: skip
         log.error("preprocessing: %d stuck preparation(s); restarting the CPU pool", len(stuck))
         self._kill_executor()
         self.executor = self._new_executor()
+
+    def _end_preparation(self, job_id: str) -> dict[str, Any] | None:
+        """Forget a finished or abandoned preparation's bookkeeping; its last progress report, if any."""
+        del self.preparing[job_id]
+        self._prep_moved.pop(job_id, None)
+        return self._last_prep_progress.pop(job_id, None)
 
     def _preprocess_progress(self, job_id: str) -> None:
         progress = read_progress(self.paths.work / job_id)
