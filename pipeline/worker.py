@@ -350,10 +350,10 @@ def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[
         family.checkpoints = fingerprint(Path(args.checkpoint_dir)) if ranks.master else {}
     except Exception as exc:
         traceback.print_exception(exc, file=sys.stderr)
-        failure = f"rank {ranks.rank}: {type(exc).__name__}: {first_line(exc)}"
+        why = f"{type(exc).__name__}: {first_line(exc)}"
+        failure = f"rank {ranks.rank}: {why}"
         # posted for rank 0's watch: the other ranks may be inside a collective (FSDP sharding) for good
-        why = f"could not load {args.model}: {type(exc).__name__}: {first_line(exc)}"
-        watch.post(LOAD_SEQ, error_message(None, "internal", why, False))
+        watch.post(LOAD_SEQ, error_message(None, "internal", f"could not load {args.model}: {why}", False))
     failures = [f for f in gather_on_control(ranks, failure) if f is not None]
     if failures:  # any rank's failure, named, so the supervisor's error says what to fix
         link.say(error_message(None, "internal", f"could not load {args.model}: {failures[0]}", False))

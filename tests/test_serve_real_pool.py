@@ -33,6 +33,15 @@ def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str) -> dict:
             "stop_grace_seconds": 30}
 
 
+def faulty_pool(ckpt: Path, marker: Path, where: str, *worker_args: str) -> dict:
+    """A real 2-process pool whose rank 1 raises once (`where`: attention or load; tests/workers)."""
+    pool = real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2", *worker_args)
+    pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
+                       for part in pool["command"]]  # fmt: skip
+    pool["env"].update(WANBOX_TEST_FAULT=where, WANBOX_TEST_FAULT_MARKER=str(marker))
+    return pool
+
+
 def worker_rank_pids(socket: Path, rank: int) -> list[int]:
     """The pipeline.worker processes of this pool (by its socket) that torchrun started as `rank`."""
     pids = []
@@ -123,13 +132,9 @@ def test_a_rank_failing_mid_collective_is_reported_at_once_and_the_job_retried(t
 
         if torch.cuda.device_count() < 2:
             pytest.skip("needs 2 GPUs")
-    ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
-    pool = {**real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2"), "device": device}
-    pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
-                       for part in pool["command"]]  # fmt: skip
     marker = tmp_path / "fault-injected"
-    pool["env"]["WANBOX_TEST_FAULT_MARKER"] = str(marker)
-    root = Root(tmp_path, pool=pool, jobs={"max_attempts": 3})
+    pool = faulty_pool(write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v"), marker, "attention")
+    root = Root(tmp_path, pool={**pool, "device": device}, jobs={"max_attempts": 3})
     try:
         root.serve()
         root.drop("unlucky", manifest_text(frames=5, steps=3, sampling="seed = 5\n"))
@@ -150,12 +155,8 @@ def test_a_rank_failing_mid_collective_is_reported_at_once_and_the_job_retried(t
 def test_a_rank_failing_to_load_is_reported_at_once_and_the_pool_relaunched(tmp_path: Path) -> None:
     """Rank 1 fails loading while rank 0 goes on into creating the CFG groups (a collective that would wait
     600 s): the load error is reported by rank 0's failure watch, and the relaunched pool runs the job."""
-    ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
-    pool = real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2", "--cfg-parallel")
-    pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
-                       for part in pool["command"]]  # fmt: skip
     marker = tmp_path / "fault-injected"
-    pool["env"].update(WANBOX_TEST_FAULT="load", WANBOX_TEST_FAULT_MARKER=str(marker))
+    pool = faulty_pool(write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v"), marker, "load", "--cfg-parallel")
     root = Root(tmp_path, pool=pool)
     try:
         root.serve()
