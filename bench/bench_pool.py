@@ -87,9 +87,9 @@ def build_expert(config: DiTConfig, device: torch.device, dtype: torch.dtype, se
 
 def child(args: argparse.Namespace) -> None:
     """One measurement: sample `steps` steps with the chosen layout; rank 0 writes timings and the latent."""
+    from pipeline.families.base import parallel_groups
     from pipeline.i2v import I2VInputs, I2VModels, sample_i2v, sequence_length
     from pipeline.parallel.cfg import plan_parallel
-    from pipeline.parallel.families import parallel_groups
     from pipeline.sampling import make_solver
     from pipeline.sampling.moe import ExpertSwitch
 

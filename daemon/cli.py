@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon.config import MODEL_FAMILIES, Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, load_config
+from inbox_schema import model_ids
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 EPILOG = ("exit codes: 0 ok, 1 failure, 2 usage error or invalid input, 3 job or file not found, "
@@ -158,10 +159,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if job.timings_json:
         print("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings_json.items()))
     if job.params_json:
-        sampling = job.params_json.get("sampling", {})
-        video = job.params_json.get("video", {})
-        print(f"  parameters: size {video.get('size')}, frames {video.get('frames')}, fps {video.get('fps')}, "
-              f"steps {sampling.get('steps')}, seed {sampling.get('seed')}")
+        spec = job.job
+        print(f"  parameters: size {spec.video.size}, frames {spec.video.frames}, fps {spec.video.fps}, "
+              f"steps {spec.sampling.steps}, seed {spec.seed}")
     print("  events:")
     for e in events:
         frm = e.from_state.value if e.from_state else "-"
@@ -369,7 +369,7 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="download, verify or list model checkpoints")
     _common(p)
     p.add_argument("action", choices=("pull", "verify", "list"))
-    p.add_argument("family", nargs="?", choices=list(MODEL_FAMILIES), help="model family (pull, verify)")
+    p.add_argument("family", nargs="?", choices=list(model_ids()), help="model family (pull, verify)")
     p.add_argument("--dest", help="directory (default: the configured checkpoint dir)")
     p.add_argument("--deep", action="store_true", help="verify: also check every file's sha256 (slow)")
     p.set_defaults(func=cmd_models)
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     args.root = getattr(args, "root", None)
     args.config = getattr(args, "config", None)
     if args.command == "models" and args.action != "list" and args.family is None:
-        parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(MODEL_FAMILIES)}")
+        parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(model_ids())}")
     _setup_logging(args.verbose)
     from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound
     from daemon.submit import SubmitError

@@ -18,11 +18,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from inbox_schema import model_folders
+
 SYSTEM_CONFIG = Path("/etc/wanbox/config.toml")
 DEFAULT_ROOT = Path("/var/lib/wanbox")
-
-# The model families the pool can load, and the directory name `wanbox models pull` gives each.
-MODEL_FAMILIES = {"i2v-A14B": "Wan2.2-I2V-A14B", "animate-14B": "Wan2.2-Animate-14B"}
 
 # `{python}` is this interpreter, so the pool runs in the daemon's environment without relying on PATH.
 DEFAULT_WORKER_COMMAND = (
@@ -84,7 +83,7 @@ class PoolSettings:
     preload: str = ""  # a model to load at start-up (systemd READY=1 then waits for it); "" = on demand
 
     def checkpoint_dir(self, model: str) -> Path:
-        return self.checkpoint_dirs.get(model, self.models_dir / MODEL_FAMILIES.get(model, model))
+        return self.checkpoint_dirs.get(model, self.models_dir / model_folders().get(model, model))
 
 
 @dataclass(frozen=True)
@@ -198,12 +197,13 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"{_where(where, 'preprocess.max_area')} = {cfg.preprocess.max_area}: expected >= 0")
     if cfg.preprocess.workers < 1:
         raise ConfigError(f"{_where(where, 'preprocess.workers')} = {cfg.preprocess.workers}: expected >= 1")
+    models = list(model_folders())
     for model in cfg.pool.checkpoint_dirs:
-        if model not in MODEL_FAMILIES:
-            raise _unknown(where, f"pool.checkpoint_dirs.{model}", list(MODEL_FAMILIES))
-    if cfg.pool.preload and cfg.pool.preload not in MODEL_FAMILIES:
+        if model not in models:
+            raise _unknown(where, f"pool.checkpoint_dirs.{model}", models)
+    if cfg.pool.preload and cfg.pool.preload not in models:
         raise ConfigError(f"{_where(where, 'pool.preload')} = {cfg.pool.preload!r}: expected \"\" (load on "
-                          f"demand) or one of {', '.join(MODEL_FAMILIES)}")
+                          f"demand) or one of {', '.join(models)}")
     if not cfg.pool.command:
         raise ConfigError(f"{_where(where, 'pool.command')}: expected a non-empty list of strings")
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import protocol
-from daemon.config import MODEL_FAMILIES, Config
+from daemon.config import Config
+from inbox_schema import model_ids
 
 MIN_FREE_GIB = 20  # one 720p job's intermediates plus room for outputs; below it, warn
 CRITICAL_FREE_GIB = 2
@@ -129,7 +130,7 @@ def check_models(cfg: Config) -> list[Check]:
     except ImportError:
         check_installed = None
     found = []
-    for family in MODEL_FAMILIES:
+    for family in model_ids():
         path = cfg.pool.checkpoint_dir(family)
         if check_installed is None:
             ok = path.is_dir() and any(path.iterdir())
@@ -162,7 +163,7 @@ def check_model_load(cfg: Config) -> list[Check]:
         return []
     info = _meminfo_gib()
     found = []
-    for family in MODEL_FAMILIES:
+    for family in model_ids():
         root = cfg.pool.checkpoint_dir(family)
         try:
             if check_installed(family, root):
@@ -192,7 +193,7 @@ def check_worker(cfg: Config) -> list[Check]:
     pool = WarmPool(cfg.pool, cfg.paths.socket)
     found = []
     try:
-        argv = pool.command(next(iter(MODEL_FAMILIES)))
+        argv = pool.command(model_ids()[0])
         program = shutil.which(argv[0])
         found.append(Check("worker command", "ok" if program else "fail",
                            " ".join(argv) if program else f"{argv[0]} not found on PATH"))

@@ -18,6 +18,13 @@ import sys
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOB_FIELD = "WANBOX_JOB"  # set from a record's `job` attribute (jlog passes it as `extra`)
+log = logging.getLogger("wanbox.supervisor")  # every part of the supervisor logs under one name
+
+
+def jlog(level: int, job_id: str, text: str, *args: object) -> None:
+    """Every line about a job starts with its id and carries it as a field: under systemd
+    `journalctl -u wanbox WANBOX_JOB=ID`, or `journalctl | grep ID`, tells its whole story."""
+    log.log(level, f"job {job_id}: {text}", *args, extra={"job": job_id})
 
 
 def syslog_priority(levelno: int) -> int:

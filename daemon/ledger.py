@@ -42,7 +42,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Select
 
-from daemon.states import ALLOWED, RETRY_STATE, RUNNING, TERMINAL, JobState
+from daemon.states import ALLOWED, RETRY_STATE, RUNNING, TERMINAL, ErrorKind, JobState
+from inbox_schema import Job
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -116,6 +117,12 @@ def _state_type() -> Enum:
     )
 
 
+def _error_kind_type() -> Enum:
+    # The same VARCHAR(32) the first revision made, read back as the protocol's ErrorKind.
+    return Enum(ErrorKind, native_enum=False, length=32, values_callable=lambda kinds: [k.value for k in kinds],
+                validate_strings=True, create_constraint=False, name="error_kind")
+
+
 # ---------------------------------------------------------------------------------------------------
 # tables
 
@@ -124,8 +131,8 @@ class Base(DeclarativeBase):
     pass
 
 
-class Job(Base):
-    """One job: what it is, where it is in its lifecycle, and what it produced.
+class JobRecord(Base):
+    """One job's row: what it is (the resolved job, `job`), where it is in its lifecycle, what it produced.
 
     Rows returned by the Ledger are detached snapshots: changing an attribute changes nothing on disk.
     """
@@ -145,7 +152,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     last_error: Mapped[str | None] = mapped_column(Text)
-    error_kind: Mapped[str | None] = mapped_column(String(32))
+    error_kind: Mapped[ErrorKind | None] = mapped_column(_error_kind_type())
     retry_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
     phase: Mapped[str | None] = mapped_column(String(32))
     step: Mapped[int | None] = mapped_column(Integer)
@@ -163,8 +170,13 @@ class Job(Base):
         Index("ix_jobs_claim", "state", "priority", "created_at", "retry_after"),
     )
 
+    @property
+    def job(self) -> Job:
+        """The resolved job (params_json, read strictly); JobDataError when the row has none or a broken one."""
+        return Job.from_dict(self.params_json)
+
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.name!r} {self.state.value}>"
+        return f"<JobRecord {self.id} {self.name!r} {self.state.value}>"
 
 
 class Event(Base):
@@ -184,10 +196,8 @@ class Event(Base):
         return f"<Event {self.job_id} {frm}->{self.to_state.value} {self.message!r}>"
 
 
-JobRow = Job  # the name the daemon's code uses for a returned row
-
 # Columns callers may set along with a transition; the rest are owned by the ledger itself.
-SETTABLE_FIELDS = frozenset(c.name for c in Job.__table__.columns) - {"id", "state", "created_at", "updated_at"}
+SETTABLE_FIELDS = frozenset(c.name for c in JobRecord.__table__.columns) - {"id", "state", "created_at", "updated_at"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,13 +401,13 @@ class Ledger:
         params_json: dict[str, Any] | None = None,
         message: str = "manifest found in the inbox",
         now: datetime | None = None,
-    ) -> Job:
+    ) -> JobRecord:
         """Record a newly seen manifest as `staged`, with its creation event; returns the new row."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: expected at least 1")
         now = now or utcnow()
         for _ in range(8):  # 4 random characters per second: a clash is rare, so just draw again
-            job = Job(
+            job = JobRecord(
                 id=new_job_id(now), name=name, kind=kind, model_id=model_id, state=JobState.STAGED,
                 priority=priority, manifest_path=str(manifest_path), params_json=params_json,
                 input_hash=input_hash, attempts=0, max_attempts=max_attempts, created_at=now,
@@ -417,7 +427,7 @@ class Ledger:
 
     def _exists(self, job_id: str) -> bool:
         with self._reading() as session:
-            return session.get(Job, job_id) is not None
+            return session.get(JobRecord, job_id) is not None
 
     # ---- moving ----------------------------------------------------------------------------------
 
@@ -453,7 +463,7 @@ class Ledger:
         max_wait: timedelta | None = None,
         message: str | None = None,
         **fields: Any,
-    ) -> Job | None:
+    ) -> JobRecord | None:
         """Take the next job waiting in `from_state` and move it to `to_state`; None if none is due.
 
         Order: highest priority, then (if `model_id` is given) jobs for that model, then oldest first;
@@ -471,15 +481,15 @@ class Ledger:
             text = message or f"taken for {to_state.value}"
             if not _move(session, job.id, from_state, to_state, text, now, fields):
                 return None  # cannot happen under the write lock / row lock; kept for safety
-            return session.get(Job, job.id, populate_existing=True)
+            return session.get(JobRecord, job.id, populate_existing=True)
 
     def record_progress(
         self, job_id: str, phase: str, step: int | None, total: int | None, *, now: datetime | None = None
     ) -> bool:
         """Store "phase, step i of N" for a running job (no event: progress is not a state change)."""
         stmt = (
-            update(Job)
-            .where(Job.id == job_id, Job.state.in_(RUNNING))
+            update(JobRecord)
+            .where(JobRecord.id == job_id, JobRecord.state.in_(RUNNING))
             .values(phase=phase, step=step, total_steps=total, progress_at=now or utcnow())
         )
         with self._writing() as session:
@@ -491,14 +501,14 @@ class Ledger:
             job = _get_for_update(session, job_id)
             timings = dict(job.timings_json or {})
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 6)
-            session.execute(update(Job).where(Job.id == job_id).values(timings_json=timings))
+            session.execute(update(JobRecord).where(JobRecord.id == job_id).values(timings_json=timings))
 
     def record_failure(
         self,
         job_id: str,
         from_state: JobState,
         error: str,
-        kind: str,
+        kind: ErrorKind | str,
         retryable: bool,
         *,
         now: datetime | None = None,
@@ -515,7 +525,7 @@ class Ledger:
                 return None
             attempts = job.attempts + 1
             retry_to = RETRY_STATE.get(from_state)
-            fields: dict[str, Any] = {"attempts": attempts, "last_error": error, "error_kind": kind}
+            fields: dict[str, Any] = {"attempts": attempts, "last_error": error, "error_kind": ErrorKind(kind)}
             if retryable and retry_to is not None and attempts < job.max_attempts:
                 delay = self.backoff.delay(attempts)
                 fields["retry_after"] = now + delay
@@ -533,7 +543,7 @@ class Ledger:
         self,
         now: datetime | None = None,
         *,
-        has_prepared_inputs: Callable[[Job], bool] | None = None,
+        has_prepared_inputs: Callable[[JobRecord], bool] | None = None,
     ) -> list[tuple[str, JobState, JobState]]:
         """At start-up: put jobs left in a running state back in line, counting the attempt.
 
@@ -543,7 +553,7 @@ class Ledger:
         """
         now = now or utcnow()
         with self._reading() as session:
-            stuck = list(session.scalars(select(Job).where(Job.state.in_(RUNNING)).order_by(Job.created_at)))
+            stuck = list(session.scalars(select(JobRecord).where(JobRecord.state.in_(RUNNING)).order_by(JobRecord.created_at)))
         moved = []
         for job in stuck:
             prepared = job.state == JobState.PREPROCESSING or _still_prepared(job, has_prepared_inputs)
@@ -552,10 +562,10 @@ class Ledger:
                 moved.append((job.id, job.state, to_state))
         return moved
 
-    def _recover_one(self, job: Job, now: datetime, prepared: bool) -> JobState | None:
+    def _recover_one(self, job: JobRecord, now: datetime, prepared: bool) -> JobState | None:
         attempts = job.attempts + 1
         where = job.state.value
-        fields: dict[str, Any] = {"attempts": attempts, "error_kind": "interrupted"}
+        fields: dict[str, Any] = {"attempts": attempts, "error_kind": ErrorKind.INTERRUPTED}
         if attempts >= job.max_attempts:
             to_state = JobState.FAILED
             fields["last_error"] = (
@@ -592,7 +602,7 @@ class Ledger:
                     return job.state
         raise LedgerError(f"job {job_id}: its state kept changing while cancelling it; try again")
 
-    def retry(self, job_id: str, message: str = "retried by user", *, now: datetime | None = None) -> Job:
+    def retry(self, job_id: str, message: str = "retried by user", *, now: datetime | None = None) -> JobRecord:
         """Send a failed or cancelled job back to `queued` with a fresh attempt budget; returns the row.
 
         The old errors stay in the event log. A job cancelled before it was ever accepted (while staged)
@@ -610,35 +620,35 @@ class Ledger:
             fields = {"attempts": 0, "retry_after": None, "last_error": None, "error_kind": None,
                       "phase": None, "step": None, "total_steps": None, "progress_at": None}  # fmt: skip
             _move(session, job.id, job.state, JobState.QUEUED, message, now, fields)
-            return session.get(Job, job.id, populate_existing=True)
+            return session.get(JobRecord, job.id, populate_existing=True)
 
     # ---- reading ---------------------------------------------------------------------------------
 
-    def get(self, job_id_or_prefix: str) -> Job:
+    def get(self, job_id_or_prefix: str) -> JobRecord:
         """The job with that id, or the only job whose id starts with it (as typed in the CLI)."""
         with self._reading() as session:
             return _resolve(session, job_id_or_prefix)
 
-    def find_duplicate(self, input_hash: str, *, exclude_id: str | None = None) -> Job | None:
+    def find_duplicate(self, input_hash: str, *, exclude_id: str | None = None) -> JobRecord | None:
         """An earlier, non-rejected job with the same content hash: a done one first, else the newest."""
-        done_first = case((Job.state == JobState.DONE, 0), else_=1)
-        stmt = select(Job).where(Job.input_hash == input_hash, Job.state != JobState.REJECTED)
+        done_first = case((JobRecord.state == JobState.DONE, 0), else_=1)
+        stmt = select(JobRecord).where(JobRecord.input_hash == input_hash, JobRecord.state != JobState.REJECTED)
         if exclude_id is not None:
-            stmt = stmt.where(Job.id != exclude_id)
+            stmt = stmt.where(JobRecord.id != exclude_id)
         with self._reading() as session:
-            return session.scalars(stmt.order_by(done_first, Job.created_at.desc()).limit(1)).first()
+            return session.scalars(stmt.order_by(done_first, JobRecord.created_at.desc()).limit(1)).first()
 
-    def find_by_manifest(self, manifest_path: str | Path, states: Iterable[JobState] = (JobState.STAGED,)) -> Job | None:
+    def find_by_manifest(self, manifest_path: str | Path, states: Iterable[JobState] = (JobState.STAGED,)) -> JobRecord | None:
         """The newest job in `states` recorded for that manifest path (e.g. the staged job of a manifest)."""
-        stmt = select(Job).where(Job.manifest_path == str(manifest_path), Job.state.in_(list(states)))
+        stmt = select(JobRecord).where(JobRecord.manifest_path == str(manifest_path), JobRecord.state.in_(list(states)))
         with self._reading() as session:
-            return session.scalars(stmt.order_by(Job.created_at.desc()).limit(1)).first()
+            return session.scalars(stmt.order_by(JobRecord.created_at.desc()).limit(1)).first()
 
-    def staged_past_deadline(self, now: datetime | None = None) -> list[Job]:
+    def staged_past_deadline(self, now: datetime | None = None) -> list[JobRecord]:
         """Staged jobs whose deadline has passed (to be rejected with the reason)."""
-        stmt = select(Job).where(Job.state == JobState.STAGED, Job.staged_deadline <= (now or utcnow()))
+        stmt = select(JobRecord).where(JobRecord.state == JobState.STAGED, JobRecord.staged_deadline <= (now or utcnow()))
         with self._reading() as session:
-            return list(session.scalars(stmt.order_by(Job.created_at)))
+            return list(session.scalars(stmt.order_by(JobRecord.created_at)))
 
     def events(self, job_id: str) -> list[Event]:
         """The job's audit log, oldest first."""
@@ -648,7 +658,7 @@ class Ledger:
 
     def counts_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, 0 if none)."""
-        stmt = select(Job.state, func.count()).group_by(Job.state)
+        stmt = select(JobRecord.state, func.count()).group_by(JobRecord.state)
         with self._reading() as session:
             found = dict(session.execute(stmt).all())
         return {state: found.get(state, 0) for state in JobState}
@@ -660,7 +670,7 @@ class Ledger:
         the last event's target.
         """
         with self._reading() as session:
-            states = dict(session.execute(select(Job.id, Job.state)).all())
+            states = dict(session.execute(select(JobRecord.id, JobRecord.state)).all())
             rows = session.execute(select(Event.job_id, Event.from_state, Event.to_state).order_by(Event.id))
             chains: dict[str, list[tuple[JobState | None, JobState]]] = {}
             for job_id, frm, to in rows:
@@ -669,12 +679,12 @@ class Ledger:
 
     def list(
         self, states: Iterable[JobState] | None = None, limit: int | None = 100, *, newest_first: bool = True
-    ) -> list[Job]:  # noqa: A003 - the CLI verb
+    ) -> list[JobRecord]:  # noqa: A003 - the CLI verb
         """Jobs, newest first, optionally only those in `states`."""
-        stmt = select(Job)
+        stmt = select(JobRecord)
         if states is not None:
-            stmt = stmt.where(Job.state.in_([JobState(s) for s in states]))
-        order = (Job.created_at.desc(), Job.id.desc()) if newest_first else (Job.created_at, Job.id)
+            stmt = stmt.where(JobRecord.state.in_([JobState(s) for s in states]))
+        order = (JobRecord.created_at.desc(), JobRecord.id.desc()) if newest_first else (JobRecord.created_at, JobRecord.id)
         stmt = stmt.order_by(*order).limit(limit)
         with self._reading() as session:
             return [*session.scalars(stmt)]
@@ -684,7 +694,7 @@ class Ledger:
 # the SQL, one small function per statement (all run inside a caller's transaction)
 
 
-def _still_prepared(job: Job, has_prepared_inputs: Callable[[Job], bool] | None) -> bool:
+def _still_prepared(job: JobRecord, has_prepared_inputs: Callable[[JobRecord], bool] | None) -> bool:
     if has_prepared_inputs is None:
         return True
     try:
@@ -710,13 +720,13 @@ def _move(
 ) -> bool:
     """UPDATE ... WHERE id = :id AND state = :from, plus the event row; False if the row moved on."""
     stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.state == from_state)
+        update(JobRecord)
+        .where(JobRecord.id == job_id, JobRecord.state == from_state)
         .values(state=to_state, updated_at=now, **fields)
         .execution_options(synchronize_session=False)
     )
     if session.execute(stmt).rowcount != 1:
-        if session.get(Job, job_id) is None:
+        if session.get(JobRecord, job_id) is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         return False
     session.add(_event(job_id, now, from_state, to_state, message))
@@ -731,7 +741,7 @@ def _pick(
     model_id: str | None,
     max_wait: timedelta | None,
     now: datetime,
-) -> Job | None:
+) -> JobRecord | None:
     if model_id is not None and max_wait is not None:
         job = _first(session, starved_query(from_state, kinds, model_id, now, max_wait))
         if job is not None:
@@ -739,56 +749,56 @@ def _pick(
     return _first(session, claim_query(from_state, kinds, model_id, now))
 
 
-def _due(from_state: JobState, kinds: Iterable[str] | None, now: datetime) -> Select[tuple[Job]]:
-    due = select(Job).where(Job.state == from_state, or_(Job.retry_after.is_(None), Job.retry_after <= now))
-    return due if kinds is None else due.where(Job.kind.in_(list(kinds)))
+def _due(from_state: JobState, kinds: Iterable[str] | None, now: datetime) -> Select[tuple[JobRecord]]:
+    due = select(JobRecord).where(JobRecord.state == from_state, or_(JobRecord.retry_after.is_(None), JobRecord.retry_after <= now))
+    return due if kinds is None else due.where(JobRecord.kind.in_(list(kinds)))
 
 
 def claim_query(
     from_state: JobState, kinds: Iterable[str] | None, model_id: str | None, now: datetime
-) -> Select[tuple[Job]]:
+) -> Select[tuple[JobRecord]]:
     """The next due job: highest priority, then the loaded model's, then oldest; locked, skipping locked rows."""
-    order = [Job.priority.desc()]
+    order = [JobRecord.priority.desc()]
     if model_id is not None:
-        order.append(case((Job.model_id == model_id, 0), else_=1))
-    return _locked(_due(from_state, kinds, now).order_by(*order, Job.created_at, Job.id))
+        order.append(case((JobRecord.model_id == model_id, 0), else_=1))
+    return _locked(_due(from_state, kinds, now).order_by(*order, JobRecord.created_at, JobRecord.id))
 
 
 def starved_query(
     from_state: JobState, kinds: Iterable[str] | None, model_id: str, now: datetime, max_wait: timedelta
-) -> Select[tuple[Job]]:
+) -> Select[tuple[JobRecord]]:
     """A due job of another model that has waited in `from_state` for `max_wait` or longer."""
-    other = or_(Job.model_id.is_(None), Job.model_id != model_id)
-    stmt = _due(from_state, kinds, now).where(other, Job.updated_at <= now - max_wait)
-    return _locked(stmt.order_by(Job.priority.desc(), Job.updated_at, Job.id))
+    other = or_(JobRecord.model_id.is_(None), JobRecord.model_id != model_id)
+    stmt = _due(from_state, kinds, now).where(other, JobRecord.updated_at <= now - max_wait)
+    return _locked(stmt.order_by(JobRecord.priority.desc(), JobRecord.updated_at, JobRecord.id))
 
 
-def _locked(stmt: Select[tuple[Job]]) -> Select[tuple[Job]]:
+def _locked(stmt: Select[tuple[JobRecord]]) -> Select[tuple[JobRecord]]:
     # FOR UPDATE SKIP LOCKED lets several PostgreSQL hosts claim from one queue; SQLite ignores it
     # (there the IMMEDIATE write transaction already serialises claimers).
     return stmt.limit(1).with_for_update(skip_locked=True)
 
 
-def _first(session: Session, stmt: Select[tuple[Job]]) -> Job | None:
+def _first(session: Session, stmt: Select[tuple[JobRecord]]) -> JobRecord | None:
     return session.scalars(stmt).first()
 
 
-def _get_for_update(session: Session, job_id: str) -> Job:
-    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+def _get_for_update(session: Session, job_id: str) -> JobRecord:
+    job = session.scalars(select(JobRecord).where(JobRecord.id == job_id).with_for_update()).first()
     if job is None:
         raise JobNotFound(f"no job with id {job_id!r}")
     return job
 
 
-def _resolve(session: Session, text: str) -> Job:
+def _resolve(session: Session, text: str) -> JobRecord:
     """Exact id first, then a unique prefix."""
     wanted = text.strip()
-    job = session.get(Job, wanted) if wanted else None
+    job = session.get(JobRecord, wanted) if wanted else None
     if job is not None:
         return job
     if not wanted:
         raise JobNotFound("no job id given")
-    stmt = select(Job).where(Job.id.startswith(wanted, autoescape=True)).order_by(Job.id).limit(6)
+    stmt = select(JobRecord).where(JobRecord.id.startswith(wanted, autoescape=True)).order_by(JobRecord.id).limit(6)
     matches = list(session.scalars(stmt))
     if not matches:
         raise JobNotFound(f"no job with id or id prefix {wanted!r} (see `wanbox status` for job ids)")

@@ -1,4 +1,5 @@
-"""Delivery to the outbox: check that the mp4 decodes, then publish mp4, poster JPEG and JSON sidecar.
+"""Delivery to the outbox: check that the mp4 decodes, then publish mp4, poster JPEG, the kind's extra files
+and the JSON sidecar (whose content is made here too, from the job's record and the worker's stats).
 
 Every file is written under a temporary dotfile name, fsynced, and linked to its final name without
 ever overwriting (a collision takes the suffix -2, -3, ...). It must not touch inputs or the ledger.
@@ -13,14 +14,63 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 
 from daemon.jobfiles import fsync_dir
 
+if TYPE_CHECKING:
+    from daemon.ledger import JobRecord
+
 MAX_COLLISIONS = 10_000
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("wanbox")
+    except Exception:  # not installed (a checkout): the version in pyproject
+        return "0.1.0+checkout"
+
+
+def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
+    """The sidecar's content for a delivered job: what was asked (the resolved job), how it ran, what made it.
+
+    `pool` holds the pool's world_size, devices and parallel layout (from its hello)."""
+    job = record.job
+    return {
+        "job_id": record.id,
+        "name": record.name,
+        "kind": record.kind,
+        "model_id": record.model_id,
+        "seed": job.seed,
+        "parameters": record.params_json,
+        "inputs": {role: {k: v for k, v in item.to_dict().items() if k != "path"} for role, item in job.inputs.items()},
+        "checkpoint_dir": str(checkpoint_dir),
+        "checkpoints": stats.get("checkpoints", "unknown (the worker did not report hashes)"),
+        "timings_seconds": record.timings_json or {},
+        "gpu_seconds": record.gpu_seconds,
+        "peak_memory": stats.get("peak_memory"),
+        "model_load": stats.get("model_load"),
+        "attention": stats.get("attention"),
+        "pool": pool,
+        "attempts": record.attempts + 1,
+        "created_at": record.created_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "software": {"wanbox": software_version()},
+    }
+
+
+def extra_outputs(record: JobRecord) -> dict[str, Path]:
+    """Files delivered beside the video, as the kind's registry entry names them (e.g. the Animate overlay preview:
+    the extracted pose and face box over the driving frames, so a person can see what the model was given)."""
+    work = Path(record.work_dir or "/nonexistent")
+    found = {role: work / relpath for role, relpath in record.job.spec.outputs}
+    return {role: path for role, path in found.items() if path.is_file()}
 
 
 class OutputInvalid(ValueError):

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from daemon import protocol
 from daemon.config import PoolSettings
+from daemon.states import PoolState
 
 log = logging.getLogger("wanbox.pool")
 
@@ -45,25 +46,25 @@ class PoolEvent:
 
     kind: str  # "progress" | "done" | "error" | "died" | "ready"
     job: str | None
-    message: dict[str, Any] = field(default_factory=dict)
+    message: protocol.Message | None = None  # the worker's message (None for a death the pool detected)
     reason: str = ""
 
 
 class WarmPool:
-    """One torchrun process group with one model loaded; states: stopped, loading, idle, busy."""
+    """One torchrun process group with one model loaded; its state is a PoolState."""
 
     def __init__(self, settings: PoolSettings, socket_path: Path, crf: int = 18) -> None:
         self.settings = settings
         self.crf = crf
         self.socket_path = socket_path
-        self.state = "stopped"
+        self.state = PoolState.STOPPED
         self.model: str | None = None
         self.job: str | None = None
-        self.hello: dict[str, Any] = {}
+        self.hello: protocol.Hello | None = None
         self.load_seconds: float | None = None
         self.failures = 0  # consecutive deaths, for the relaunch backoff
         self.next_launch_at = 0.0
-        self.last_progress: dict[str, Any] = {}
+        self.last_progress: protocol.Progress | None = None
         self.ready_at: datetime | None = None  # when the loaded model became ready (UTC)
         self.jobs_run = 0  # jobs handed to this pool since it was launched
         self._proc: subprocess.Popen[bytes] | None = None
@@ -117,7 +118,7 @@ class WarmPool:
         return env
 
     def can_launch(self, now: float | None = None) -> bool:
-        return self.state == "stopped" and (time.monotonic() if now is None else now) >= self.next_launch_at
+        return self.state == PoolState.STOPPED and (time.monotonic() if now is None else now) >= self.next_launch_at
 
     def launch(self, model: str) -> list[PoolEvent]:
         """Start the worker command for `model` in a new session; it must say hello+ready in time.
@@ -128,7 +129,7 @@ class WarmPool:
             self.open()
         self._generation += 1
         self._drop_channel()
-        self.model, self.state, self.job, self.hello = model, "loading", None, {}
+        self.model, self.state, self.job, self.hello = model, PoolState.LOADING, None, None
         self.load_seconds, self.ready_at, self.jobs_run = None, None, 0
         self._shutdown_sent = False
         self._deadline_from = time.monotonic()
@@ -157,7 +158,7 @@ class WarmPool:
                 return
             conn.settimeout(None)
             generation = self._generation
-            if self._chan is not None or self.state != "loading":
+            if self._chan is not None or self.state != PoolState.LOADING:
                 log.warning("pool: refusing an extra connection (one rank 0 per pool)")
                 conn.close()
                 continue
@@ -177,7 +178,7 @@ class WarmPool:
             if msg is None:
                 self._inbox.put((generation, "eof", "the worker closed the connection"))
                 return
-            self._inbox.put((generation, "msg", msg))
+            self._inbox.put((generation, "msg", protocol.to_message(msg)))
 
     def _drop_channel(self) -> None:
         if self._chan is not None:
@@ -198,9 +199,9 @@ class WarmPool:
 
     def run(self, run: protocol.Run) -> bool:
         """Hand a job to an idle pool; False if it could not be sent (the pool is then treated as dead)."""
-        if self.state != "idle":
+        if self.state != PoolState.IDLE:
             raise RuntimeError(f"pool is {self.state}, not idle: cannot run {run.job}")
-        self.job, self.state, self.last_progress = run.job, "busy", {}
+        self.job, self.state, self.last_progress = run.job, PoolState.BUSY, None
         self.jobs_run += 1
         self._deadline_from = time.monotonic()
         return self._send(run)
@@ -230,7 +231,7 @@ class WarmPool:
         return events
 
     def _handle(self, generation: int, what: str, payload: Any) -> list[PoolEvent]:
-        if generation != self._generation or self.state == "stopped":
+        if generation != self._generation or self.state == PoolState.STOPPED:
             return []  # from a pool that was already replaced
         if what == "eof" and self._shutdown_sent:
             self._reap_after_shutdown()
@@ -239,34 +240,39 @@ class WarmPool:
             return self._died(f"the worker pool closed its connection ({payload})")
         if what == "garbage":
             return self._died(f"the worker pool sent an invalid message: {payload}")
-        msg: dict[str, Any] = payload
         self._deadline_from = time.monotonic()  # any message is a sign of life
-        kind = msg["type"]
-        if kind == "hello":
+        return self._on_message(payload)
+
+    def _on_message(self, msg: protocol.Message) -> list[PoolEvent]:
+        if isinstance(msg, protocol.Hello):
             self.hello = msg
-            if msg["model"] != self.model:
-                return self._died(f"the worker loaded {msg['model']!r}, expected {self.model!r}")
+            if msg.model != self.model:
+                return self._died(f"the worker loaded {msg.model!r}, expected {self.model!r}")
             return []
-        if kind == "ready" and self.state == "loading":
-            self.state, self.load_seconds, self.failures = "idle", float(msg["load_seconds"]), 0
+        if isinstance(msg, protocol.Ready) and self.state == PoolState.LOADING:
+            self.state, self.load_seconds, self.failures = PoolState.IDLE, float(msg.load_seconds), 0
             self.ready_at = datetime.now(timezone.utc)
             log.info("pool: %s ready after %.1f s", self.model, self.load_seconds)
             return [PoolEvent("ready", None, msg)]
-        if kind == "progress" and msg["job"] == self.job:
+        if isinstance(msg, protocol.Progress) and msg.job == self.job:
             self.last_progress = msg
             return [PoolEvent("progress", self.job, msg)]
-        if kind in ("done", "error") and msg.get("job") == self.job and self.job is not None:
-            job, self.job, self.state = self.job, None, "idle"
-            return [PoolEvent(kind, job, msg)]
-        if kind == "error" and msg.get("job") is None:
+        if isinstance(msg, (protocol.Done, protocol.Error)) and msg.job == self.job and self.job is not None:
+            job, self.job, self.state = self.job, None, PoolState.IDLE
+            return [PoolEvent(msg.type, job, msg)]
+        if isinstance(msg, protocol.Error) and msg.job is None:
             # An error outside a job (e.g. loading failed): the pool is unusable.
-            return self._died(f"the worker pool failed: {msg['kind']}: {msg['message']}", msg)
-        if kind != "heartbeat":
-            log.warning("pool: ignoring %s for job %s (current job: %s)", kind, msg.get("job"), self.job)
+            return self._died(f"the worker pool failed: {msg.kind}: {msg.message}", msg)
+        if not isinstance(msg, protocol.Heartbeat):
+            log.warning("pool: ignoring %s for job %s (current job: %s)", msg.type, getattr(msg, "job", None), self.job)
         return []
 
+    def died(self, reason: str) -> list[PoolEvent]:
+        """The supervisor found the pool unusable (e.g. a job could not be sent): kill it, count a death."""
+        return self._died(reason)
+
     def _check_health(self) -> list[PoolEvent]:
-        if self.state in ("stopped",) or self._proc is None:
+        if self.state == PoolState.STOPPED or self._proc is None:
             return []
         code = self._proc.poll()
         if code is not None and self._shutdown_sent:
@@ -275,24 +281,24 @@ class WarmPool:
         if code is not None:
             return self._died(f"the worker pool exited with status {code}")
         silent = time.monotonic() - self._deadline_from
-        if self.state == "loading" and silent > self.settings.load_deadline_seconds:
+        if self.state == PoolState.LOADING and silent > self.settings.load_deadline_seconds:
             return self._died(f"the worker pool did not become ready within {self.settings.load_deadline_seconds:g} s")
-        if self.state == "busy" and silent > self.settings.heartbeat_seconds:
+        if self.state == PoolState.BUSY and silent > self.settings.heartbeat_seconds:
             step = self.last_progress
-            where = f" (last: {step.get('phase')} step {step.get('step')}/{step.get('total')})" if step else ""
+            where = f" (last: {step.phase} step {step.step}/{step.total})" if step else ""
             return self._died(
                 f"the worker pool hung: no progress for {self.settings.heartbeat_seconds:g} s{where}"
             )
         return []
 
-    def _died(self, reason: str, msg: dict[str, Any] | None = None) -> list[PoolEvent]:
+    def _died(self, reason: str, msg: protocol.Message | None = None) -> list[PoolEvent]:
         job = self.job
         log.error("pool: %s%s; killing its process group", reason, f" while running job {job}" if job else "")
         self.kill()
         self.failures += 1
         delay = min(self.settings.relaunch_cap_seconds, self.settings.relaunch_base_seconds * 2 ** (self.failures - 1))
         self.next_launch_at = time.monotonic() + delay
-        return [PoolEvent("died", job, msg or {}, reason)]
+        return [PoolEvent("died", job, msg, reason)]
 
     # --- stopping --------------------------------------------------------------------------------
 
@@ -300,7 +306,7 @@ class WarmPool:
         """SIGTERM the whole process group, SIGKILL it after `grace` s; returns the exit status."""
         proc, self._proc = self._proc, None
         self._drop_channel()
-        self.state, self.job = "stopped", None
+        self.state, self.job = PoolState.STOPPED, None
         if proc is None:
             return None
         code = proc.poll()
@@ -319,7 +325,7 @@ class WarmPool:
         """Ask the pool to exit (shutdown: it finishes or aborts its step), then kill what is left."""
         grace = self.settings.stop_grace_seconds if grace is None else grace
         if self._proc is None:
-            self.state = "stopped"
+            self.state = PoolState.STOPPED
             return None
         if not self._shutdown_sent:
             self.request_shutdown()

@@ -1,10 +1,10 @@
 """The supervisor <-> warm pool protocol: newline-delimited JSON messages over a Unix socket.
 
-Standard library only (the worker imports it too); it must not import torch, the ledger or anything
-that knows about jobs beyond the message shapes.
+Pure Python (the worker imports it too): the message dataclasses, their JSON lines and a channel. A `run` carries
+the resolved job (inbox_schema.Job), checked field by field on both ends. It must not import torch or the ledger.
 
-Each message is one JSON object on one UTF-8 line with a "type". Unknown fields are ignored (kept in
-the decoded dict, dropped by `to_message`), so either side may add fields without breaking the other.
+Each message is one JSON object on one UTF-8 line with a "type". Unknown fields are ignored (kept in the decoded
+dict, dropped by `to_message`), so either side may add fields without breaking the other.
 
 worker -> supervisor: hello, ready, progress (also the heartbeat while a job runs), heartbeat, done, error.
 supervisor -> worker: run, cancel, shutdown.
@@ -13,24 +13,24 @@ supervisor -> worker: run, cancel, shutdown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from daemon.states import ErrorKind, Phase
+from inbox_schema import Job, JobDataError, codec, kinds
 
 # A line longer than this is garbage, not a message: never buffer an endless stream in memory.
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
 # AF_UNIX paths are limited by sockaddr_un.sun_path (108 bytes on Linux, including the NUL).
 MAX_SOCKET_PATH_BYTES = 107
-
-PHASES = ("load", "encode", "sampling", "decode", "write")
-ERROR_KINDS = ("oom", "input", "internal", "cancelled")
-JOB_KINDS = ("i2v", "animate")
 
 
 class ProtocolError(ValueError):
@@ -60,7 +60,7 @@ class Ready:
 class Progress:
     type: ClassVar[str] = "progress"
     job: str
-    phase: str
+    phase: Phase
     step: int
     total: int
 
@@ -82,7 +82,7 @@ class Done:
 class Error:
     type: ClassVar[str] = "error"
     job: str | None
-    kind: str
+    kind: ErrorKind
     message: str
     retryable: bool
 
@@ -92,12 +92,14 @@ class Error:
 
 @dataclass(frozen=True)
 class Run:
+    """One job for the pool: `params` is the resolved job, `inputs` the prepared files by role."""
+
     type: ClassVar[str] = "run"
     job: str
     kind: str
-    params: dict[str, Any]
     inputs: dict[str, str]
     output: str
+    params: Job
     crf: int | None = None  # H.264 quality for the output mp4 (daemon config); None = the worker's default
 
 
@@ -118,85 +120,44 @@ MESSAGE_TYPES: dict[str, type] = {
     cls.type: cls for cls in (Hello, Ready, Progress, Heartbeat, Done, Error, Run, Cancel, Shutdown)
 }
 
-# Per type: field -> (accepted JSON types, required). bool is excluded from ints on purpose below.
-_FIELD_TYPES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {
-        "model": ((str,), True),
-        "world_size": ((int,), True),
-        "pid": ((int,), True),
-        "devices": ((list,), False),
-        "parallel": ((dict,), False),
-    },
-    "ready": {"load_seconds": ((int, float), True)},
-    "progress": {"job": ((str,), True), "phase": ((str,), True), "step": ((int,), True), "total": ((int,), True)},
-    "heartbeat": {},
-    "done": {"job": ((str,), True), "output": ((str,), True), "stats": ((dict,), False)},
-    "error": {
-        "job": ((str, type(None)), True),
-        "kind": ((str,), True),
-        "message": ((str,), True),
-        "retryable": ((bool,), True),
-    },
-    "run": {
-        "job": ((str,), True),
-        "kind": ((str,), True),
-        "params": ((dict,), True),
-        "inputs": ((dict,), True),
-        "output": ((str,), True),
-        "crf": ((int, type(None)), False),
-    },
-    "cancel": {"job": ((str,), True)},
-    "shutdown": {},
-}
 
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("progress", "phase"): PHASES,
-    ("error", "kind"): ERROR_KINDS,
-    ("run", "kind"): JOB_KINDS,
-}
+def _known_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    cls = MESSAGE_TYPES[obj["type"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in obj.items() if k in names}
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {str: "string", int: "integer", float: "number", bool: "true/false", list: "list", dict: "object"}
-    return " or ".join(names.get(t, "null") for t in types)
-
-
-def _check_field(msg_type: str, name: str, value: Any, types: tuple[type, ...]) -> None:
-    # JSON true/false decode to bool, a subclass of int: a step of `true` is garbage, not 1.
-    is_bool = isinstance(value, bool)
-    ok = isinstance(value, types) and (bool in types or not is_bool)
-    if not ok:
-        raise ProtocolError(f"{msg_type}.{name}: got {value!r}, expected {_type_name(types)}")
-    choices = _CHOICES.get((msg_type, name))
-    if choices is not None and value not in choices:
-        raise ProtocolError(f"{msg_type}.{name}: got {value!r}, expected one of {', '.join(choices)}")
+def _checked(obj: Any) -> Message:
+    """The message a decoded JSON value is, or ProtocolError naming the first wrong field."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"message: got {type(obj).__name__}, expected a JSON object")
+    msg_type = obj.get("type")
+    if msg_type not in MESSAGE_TYPES:
+        raise ProtocolError(f"type: got {msg_type!r}, expected one of {', '.join(MESSAGE_TYPES)}")
+    if msg_type == "run" and obj.get("kind") not in kinds():
+        raise ProtocolError(f"run.kind: got {obj.get('kind')!r}, expected one of {', '.join(kinds())}")
+    try:
+        # A message's optional fields may be left out (either side may be older); the job inside a run may not.
+        msg = codec.read(MESSAGE_TYPES[msg_type], _known_fields(obj), msg_type, complete=False)
+    except JobDataError as exc:
+        raise ProtocolError(str(exc)) from None
+    if isinstance(msg, Run) and msg.params.kind != msg.kind:
+        raise ProtocolError(f"run.kind: got {msg.kind!r}, but run.params is a {msg.params.kind!r} job")
+    return msg
 
 
 def validate(obj: Any) -> dict[str, Any]:
     """Check a decoded JSON value against the message shapes; return it unchanged or raise ProtocolError."""
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"message: got {type(obj).__name__}, expected a JSON object")
-    msg_type = obj.get("type")
-    if msg_type not in _FIELD_TYPES:
-        raise ProtocolError(f"type: got {msg_type!r}, expected one of {', '.join(_FIELD_TYPES)}")
-    for name, (types, required) in _FIELD_TYPES[msg_type].items():
-        if name not in obj:
-            if required:
-                raise ProtocolError(f"{msg_type}.{name}: missing, expected {_type_name(types)}")
-            continue
-        _check_field(msg_type, name, obj[name], types)
-    if msg_type == "run" and not all(isinstance(v, str) for v in obj["inputs"].values()):
-        raise ProtocolError(f"run.inputs: got {obj['inputs']!r}, expected an object of role -> path strings")
+    _checked(obj)
     return obj
 
 
-def encode(msg: Message | dict[str, Any]) -> bytes:
-    """One message as one UTF-8 JSON line ending in a newline; validated, so garbage is never sent."""
-    if isinstance(msg, dict):
-        obj = dict(msg)
-    else:
-        obj = {"type": msg.type, **asdict(msg)}
-    validate(obj)
+def encode(msg: Message) -> bytes:
+    """One message as one UTF-8 JSON line ending in a newline; checked, so garbage is never sent."""
+    if type(msg) not in MESSAGE_TYPES.values():
+        raise ProtocolError(f"message: got {type(msg).__name__}, expected one of the protocol's message classes")
+    obj = {"type": msg.type, **{f.name: codec.write(getattr(msg, f.name)) for f in dataclasses.fields(msg)}}
+    _checked(obj)
     # ensure_ascii keeps the line pure ASCII (no raw newline can appear inside a string either way).
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii") + b"\n"
 
@@ -221,11 +182,8 @@ def decode(line: bytes | str) -> dict[str, Any]:
 
 
 def to_message(obj: dict[str, Any]) -> Message:
-    """A validated dict as its dataclass; unknown fields are dropped."""
-    validate(obj)
-    cls = MESSAGE_TYPES[obj["type"]]
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in obj.items() if k in known})
+    """A decoded dict as its dataclass (the job of a `run` as an inbox_schema.Job); unknown fields are dropped."""
+    return _checked(obj)
 
 
 # --- a blocking line channel over a connected stream socket --------------------------------------
@@ -239,7 +197,7 @@ class Channel:
         self._buffer = b""
         self._send_lock = threading.Lock()
 
-    def send(self, msg: Message | dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         data = encode(msg)
         with self._send_lock:
             self.sock.sendall(data)

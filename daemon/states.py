@@ -1,4 +1,5 @@
-"""The job lifecycle: one vocabulary of states for the code, the ledger and the CLI, and the legal moves.
+"""One vocabulary for the code, the ledger, the protocol and the CLI: job states and their legal moves, the pool's
+states, the kinds of error, the phases a job reports progress in.
 
 Pure data and tiny predicates only: this module must not touch the database, the disk or any process.
 """
@@ -24,6 +25,46 @@ class JobState(str, Enum):
 
     def __str__(self) -> str:
         # f"{state}" and print() show "queued", not "JobState.QUEUED", in logs and the CLI.
+        return self.value
+
+
+class PoolState(str, Enum):
+    """Where the warm pool is (daemon/pool.py)."""
+
+    STOPPED = "stopped"  # no worker processes
+    LOADING = "loading"  # launched, loading its model (until `ready`)
+    IDLE = "idle"  # warm, waiting for a job
+    BUSY = "busy"  # running a job
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ErrorKind(str, Enum):
+    """Why an attempt failed: what the worker reports (error.kind) and the ledger stores (jobs.error_kind)."""
+
+    OOM = "oom"  # the GPUs ran out of memory: smaller size, fewer frames, more GPUs
+    INPUT = "input"  # the job's own inputs or parameters cannot work: fix and resubmit
+    INTERNAL = "internal"  # a bug or a resource problem, not the job's fault: retried
+    CANCELLED = "cancelled"  # stopped by `wanbox cancel` or a shutdown
+    POOL = "pool"  # the worker pool died or hung during the job, or could not start
+    OUTPUT = "output"  # the video came back broken or could not be delivered
+    INTERRUPTED = "interrupted"  # the supervisor stopped (crash, restart) while the job ran
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Phase(str, Enum):
+    """The phases a running job reports progress in (the protocol's progress.phase)."""
+
+    LOAD = "load"
+    ENCODE = "encode"
+    SAMPLING = "sampling"
+    DECODE = "decode"
+    WRITE = "write"
+
+    def __str__(self) -> str:
         return self.value
 
 

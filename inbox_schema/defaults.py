@@ -1,13 +1,12 @@
-"""The numbers of schema v1: allowed values, bounds and the reference's defaults per kind.
+"""The numbers of schema v1 that every kind shares: allowed values, bounds and the reference's defaults.
 
-Plain constants shared by validation, the JSON Schema and the docs; no logic lives here.
+Plain constants shared by validation, the JSON Schema and the docs; no logic lives here. What differs per kind
+(model, inputs, sizes, default steps, fps and guidance) is the kind's registry entry (inbox_schema/kinds/).
 """
 
 from __future__ import annotations
 
 SCHEMA_VERSION = 1
-KINDS = ("i2v", "animate")
-MODEL_IDS = {"i2v": "i2v-A14B", "animate": "animate-14B"}
 
 # The reference's shared default negative prompt (wan_shared_cfg.sample_neg_prompt), verbatim.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -18,7 +17,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 # Animate's fixed prompt in the reference ("the person in the video is doing actions").
 DEFAULT_ANIMATE_PROMPT = "视频中的人在做动作"
 
-SIZES = {"i2v": ("1280*720", "720*1280", "832*480", "480*832"), "animate": ("1280*720", "720*1280")}
 DEFAULT_SIZE = "1280*720"
 
 PRIORITY_RANGE = (-100, 100)
@@ -30,14 +28,11 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 FRAMES_RANGE = (5, 161)
 DEFAULT_FRAMES = 81
 FPS_RANGE = (1, 60)
-DEFAULT_FPS = {"i2v": 16, "animate": 30}
 
 STEPS_RANGE = (1, 100)
-DEFAULT_STEPS = {"i2v": 40, "animate": 20}
 SHIFT_RANGE = (0.0, 100.0)  # exclusive low end: shift must be positive
 DEFAULT_SHIFT = 5.0
 GUIDE_RANGE = (0.0, 20.0)
-DEFAULT_GUIDE = {"i2v": (3.5, 3.5), "animate": 1.0}
 SOLVERS = ("unipc", "dpm++", "euler")
 DEFAULT_SOLVER = "unipc"
 SEED_RANGE = (0, 2**63 - 1)  # the reference draws random seeds from 0..sys.maxsize
@@ -45,15 +40,7 @@ BOUNDARY_RANGE = (0.0, 1.0)  # exclusive at both ends
 DEFAULT_BOUNDARY = 0.9
 TIMESTEP_RANGE = (1, 1000)
 
-ANIMATE_MODES = ("animation", "replacement")
-REFERT_NUMS = (1, 5)
-CLIP_LEN_RANGE = (5, 161)
-DEFAULT_CLIP_LEN = 77
-PREPROCESS_FPS_RANGE = (1, 60)  # or -1 for the source video's fps
-DEFAULT_PREPROCESS_FPS = 30
-
-INPUT_ROLES = {"i2v": ("image",), "animate": ("character", "video")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-ROLE_SUFFIXES = {"image": IMAGE_SUFFIXES, "character": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES}
+MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES}
 MANIFEST_MAX_BYTES = 256 * 1024

@@ -40,6 +40,9 @@ def manifest_hash(manifest_bytes: bytes, input_sha256s: dict[str, str]) -> str:
     for volatile in ("name", "priority"):
         del canonical[volatile]
     canonical["inputs"] = _input_hashes(set(job.inputs), input_sha256s)
+    # v1's canonical form had an "animate" entry for every kind (null for the others): kept, so that the
+    # hashes earlier versions recorded in the ledger still recognise their resubmissions.
+    canonical.setdefault("animate", None)
     for orientation_only in ("size", "width", "height"):
         del canonical["video"][orientation_only]  # both kinds use only the area; the inputs set the aspect
     blob = json.dumps([HASH_VERSION, canonical], sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -1,14 +1,17 @@
-"""The resolved job: every default filled in, every path absolute; what the daemon and worker receive.
+"""The resolved job: every default filled in, every path absolute; the one form a job travels in.
 
-Plain frozen data with a JSON form; it must not read files, validate or talk to anything.
+The ledger stores `Job.to_dict()`, the pool's `run` command carries it, and `Job.from_dict` is its only reader
+(strict: inbox_schema.codec). Plain frozen data; it must not read files, validate ranges or talk to anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from inbox_schema.defaults import MODEL_IDS
+from inbox_schema import codec
+from inbox_schema.kinds import Kind, get_kind
 
 
 @dataclass(frozen=True)
@@ -71,21 +74,12 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
-class AnimateSettings:
-    mode: str  # "animation" | "replacement"
-    refert_num: int
-    clip_len: int
-    retarget: bool
-    relighting_lora: bool
-    preprocess_fps: int  # -1 = the driving video's own fps
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class Job:
-    """A validated manifest (schema v1) with every default resolved; `seed` is None until resolved."""
+    """A validated manifest (schema v1) with every default resolved; `seed` is None until resolved.
+
+    `options` holds the kind's own settings (its registry entry's OptionsTable, e.g. AnimateSettings for
+    kind "animate"), or None for a kind without a table of its own.
+    """
 
     schema: int
     kind: str
@@ -96,11 +90,16 @@ class Job:
     inputs: dict[str, InputFile]
     video: VideoSettings
     sampling: SamplingSettings
-    animate: AnimateSettings | None = None
+    options: Any = None
+
+    @property
+    def spec(self) -> Kind:
+        """The kind's registry entry."""
+        return get_kind(self.kind)
 
     @property
     def model_id(self) -> str:
-        return MODEL_IDS[self.kind]
+        return self.spec.model_id
 
     @property
     def seed(self) -> int | None:
@@ -110,31 +109,46 @@ class Job:
         """The same job with its seed fixed (done once at acceptance when the manifest left it out)."""
         return replace(self, sampling=replace(self.sampling, seed=seed))
 
+    def with_inputs(self, inputs: dict[str, InputFile]) -> Job:
+        """The same job reading its inputs elsewhere (moved into the work folder at acceptance)."""
+        if set(inputs) != set(self.inputs):
+            raise ValueError(f"inputs: got roles {sorted(inputs)}, expected {sorted(self.inputs)}")
+        return replace(self, inputs=dict(inputs))
+
     def to_dict(self) -> dict[str, object]:
-        return {
+        """The JSON form (ledger, `run` command, `wanbox validate`): the kind's table under its own name."""
+        data: dict[str, object] = {
             "schema": self.schema, "kind": self.kind, "model_id": self.model_id, "name": self.name,
             "priority": self.priority, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "inputs": {role: item.to_dict() for role, item in self.inputs.items()},
             "video": self.video.to_dict(), "sampling": self.sampling.to_dict(),
-            "animate": self.animate.to_dict() if self.animate else None,
         }
+        table = self.spec.options
+        if table is not None:
+            data[table.table] = codec.write(self.options)
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> Job:
-        """Rebuild a job from `to_dict()` output (ledger rows, worker messages); trusts its input."""
-        video, sampling, animate = data["video"], data["sampling"], data.get("animate")
-        guide = sampling["guide_scale"]
-        return cls(
-            schema=data["schema"], kind=data["kind"], name=data["name"], priority=data["priority"],
-            prompt=data["prompt"], negative_prompt=data["negative_prompt"],
-            inputs={role: InputFile(role=role, path=Path(item["path"]), relpath=item["relpath"],
-                                    sha256=item["sha256"], size=item["size"])
-                    for role, item in data["inputs"].items()},
-            video=VideoSettings(size=video["size"], fps=video["fps"], frames=video["frames"]),
-            sampling=SamplingSettings(
-                steps=sampling["steps"], shift=sampling["shift"],
-                guide_scale=tuple(guide) if isinstance(guide, list) else guide,
-                solver=sampling["solver"], seed=sampling["seed"], boundary=sampling["boundary"],
-                timesteps=tuple(sampling["timesteps"]) if sampling["timesteps"] is not None else None),
-            animate=AnimateSettings(**animate) if animate else None,
-        )
+    def from_dict(cls, data: object, where: str = "job") -> Job:
+        """The job a `to_dict()` made (ledger rows, `run` commands), checked field by field: JobDataError names
+        the first field that is missing, unknown or of the wrong type (as `<where>.<field>`)."""
+        if not isinstance(data, dict):
+            raise codec.JobDataError(f"{where}: got {data!r}, expected an object")
+        fields = dict(data)
+        fields.pop("model_id", None)  # derived from the kind
+        kind = fields.get("kind")
+        try:
+            table = get_kind(kind).options if isinstance(kind, str) else None
+        except KeyError as exc:
+            raise codec.JobDataError(f"{where}.kind: {exc.args[0]}") from None
+        raw_options = fields.pop(table.table, None) if table is not None else None
+        job = codec.read(cls, {**fields, "options": None}, where)  # the kind's table is read below, by its class
+        if table is not None:
+            job = replace(job, options=codec.read(table.settings, raw_options, f"{where}.{table.table}"))
+        for role, item in job.inputs.items():
+            if item.role != role:
+                raise codec.JobDataError(f"{where}.inputs.{role}.role: got {item.role!r}, expected {role!r}")
+        if set(job.inputs) != set(job.spec.roles):
+            raise codec.JobDataError(f"{where}.inputs: got roles {sorted(job.inputs)}, expected "
+                                     f"{sorted(job.spec.roles)} for kind {job.kind!r}")
+        return job

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 from inbox_schema import defaults as d
+from inbox_schema.kinds import Kind, kinds
+from inbox_schema.vocabulary import vocabulary
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -25,8 +27,8 @@ def _path_pattern(suffixes: tuple[str, ...]) -> str:
     return rf"^(?![/~])(?![A-Za-z]:)(?!(.*/)?\.)(?!.*\\)[^\x00-\x1f]+({ends})$"
 
 
-def _input(role: str) -> dict:
-    path = {"type": "string", "pattern": _path_pattern(d.ROLE_SUFFIXES[role]),
+def _input(role: str, media: str) -> dict:
+    path = {"type": "string", "pattern": _path_pattern(d.MEDIA_SUFFIXES[media]),
             "description": f"the {role} file, relative to the manifest and inside the inbox"}
     return {"oneOf": [path, {
         "type": "object", "additionalProperties": False, "required": ["path"],
@@ -38,7 +40,7 @@ def _input(role: str) -> dict:
     }]}
 
 
-def _counts_4n1(low: int, high: int) -> list[int]:
+def counts_4n1(low: int, high: int) -> list[int]:
     return [n for n in range(low, high + 1) if n % 4 == 1]
 
 
@@ -70,70 +72,61 @@ def _sampling() -> dict:
     }
 
 
-def _animate() -> dict:
-    return {
-        "type": "object", "additionalProperties": False,
-        "properties": {
-            "mode": {"enum": list(d.ANIMATE_MODES), "default": "animation"},
-            "refert_num": {"enum": list(d.REFERT_NUMS), "default": 1},
-            "clip_len": {"enum": _counts_4n1(*d.CLIP_LEN_RANGE), "default": d.DEFAULT_CLIP_LEN},
-            "retarget": {"type": "boolean", "default": False},
-            "relighting_lora": {"type": "boolean", "default": False},
-            "preprocess_fps": {"anyOf": [{"const": -1}, {"type": "integer", "minimum": d.PREPROCESS_FPS_RANGE[0],
-                                                         "maximum": d.PREPROCESS_FPS_RANGE[1]}]},
-        },
-        "if": {"required": ["mode"], "properties": {"mode": {"const": "replacement"}}},
-        "then": {"properties": {"retarget": {"const": False}}},
-    }
+def _kind_rule(kind: Kind, roles: list[str], tables: list[str]) -> dict:
+    """What differs for one kind: its required inputs and keys, its sizes, the keys of other kinds it lacks."""
+    words = vocabulary()
+    required = ["inputs"] if kind.default_prompt is not None else ["prompt", "inputs"]
+    properties: dict = {table: False for table in tables if kind.name not in words.keys("")[table]}
+    properties["inputs"] = {"required": list(kind.roles),
+                            "properties": {role: False for role in roles if role not in kind.roles}}
+    video: dict = {"size": {"enum": list(kind.sizes)}}
+    if not kind.frames:
+        video["frames"] = False
+    properties["video"] = {"properties": video}
+    if kind.experts == 1:
+        guide: dict = {"type": "number"}
+        if kind.guide_above_zero:
+            guide["exclusiveMinimum"] = d.GUIDE_RANGE[0]
+        properties["sampling"] = {"properties": {"boundary": False, "guide_scale": guide}}
+    return {"required": required, "properties": properties}
 
 
-def _kind_rules() -> list[dict]:
-    i2v = {
-        "required": ["prompt", "inputs"],
-        "properties": {
-            "animate": False,
-            "inputs": {"required": ["image"], "properties": {"character": False, "video": False}},
-            "video": {"properties": {"size": {"enum": list(d.SIZES["i2v"])}}},
-        },
-    }
-    animate = {
-        "required": ["inputs"],
-        "properties": {
-            "inputs": {"required": ["character", "video"], "properties": {"image": False}},
-            "video": {"properties": {"size": {"enum": list(d.SIZES["animate"])}, "frames": False}},
-            "sampling": {"properties": {"boundary": False, "guide_scale": {"type": "number"}}},
-        },
-    }
-    return [{"if": {"properties": {"kind": {"const": kind}}}, "then": rule}
-            for kind, rule in (("i2v", i2v), ("animate", animate))]
+def _kind_rules(roles: list[str], tables: list[str]) -> list[dict]:
+    return [{"if": {"properties": {"kind": {"const": kind.name}}}, "then": _kind_rule(kind, roles, tables)}
+            for kind in kinds().values()]
 
 
 def json_schema() -> dict:
     """The JSON Schema of manifest schema v1 (TOML manifests map 1:1 onto JSON objects)."""
     text = {"type": "string", "minLength": 1, "maxLength": d.PROMPT_MAX_CHARS, "pattern": r"\S"}
+    registry = kinds()
+    media = {role.name: role.media for kind in registry.values() for role in kind.inputs}
+    sizes = list(dict.fromkeys(size for kind in registry.values() for size in kind.sizes))
+    tables = {kind.options.table: kind.options.json_schema() for kind in registry.values()
+              if kind.options is not None and kind.options.json_schema is not None}
     return {
         "$schema": DRAFT,
         "title": f"wanbox job manifest, schema {d.SCHEMA_VERSION}",
         "type": "object", "additionalProperties": False, "required": ["schema", "kind"],
         "properties": {
             "schema": {"const": d.SCHEMA_VERSION},
-            "kind": {"enum": list(d.KINDS)},
+            "kind": {"enum": list(registry)},
             "name": {"type": "string", "pattern": f"^{d.NAME_PATTERN}$", "maxLength": d.NAME_MAX_CHARS},
             "priority": {"type": "integer", "minimum": d.PRIORITY_RANGE[0], "maximum": d.PRIORITY_RANGE[1],
                          "default": 0},
             "prompt": text,
             "negative_prompt": text,
             "inputs": {"type": "object", "additionalProperties": False,
-                       "properties": {role: _input(role) for role in ("image", "character", "video")}},
+                       "properties": {role: _input(role, kind) for role, kind in media.items()}},
             "video": {"type": "object", "additionalProperties": False, "properties": {
-                "size": {"enum": list(d.SIZES["i2v"]), "default": d.DEFAULT_SIZE},
-                "frames": {"enum": _counts_4n1(*d.FRAMES_RANGE), "default": d.DEFAULT_FRAMES},
+                "size": {"enum": sizes, "default": d.DEFAULT_SIZE},
+                "frames": {"enum": counts_4n1(*d.FRAMES_RANGE), "default": d.DEFAULT_FRAMES},
                 "fps": {"type": "integer", "minimum": d.FPS_RANGE[0], "maximum": d.FPS_RANGE[1]},
             }},
             "sampling": _sampling(),
-            "animate": _animate(),
+            **tables,
         },
-        "allOf": _kind_rules(),
+        "allOf": _kind_rules(list(media), list(tables)),
     }
 
 

@@ -14,45 +14,18 @@ from pathlib import Path, PurePosixPath
 
 from inbox_schema import defaults as d
 from inbox_schema.errors import MISSING, ManifestError, ManifestInvalid
-from inbox_schema.job import AnimateSettings, InputFile, Job, SamplingSettings, VideoSettings
+from inbox_schema.job import InputFile, Job, SamplingSettings, VideoSettings
+from inbox_schema.kinds import InputRole, Kind, kinds
 from inbox_schema.lines import KeyLines
 from inbox_schema.paths import on_disk_problem, relative_base, relpath_problem
 from inbox_schema.reader import Reader, is_int, is_number
+from inbox_schema.vocabulary import INPUT_TABLE_KEYS, Vocabulary, vocabulary
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-BOTH = ("i2v", "animate")
-I2V = ("i2v",)
-ANIMATE = ("animate",)
-TOP_KEYS = {"schema": BOTH, "kind": BOTH, "name": BOTH, "priority": BOTH, "prompt": BOTH,
-            "negative_prompt": BOTH, "inputs": BOTH, "video": BOTH, "sampling": BOTH, "animate": ANIMATE}
-VIDEO_KEYS = {"size": BOTH, "frames": I2V, "fps": BOTH}
-SAMPLING_KEYS = {"steps": BOTH, "shift": BOTH, "guide_scale": BOTH, "solver": BOTH, "seed": BOTH,
-                 "boundary": I2V, "timesteps": BOTH}
-ANIMATE_KEYS = {"mode": ANIMATE, "refert_num": ANIMATE, "clip_len": ANIMATE, "retarget": ANIMATE,
-                "relighting_lora": ANIMATE, "preprocess_fps": ANIMATE}
-INPUT_KEYS = {"image": I2V, "character": ANIMATE, "video": ANIMATE}
-INPUT_TABLE_KEYS = {"path": BOTH, "sha256": BOTH, "size": BOTH}
-
-# Where a key that landed in the wrong table belongs. A top-level key written below a [table]
-# header belongs to that table in TOML, the most common manifest mistake.
-_TABLE_OF = {**{key: "video" for key in VIDEO_KEYS}, **{key: "sampling" for key in SAMPLING_KEYS},
-             **{key: "animate" for key in ANIMATE_KEYS}, **{key: "inputs" for key in INPUT_KEYS}}
-TOP_HINTS = {key: f'; did you mean "{table}.{key}"? (put it under [{table}])' for key, table in _TABLE_OF.items()}
-TABLE_HINTS = {**{key: f'; did you mean "{table}.{key}"?' for key, table in _TABLE_OF.items()},
-               **{key: f'; "{key}" is a top-level key: move it above the first [table] line' for key in TOP_KEYS}}
-# Why a field does not apply to the other kind.
-REASONS = {
-    "video.frames": " (animate's length follows the driving video, in clips of animate.clip_len frames)",
-    "sampling.boundary": " (animate has one model, no expert switch)",
-    "animate": ' (set kind = "animate" to animate a character)',
-    "inputs.image": " (animate takes inputs.character and inputs.video)",
-    "inputs.character": " (i2v takes inputs.image)",
-    "inputs.video": " (i2v takes inputs.image)",
-}
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _NAME = re.compile(d.NAME_PATTERN)
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)|\s*\(at end of document\)")
@@ -118,26 +91,40 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
                check_inputs: bool) -> Job | None:
     if not _schema_ok(r, data):
         return None
-    kind = r.choice(data, "kind", "kind", "", d.KINDS)
+    registry = kinds()
+    words = vocabulary()
+    kind_name = r.choice(data, "kind", "kind", "", tuple(registry))
     if "kind" not in data:
-        r.error("kind", MISSING, 'kind = "i2v" or kind = "animate"')
+        r.error("kind", MISSING, " or ".join(f'kind = "{name}"' for name in registry))
     name = _name(r, data, source_name, base_dir)
     priority = r.integer(data, "priority", "priority", 0, *d.PRIORITY_RANGE)
-    if kind not in d.KINDS:
+    if kind_name not in registry:
         # Typos are still reported; the checks that depend on the kind wait for a valid kind.
-        r.unknown_keys(data, "", dict.fromkeys(TOP_KEYS, BOTH), "i2v", TOP_HINTS)
+        first = next(iter(registry))
+        r.unknown_keys(data, "", dict.fromkeys(words.keys(""), tuple(registry)), first, words.top_hints)
         return None
-    r.unknown_keys(data, "", TOP_KEYS, kind, TOP_HINTS, REASONS)
-    animate = _animate(r, r.table(data, "animate", "animate")) if kind == "animate" else None
-    inputs = _inputs(r, data, kind, base_dir, inbox_root, check_inputs)
-    video = _video(r, r.table(data, "video", "video"), kind, animate)
-    sampling = _sampling(r, r.table(data, "sampling", "sampling"), kind)
-    default_prompt = d.DEFAULT_ANIMATE_PROMPT if kind == "animate" else None
-    prompt = r.text(data, "prompt", "prompt", default_prompt, d.PROMPT_MAX_CHARS)
+    kind = registry[kind_name]
+    reasons = words.reasons(kind)
+    r.unknown_keys(data, "", words.keys(""), kind.name, words.top_hints, reasons)
+    options = _options(r, data, kind, words, reasons)
+    inputs = _inputs(r, data, kind, words, reasons, base_dir, inbox_root, check_inputs)
+    video = _video(r, r.table(data, "video", "video"), kind, words, reasons, options)
+    sampling = _sampling(r, r.table(data, "sampling", "sampling"), kind, words, reasons)
+    prompt = r.text(data, "prompt", "prompt", kind.default_prompt, d.PROMPT_MAX_CHARS)
     negative = r.text(data, "negative_prompt", "negative_prompt", d.DEFAULT_NEGATIVE_PROMPT,
                       d.PROMPT_MAX_CHARS, " (leave the key out to use the reference's default)")
-    return Job(schema=d.SCHEMA_VERSION, kind=kind, name=name, priority=priority, prompt=prompt or "",
-               negative_prompt=negative or "", inputs=inputs, video=video, sampling=sampling, animate=animate)
+    return Job(schema=d.SCHEMA_VERSION, kind=kind.name, name=name, priority=priority, prompt=prompt or "",
+               negative_prompt=negative or "", inputs=inputs, video=video, sampling=sampling, options=options)
+
+
+def _options(r: Reader, data: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str]) -> object:
+    """The kind's own table (e.g. [animate]), read by the reader its registry entry names."""
+    if kind.options is None:
+        return None
+    name = kind.options.table
+    table = r.table(data, name, name)
+    r.unknown_keys(table, name + ".", words.keys(name + "."), kind.name, words.table_hints, reasons)
+    return kind.options.read(r, table)
 
 
 def _schema_ok(r: Reader, data: dict) -> bool:
@@ -177,34 +164,33 @@ def _name_ok(name: str) -> bool:
     return bool(_NAME.fullmatch(name)) and len(name) <= d.NAME_MAX_CHARS
 
 
-def _inputs(r: Reader, data: dict, kind: str, base_dir: Path, inbox_root: Path | None,
-            check_inputs: bool) -> dict[str, InputFile]:
+def _inputs(r: Reader, data: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str], base_dir: Path,
+            inbox_root: Path | None, check_inputs: bool) -> dict[str, InputFile]:
     table = r.table(data, "inputs", "inputs")
-    r.unknown_keys(table, "inputs.", INPUT_KEYS, kind, TABLE_HINTS, REASONS)
+    r.unknown_keys(table, "inputs.", words.keys("inputs."), kind.name, words.table_hints, reasons)
     root = Path(inbox_root) if inbox_root is not None else base_dir
     below = relative_base(base_dir, root)
     if below is None:
         r.error("manifest", str(base_dir), f"a manifest inside the inbox {root}")
         below = PurePosixPath()
     found: dict[str, InputFile] = {}
-    for role in d.INPUT_ROLES[kind]:
+    for role in kind.inputs:
         item = _input(r, table, role, root.resolve() / below, below, root, check_inputs)
         if item is not None:
-            found[role] = item
+            found[role.name] = item
     return found
 
 
-def _input(r: Reader, table: dict, role: str, folder: Path, below: PurePosixPath, root: Path,
+def _input(r: Reader, table: dict, role: InputRole, folder: Path, below: PurePosixPath, root: Path,
            check_inputs: bool) -> InputFile | None:
-    field = f"inputs.{role}"
-    value = table.get(role, MISSING)
-    example = {"image": "cat.jpg", "character": "hero.png", "video": "dance.mp4"}[role]
-    shape = f'a path like {role} = "{example}", or a table with path, sha256 and size'
+    field = f"inputs.{role.name}"
+    value = table.get(role.name, MISSING)
+    shape = f'a path like {role.name} = "{role.example}", or a table with path, sha256 and size'
     if value is MISSING:
-        r.error(field, value, f'{shape} under [inputs] (the {role} this job needs)')
+        r.error(field, value, f'{shape} under [inputs] (the {role.name} this job needs)')
         return None
     if isinstance(value, dict):
-        r.unknown_keys(value, field + ".", INPUT_TABLE_KEYS, "i2v")
+        r.unknown_keys(value, field + ".", dict.fromkeys(INPUT_TABLE_KEYS, ("any",)), "any")
         return _input_entry(r, value, role, folder, below, root, check_inputs)
     if not isinstance(value, str):
         r.error(field, value, shape)
@@ -212,9 +198,9 @@ def _input(r: Reader, table: dict, role: str, folder: Path, below: PurePosixPath
     return _input_entry(r, {"path": value}, role, folder, below, root, check_inputs, field)
 
 
-def _input_entry(r: Reader, entry: dict, role: str, folder: Path, below: PurePosixPath, root: Path,
+def _input_entry(r: Reader, entry: dict, role: InputRole, folder: Path, below: PurePosixPath, root: Path,
                  check_inputs: bool, path_field: str | None = None) -> InputFile | None:
-    field = f"inputs.{role}"
+    field = f"inputs.{role.name}"
     path_field = path_field or f"{field}.path"
     relpath = entry.get("path", MISSING)
     ok = _relpath_ok(r, path_field, relpath, role)
@@ -234,11 +220,11 @@ def _input_entry(r: Reader, entry: dict, role: str, folder: Path, below: PurePos
         if problem:
             r.error(path_field, relpath, problem)
             return None
-    return InputFile(role=role, path=folder.joinpath(*parts), relpath=relpath,
+    return InputFile(role=role.name, path=folder.joinpath(*parts), relpath=relpath,
                      sha256=sha256.lower() if sha256 else None, size=size)
 
 
-def _relpath_ok(r: Reader, field: str, relpath: object, role: str) -> bool:
+def _relpath_ok(r: Reader, field: str, relpath: object, role: InputRole) -> bool:
     if relpath is MISSING or not isinstance(relpath, str):
         r.error(field, relpath, 'the file\'s path relative to the manifest, e.g. path = "media/cat.jpg"')
         return False
@@ -246,35 +232,38 @@ def _relpath_ok(r: Reader, field: str, relpath: object, role: str) -> bool:
     if problem:
         r.error(field, relpath, problem)
         return False
-    suffixes = d.ROLE_SUFFIXES[role]
+    suffixes = d.MEDIA_SUFFIXES[role.media]
     if not relpath.lower().endswith(suffixes):
-        what = "a video" if role == "video" else "an image"
+        what = "a video" if role.media == "video" else "an image"
         r.error(field, relpath, f"{what} file ({', '.join(suffixes)})")
         return False
     return True
 
 
-def _video(r: Reader, table: dict, kind: str, animate: AnimateSettings | None) -> VideoSettings:
-    r.unknown_keys(table, "video.", VIDEO_KEYS, kind, TABLE_HINTS, REASONS)
-    allowed = d.SIZES[kind]
-    note = ' for kind = "animate" (832*480 and 480*832 are i2v only)' if kind == "animate" else ""
-    size = r.choice(table, "size", "video.size", d.DEFAULT_SIZE, allowed, note)
+def _video(r: Reader, table: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str],
+           options: object) -> VideoSettings:
+    r.unknown_keys(table, "video.", words.keys("video."), kind.name, words.table_hints, reasons)
+    others = [k for k in kinds().values() if any(size not in kind.sizes for size in k.sizes)]
+    note = ""
+    if others:
+        extra = list(dict.fromkeys(size for k in others for size in k.sizes if size not in kind.sizes))
+        owners = " and ".join(k.name for k in others)
+        note = f' for kind = "{kind.name}" ({" and ".join(extra)} are {owners} only)'
+    size = r.choice(table, "size", "video.size", kind.default_size, kind.sizes, note)
     frames = None
-    if kind == "i2v":
+    if kind.frames:
         frames = r.count_4n1(table, "frames", "video.frames", d.DEFAULT_FRAMES, *d.FRAMES_RANGE)
-    # Animate plays back at the rate its driving frames were sampled, so motion keeps its speed;
-    # with preprocess_fps = -1 that rate is the video's own, known only to preprocessing (None).
-    default_fps: int | None = d.DEFAULT_FPS[kind]
-    if animate is not None:
-        default_fps = animate.preprocess_fps if animate.preprocess_fps > 0 else None
+    default_fps: int | None = kind.default_fps
+    if kind.options is not None and kind.options.default_fps is not None:
+        default_fps = kind.options.default_fps(options)
     fps = r.integer(table, "fps", "video.fps", -1, *d.FPS_RANGE)
     fps = default_fps if fps == -1 else fps
     return VideoSettings(size=size, fps=fps, frames=frames)
 
 
-def _sampling(r: Reader, table: dict, kind: str) -> SamplingSettings:
-    r.unknown_keys(table, "sampling.", SAMPLING_KEYS, kind, TABLE_HINTS, REASONS)
-    steps = r.integer(table, "steps", "sampling.steps", d.DEFAULT_STEPS[kind], *d.STEPS_RANGE)
+def _sampling(r: Reader, table: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str]) -> SamplingSettings:
+    r.unknown_keys(table, "sampling.", words.keys("sampling."), kind.name, words.table_hints, reasons)
+    steps = r.integer(table, "steps", "sampling.steps", kind.default_steps, *d.STEPS_RANGE)
     shift = r.number(table, "shift", "sampling.shift", d.DEFAULT_SHIFT, *d.SHIFT_RANGE, low_open=True)
     guide = _guide_scale(r, table, kind)
     solver, timesteps = _solver(r, table)
@@ -286,31 +275,37 @@ def _sampling(r: Reader, table: dict, kind: str) -> SamplingSettings:
     seed: int | None = r.integer(table, "seed", "sampling.seed", -1, *d.SEED_RANGE)
     seed = None if seed == -1 else seed  # left out (or wrong, and reported): drawn at acceptance
     boundary = None
-    if kind == "i2v":
+    if kind.experts == 2:
         boundary = r.number(table, "boundary", "sampling.boundary", d.DEFAULT_BOUNDARY,
                             *d.BOUNDARY_RANGE, low_open=True, high_open=True)
     return SamplingSettings(steps=steps, shift=shift, guide_scale=guide, solver=solver, seed=seed,
                             boundary=boundary, timesteps=timesteps)
 
 
-def _guide_scale(r: Reader, table: dict, kind: str) -> float | tuple[float, float]:
-    default = d.DEFAULT_GUIDE[kind]
+def _guide_scale(r: Reader, table: dict, kind: Kind) -> float | tuple[float, float]:
+    default = kind.default_guide
     value = table.get("guide_scale", MISSING)
     if value is MISSING:
         return default
     low, high = d.GUIDE_RANGE
-    in_range = [is_number(v) and low <= v <= high for v in (value if isinstance(value, list) else [value])]
-    if kind == "i2v":
+    above = kind.guide_above_zero
+
+    def ok(v: object) -> bool:
+        return is_number(v) and (low < v if above else low <= v) and v <= high  # type: ignore[operator]
+
+    in_range = [ok(v) for v in (value if isinstance(value, list) else [value])]
+    span = f"a number above {low:g} up to {high:g}" if above else f"a number from {low:g} to {high:g}"
+    if kind.experts == 2:
         if isinstance(value, list) and len(value) == 2 and all(in_range):
             return (float(value[0]), float(value[1]))
         if not isinstance(value, list) and all(in_range):
             return (float(value), float(value))
-        r.error("sampling.guide_scale", value,
-                f"a number from {low:g} to {high:g}, or [low_noise, high_noise] (two such numbers)")
+        r.error("sampling.guide_scale", value, f"{span}, or [low_noise, high_noise] (two such numbers)")
         return default
     if isinstance(value, list) or not all(in_range):
+        one = span.replace("a number", "one number", 1)
         r.error("sampling.guide_scale", value,
-                f"one number from {low:g} to {high:g} (animate has one model; 1.0 turns guidance off)")
+                f"{one} ({kind.name} has one model; 1.0 turns guidance off)")
         return default
     return float(value)
 
@@ -340,29 +335,3 @@ def _solver(r: Reader, table: dict) -> tuple[str, tuple[int, ...] | None]:
                 "decreasing, e.g. [1000, 750, 500, 250]")
         return solver, None
     return solver, tuple(raw)
-
-
-def _animate(r: Reader, table: dict) -> AnimateSettings:
-    r.unknown_keys(table, "animate.", ANIMATE_KEYS, "animate", TABLE_HINTS, REASONS)
-    mode = r.choice(table, "mode", "animate.mode", "animation", d.ANIMATE_MODES)
-    refert = table.get("refert_num", 1)
-    if refert not in d.REFERT_NUMS or not is_int(refert):
-        r.error("animate.refert_num", refert, "1 or 5 (frames carried over from one clip to the next)")
-        refert = 1
-    clip_len = r.count_4n1(table, "clip_len", "animate.clip_len", d.DEFAULT_CLIP_LEN, *d.CLIP_LEN_RANGE)
-    if clip_len < refert + 4:
-        r.error("animate.clip_len", clip_len,
-                f"at least refert_num + 4 = {refert + 4} (each clip must add new frames)")
-    retarget = r.boolean(table, "retarget", "animate.retarget", False)
-    if retarget and mode == "replacement":
-        r.error("animate.retarget", True,
-                'false with mode = "replacement" (retargeting only applies to mode = "animation")')
-        retarget = False
-    relight = r.boolean(table, "relighting_lora", "animate.relighting_lora", False)
-    fps = table.get("preprocess_fps", d.DEFAULT_PREPROCESS_FPS)
-    low, high = d.PREPROCESS_FPS_RANGE
-    if not is_int(fps) or not (fps == -1 or low <= fps <= high):
-        r.error("animate.preprocess_fps", fps, f"a whole number from {low} to {high}, or -1 for the video's own fps")
-        fps = d.DEFAULT_PREPROCESS_FPS
-    return AnimateSettings(mode=mode, refert_num=refert, clip_len=clip_len, retarget=retarget,
-                           relighting_lora=relight, preprocess_fps=fps)

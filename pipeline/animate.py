@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inbox_schema.defaults import DEFAULT_ANIMATE_PROMPT  # used when none is given
+from inbox_schema.kinds.animate import MODES, REFERT_NUMS
 from pipeline.animate_sources import (
     AnimateInputError,
     AnimateSources,
@@ -38,14 +40,11 @@ from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, GenerationCancelled
 from pipeline.sampling import make_solver
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
 
-# The reference's fixed Animate prompt ("the person in the video is doing actions"); used when none is given.
-DEFAULT_ANIMATE_PROMPT = "视频中的人在做动作"
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 LORA_FILE = "relighting_lora.ckpt"
 LATENT_CHANNELS = 16
 MASK_CHANNELS = 4  # pixel frames packed per latent frame
-REFERT_NUMS = (1, 5)
 FPS = 30  # the reference writes Animate videos at 30 fps whatever the source fps
 
 # on_progress(phase, step, total, clip_index), clip_index from 0: "encoding" after each clip's VAE-encoded
@@ -177,7 +176,7 @@ class AnimateModels:
 
 
 def check_parameters(mode: str, clip_len: int, refert_num: int, guide_scale: float, seed: int) -> None:
-    if mode not in ("animation", "replacement"):
+    if mode not in MODES:
         raise AnimateParameterError(f"mode: got {mode!r}, expected 'animation' or 'replacement'")
     if refert_num not in REFERT_NUMS or isinstance(refert_num, bool):
         raise AnimateParameterError(f"refert_num: got {refert_num!r}, expected 1 or 5 (frames carried from one "
@@ -337,8 +336,8 @@ def _or_default(prompt: str | Tensor | None, default: str) -> str | Tensor:
 def generate_animate(
     models: AnimateModels, src_dir: str | os.PathLike[str], *, mode: str, prompt: str | Tensor | None = None,
     negative_prompt: str | Tensor | None = None, clip_len: int = 77, refert_num: int = 1, steps: int = 20,
-    shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", seed: int,
-    relighting_lora: bool | None = None, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+    shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", timesteps: Sequence[int] | None = None,
+    seed: int, relighting_lora: bool | None = None, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
@@ -348,9 +347,11 @@ def generate_animate(
     noise: the initial latent of every clip [16, (clip_len-1)/4 + 2, H/8, W/8] instead of drawing them from one
     generator seeded with `seed` on models.device (e.g. to replay a reference run made on another device).
     relighting_lora: True/False per job; None = whatever the models were loaded with.
+    timesteps: solver "euler" only, an explicit list (e.g. a distilled model's [1000, 750, 500, 250]), used for
+    every clip.
     Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
-    make_solver(solver, steps, shift)  # parameter errors before any heavy work
+    make_solver(solver, steps, shift, timesteps)  # parameter errors before any heavy work
     if relighting_lora and models.relighting is None:
         raise AnimateParameterError("relighting_lora: the job asks for it but the models were loaded without it "
                                     "(AnimateModels.load(..., relighting_lora=True))")
@@ -365,7 +366,7 @@ def generate_animate(
     generator = torch.Generator(device=models.device).manual_seed(seed)  # one stream for the whole video
     starts = clip_starts(target, clip_len, refert_num)
     _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
-    loop = _ClipLoop(job, starts, steps, shift, solver, guide_scale, context, context_null, generator,
+    loop = _ClipLoop(job, starts, steps, shift, solver, timesteps, guide_scale, context, context_null, generator,
                      on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
     use_lora = models.relighting is not None and relighting_lora is not False
     lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
@@ -402,11 +403,12 @@ def _with_clip_index(fn: Callable[..., None]) -> ProgressFn:
 class _ClipLoop:
     """Sample, decode and chain the clips; holds what stays fixed across clips."""
 
-    def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str, guide_scale: float,
-                 context: Tensor, context_null: Tensor, generator: torch.Generator, on_progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, sp: Any | None, guidance: Guidance,
-                 noise: Sequence[Tensor] | None = None) -> None:
+    def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str,
+                 timesteps: Sequence[int] | None, guide_scale: float, context: Tensor, context_null: Tensor,
+                 generator: torch.Generator, on_progress: ProgressFn | None, should_cancel: CancelFn | None,
+                 sp: Any | None, guidance: Guidance, noise: Sequence[Tensor] | None = None) -> None:
         self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
+        self.timesteps = timesteps
         self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
         self.context, self.context_null, self.generator = context, context_null, generator
         self.on_progress = _with_clip_index(on_progress) if on_progress is not None else None
@@ -444,7 +446,7 @@ class _ClipLoop:
         else:  # the generator's stream continues from the previous clip's draw
             latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
         seq_len = shape[1] * lat_h * lat_w // 4
-        solver = make_solver(self.solver, self.steps, self.shift)  # fresh per clip, as the reference
+        solver = make_solver(self.solver, self.steps, self.shift, self.timesteps)  # fresh per clip, as the reference
 
         def denoise(x: Tensor, t: Tensor, *, context: Tensor, face_pixel_values: Tensor) -> Tensor:
             return models.dit(x, t, context, seq_len, cond.y, clip_fea=clip_fea, pose_latents=cond.pose_latents,

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inbox_schema.kinds.animate import MODES
 from pipeline.video import VideoError, read_mp4
 
 POSE_FILE = "src_pose.mp4"
@@ -20,7 +21,6 @@ FACE_FILE = "src_face.mp4"
 REFERENCE_FILE = "src_ref.png"
 BACKGROUND_FILE = "src_bg.mp4"
 MASK_FILE = "src_mask.mp4"
-MODES = ("animation", "replacement")
 SIZE_MULTIPLE = 16  # the VAE divides by 8, the (1, 2, 2) patch by 2 more
 
 

@@ -19,17 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from inbox_schema.defaults import DEFAULT_NEGATIVE_PROMPT  # used when none is given
 from pipeline.preprocess.image import latent_size, load_image
 from pipeline.sampling import FlowSolver, make_solver
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
 from pipeline.sampling.moe import HIGH_NOISE, LOW_NOISE, ExpertSwitch
 
-# The reference's default negative prompt (wan/configs/shared_config.py), used when none is given.
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 LATENT_CHANNELS = 16
 TEMPORAL_STRIDE = 4
 PATCH_TOKENS = 4  # a (1, 2, 2) patch turns 4 latent cells into one token

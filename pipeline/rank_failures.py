@@ -12,19 +12,20 @@ Failures that every rank reaches together go the normal way, through the gather,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
-from typing import Any
 
 import torch.distributed as dist
 
-ErrorMessage = dict[str, Any]  # the protocol's `error` message: type, job, kind, message, retryable
+from daemon import protocol
+
+ErrorMessage = protocol.Error
 
 
 def _key(seq: int, rank: int) -> str:
@@ -52,9 +53,9 @@ class FailureWatch:
         """Publish this rank's failure of job number `seq` (best effort: the normal path still runs)."""
         if self.world_size == 1:
             return  # no other rank can be stuck waiting for this one
-        named = {**failure, "message": f"rank {self.rank}: {failure['message']}"}
+        named = replace(failure, message=f"rank {self.rank}: {failure.message}")
         try:
-            self.connect().set(_key(seq, self.rank), json.dumps(named))
+            self.connect().set(_key(seq, self.rank), protocol.encode(named))
         except Exception as exc:  # a lost store must not turn a reported failure into a crash
             print(f"worker: could not post the failure to the store: {exc}", file=sys.stderr)
 
@@ -100,7 +101,7 @@ class FailureWatch:
                 if self._settled:
                     return
                 note = " (the other ranks were left waiting in a collective; the pool restarts)"
-                self.report({**failure, "message": failure["message"] + note})
+                self.report(replace(failure, message=failure.message + note))
                 self.end_pool()
                 return
 
@@ -109,7 +110,8 @@ class FailureWatch:
             key = _key(seq, rank)
             try:
                 if store.check([key]):
-                    return json.loads(store.get(key))
+                    message = protocol.to_message(protocol.decode(store.get(key)))
+                    return message if isinstance(message, protocol.Error) else None
             except Exception:  # the store went away: the pool is ending anyway
                 return None
         return None

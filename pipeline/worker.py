@@ -25,18 +25,26 @@ import torch
 import torch.distributed as dist
 
 from daemon import protocol
+from daemon.states import ErrorKind
+from inbox_schema import model_ids
+from pipeline.families.base import (
+    JobCancelled,
+    JobFailure,
+    JobInputError,
+    PoolShutdown,
+    fingerprint,
+    open_family,
+)
 from pipeline.models import attention as attention_mod
-from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, fingerprint, open_family
 from pipeline.rank_failures import FailureWatch
 from pipeline.video import DEFAULT_CRF, write_mp4
 
-MODELS = ("i2v-A14B", "animate-14B")
 IDLE_FOREVER = timedelta(days=365)  # the control group waits for the next job however long the queue is idle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.worker", description=__doc__)
-    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--model", required=True, choices=model_ids())
     p.add_argument("--socket", required=True, help="the supervisor's Unix socket (rank 0 connects)")
     p.add_argument("--checkpoint-dir", required=True, help="the model's checkpoint directory")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: gloo, for tests and the demo")
@@ -121,17 +129,17 @@ class Link:
     def __init__(self, ranks: Ranks, channel: protocol.Channel | None) -> None:
         self.ranks = ranks
         self.channel = channel
-        self.waiting: list[dict[str, Any]] = []  # commands read while a job ran, handled after it
+        self.waiting: list[protocol.Message] = []  # commands read while a job ran, handled after it
 
-    def say(self, msg: dict[str, Any]) -> None:
+    def say(self, msg: protocol.Message) -> None:
         if self.channel is None:
             return
         try:
             self.channel.send(msg)
         except OSError as exc:  # the supervisor is gone: the next read sees EOF and the pool shuts down
-            print(f"worker: could not send {msg['type']} to the supervisor: {exc}", file=sys.stderr)
+            print(f"worker: could not send {msg.type} to the supervisor: {exc}", file=sys.stderr)
 
-    def next_command(self) -> dict[str, Any]:
+    def next_command(self) -> protocol.Message:
         """The next command, identical on every rank; a closed socket reads as shutdown."""
         command = None
         if self.ranks.master:
@@ -148,7 +156,7 @@ class Link:
             raise PoolShutdown("the pool is shutting down")
         return verdict == "cancel"
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self) -> protocol.Message:
         assert self.channel is not None
         while True:
             try:
@@ -158,7 +166,7 @@ class Link:
                 continue
             except OSError:
                 msg = None
-            return msg if msg is not None else {"type": "shutdown", "reason": "supervisor closed the socket"}
+            return protocol.to_message(msg) if msg is not None else protocol.Shutdown()  # closed: shut down
 
     def _poll(self, job: str) -> str | None:
         assert self.channel is not None
@@ -172,13 +180,14 @@ class Link:
                 continue
             except OSError:
                 msg = None
-            if msg is None or msg["type"] == "shutdown":
-                self.waiting.insert(0, {"type": "shutdown"})
+            command = protocol.to_message(msg) if msg is not None else protocol.Shutdown()
+            if isinstance(command, protocol.Shutdown):
+                self.waiting.insert(0, command)
                 return "shutdown"
-            if msg["type"] == "cancel" and msg["job"] == job:
+            if isinstance(command, protocol.Cancel) and command.job == job:
                 return "cancel"
-            if msg["type"] == "run":
-                self.waiting.append(msg)  # the supervisor sent the next job early: keep it
+            if isinstance(command, protocol.Run):
+                self.waiting.append(command)  # the supervisor sent the next job early: keep it
             # a cancel for a job that is not running is already satisfied: nothing to do
 
     def _share(self, value: Any) -> Any:
@@ -211,7 +220,7 @@ class JobReport:
         if phase != self._phase:
             self._close_phase(now)
             self._phase, self._phase_start = phase, now
-        self.link.say({"type": "progress", "job": self.job, "phase": phase, "step": int(step), "total": int(total)})
+        self.link.say(protocol.Progress(job=self.job, phase=phase, step=int(step), total=int(total)))
 
     def finish(self) -> None:
         self._close_phase(time.monotonic())
@@ -222,14 +231,13 @@ class JobReport:
             self.phases[self._phase] = round(self.phases.get(self._phase, 0.0) + now - self._phase_start, 3)
 
 
-def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args: argparse.Namespace,
-            first_job: bool, load_seconds: float, watch: FailureWatch, seq: int) -> dict[str, Any]:
-    """Run one `run` command (the pool's job number `seq`) on every rank; rank 0's reply (done or error)."""
-    job = command["job"]
-    report = JobReport(job, link)
+def run_job(family: Any, run: protocol.Run, ranks: Ranks, link: Link, args: argparse.Namespace,
+            first_job: bool, load_seconds: float, watch: FailureWatch, seq: int) -> protocol.Done | protocol.Error:
+    """Run one job (the pool's job number `seq`) on every rank; rank 0's reply (done or error)."""
+    report = JobReport(run.job, link)
     reset_peak_memory(ranks.device)
     with watch.watching(seq):  # rank 0: a rank's failure reported even if another rank never gets here
-        failure, result = attempt(family, command, ranks, report, link, args)
+        failure, result = attempt(family, run, ranks, report, link, args)
         report.finish()
         if failure is not None:
             watch.post(seq, failure)
@@ -238,36 +246,36 @@ def run_job(family: Any, command: dict[str, Any], ranks: Ranks, link: Link, args
     failures = [f for f, _ in outcomes if f is not None]
     if failures:
         return failures[0]
-    return done_message(command, result, report, outcomes, ranks, family, first_job, load_seconds)
+    return done_message(run, result, report, outcomes, ranks, family, first_job, load_seconds)
 
 
-def attempt(family: Any, command: dict[str, Any], ranks: Ranks, report: JobReport, link: Link,
-            args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def attempt(family: Any, run: protocol.Run, ranks: Ranks, report: JobReport, link: Link,
+            args: argparse.Namespace) -> tuple[protocol.Error | None, dict[str, Any]]:
     """Run the job on this rank: (None, result) or (the error message, {})."""
-    job = command["job"]
-    failure: dict[str, Any] | None = None
+    failure: protocol.Error | None = None
     result: dict[str, Any] = {}
     try:
-        if command["kind"] != family.kind:
-            raise JobInputError(f"kind: got {command['kind']!r}, but this pool runs {args.model} "
+        if run.params.kind != family.kind:
+            raise JobInputError(f"kind: got {run.params.kind!r}, but this pool runs {args.model} "
                                 f"({family.kind} jobs); the supervisor must relaunch the pool for it")
-        result = family.run(command, report=report, should_cancel=lambda: link.cancel_requested(job))
+        result = family.run(run.params, run.inputs, report=report,
+                            should_cancel=lambda: link.cancel_requested(run.job))
         if ranks.master:
             report.progress("write", 0, 1)
-            crf = command.get("crf") if command.get("crf") is not None else args.crf
-            write_mp4(result["video"], command["output"], fps=result["fps"], crf=crf)
+            write_mp4(result["video"], run.output, fps=result["fps"], crf=run.crf if run.crf is not None else args.crf)
             report.progress("write", 1, 1)
     except PoolShutdown:
-        failure = error_message(job, "cancelled", "the pool shut down during the job; it will run again", True)
+        failure = error_message(run.job, ErrorKind.CANCELLED, "the pool shut down during the job; it will run again",
+                                True)
     except JobCancelled:
-        failure = error_message(job, "cancelled", "cancelled at a step boundary", False)
+        failure = error_message(run.job, ErrorKind.CANCELLED, "cancelled at a step boundary", False)
     except Exception as exc:
-        failure = classify_failure(job, exc)
+        failure = classify_failure(run.job, exc)
     return failure, result
 
 
-def done_message(command: dict[str, Any], result: dict[str, Any], report: JobReport, outcomes: list[Any],
-                 ranks: Ranks, family: Any, first_job: bool, load_seconds: float) -> dict[str, Any]:
+def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, outcomes: list[Any],
+                 ranks: Ranks, family: Any, first_job: bool, load_seconds: float) -> protocol.Done:
     stats = {
         "phases": report.phases,
         "gpu_seconds": round((time.monotonic() - report.started) * ranks.world_size, 3),
@@ -281,25 +289,25 @@ def done_message(command: dict[str, Any], result: dict[str, Any], report: JobRep
         stats["load_seconds"] = round(load_seconds, 3)
     if ranks.master:
         stats["checkpoints"] = family.checkpoints
-    return {"type": "done", "job": command["job"], "output": command["output"], "stats": stats}
+    return protocol.Done(job=run.job, output=run.output, stats=stats)
 
 
-def error_message(job: str | None, kind: str, message: str, retryable: bool) -> dict[str, Any]:
-    return {"type": "error", "job": job, "kind": kind, "message": message, "retryable": retryable}
+def error_message(job: str | None, kind: ErrorKind, message: str, retryable: bool) -> protocol.Error:
+    return protocol.Error(job=job, kind=kind, message=message, retryable=retryable)
 
 
-def classify_failure(job: str, exc: BaseException) -> dict[str, Any]:
+def classify_failure(job: str, exc: BaseException) -> protocol.Error:
     """An exception as an `error` message a person can act on (OOM says what to change)."""
     traceback.print_exception(exc, file=sys.stderr)
-    if hasattr(exc, "kind") and hasattr(exc, "retryable"):  # families.JobFailure: it knows what it is
-        return error_message(job, exc.kind, first_line(exc), bool(exc.retryable))
+    if isinstance(exc, JobFailure):  # it knows what it is
+        return error_message(job, ErrorKind(exc.kind), first_line(exc), bool(exc.retryable))
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        return error_message(job, "oom", f"out of memory: {first_line(exc)}; use fewer frames or a smaller "
+        return error_message(job, ErrorKind.OOM, f"out of memory: {first_line(exc)}; use fewer frames or a smaller "
                              "size, or give the pool more GPUs (pool.nproc) or shard the weights (worker "
                              "flag --sharding fsdp in pool.command)", False)
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError, TypeError)):
-        return error_message(job, "input", f"{type(exc).__name__}: {first_line(exc)}", False)
-    return error_message(job, "internal", f"{type(exc).__name__}: {first_line(exc)}", True)
+        return error_message(job, ErrorKind.INPUT, f"{type(exc).__name__}: {first_line(exc)}", False)
+    return error_message(job, ErrorKind.INTERNAL, f"{type(exc).__name__}: {first_line(exc)}", True)
 
 
 def first_line(exc: BaseException) -> str:
@@ -344,8 +352,8 @@ def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[
     family, failure = None, None
     try:
         family = open_family(args, ranks)
-        link.say({"type": "hello", "model": args.model, "world_size": ranks.world_size, "pid": os.getpid(),
-                  "devices": devices, "parallel": family.parallel})
+        link.say(protocol.Hello(model=args.model, world_size=ranks.world_size, pid=os.getpid(), devices=devices,
+                                parallel=family.parallel))
         family.load()
         family.checkpoints = fingerprint(Path(args.checkpoint_dir)) if ranks.master else {}
     except Exception as exc:
@@ -353,10 +361,10 @@ def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[
         why = f"{type(exc).__name__}: {first_line(exc)}"
         failure = f"rank {ranks.rank}: {why}"
         # posted for rank 0's watch: the other ranks may be inside a collective (FSDP sharding) for good
-        watch.post(LOAD_SEQ, error_message(None, "internal", f"could not load {args.model}: {why}", False))
+        watch.post(LOAD_SEQ, error_message(None, ErrorKind.INTERNAL, f"could not load {args.model}: {why}", False))
     failures = [f for f in gather_on_control(ranks, failure) if f is not None]
     if failures:  # any rank's failure, named, so the supervisor's error says what to fix
-        link.say(error_message(None, "internal", f"could not load {args.model}: {failures[0]}", False))
+        link.say(error_message(None, ErrorKind.INTERNAL, f"could not load {args.model}: {failures[0]}", False))
         return None
     return family
 
@@ -375,14 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     if family is None:
         return 1
     load_seconds = time.monotonic() - started
-    link.say({"type": "ready", "load_seconds": round(load_seconds, 3)})
+    link.say(protocol.Ready(load_seconds=round(load_seconds, 3)))
 
     jobs_run = 0
     while True:
         command = link.next_command()
-        if command["type"] == "shutdown":
+        if isinstance(command, protocol.Shutdown):
             break
-        if command["type"] != "run":
+        if not isinstance(command, protocol.Run):
             continue  # a cancel for a job that already ended
         reply = run_job(family, command, ranks, link, args, first_job=jobs_run == 0, load_seconds=load_seconds,
                         watch=watch, seq=jobs_run)

@@ -348,6 +348,19 @@ def test_guide_scale_one_or_below_is_a_single_forward(models: AnimateModels, tmp
     assert len(run(models, src, steps=2, guide_scale=0.5).calls) == 2  # the reference guides only when > 1
 
 
+def test_explicit_euler_timesteps_are_the_ones_sampled_in_every_clip(models: AnimateModels, tmp_path: Path) -> None:
+    """A distilled schedule (solver euler + timesteps) reaches the DiT as given, clip after clip (they were once
+    dropped on the way and the default schedule ran instead)."""
+    from pipeline.sampling import make_solver
+
+    src = write_src(tmp_path / "src", 7)  # two clips of clip_len 5
+    given = run(models, src, steps=2, shift=5.0, solver="euler", timesteps=[1000, 250])
+    expected = [int(t) for t in make_solver("euler", 2, 5.0, [1000, 250]).timesteps]
+    assert [c["t"] for c in given.calls] == expected * 2
+    default = run(models, src, steps=2, shift=5.0, solver="euler")
+    assert [c["t"] for c in default.calls] != [c["t"] for c in given.calls]
+
+
 def test_same_seed_same_video_other_seed_other_video(models: AnimateModels, tmp_path: Path) -> None:
     src = write_src(tmp_path / "src", 4)
     a = run(models, src, steps=1, seed=11).video

@@ -17,6 +17,7 @@ from daemon.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_OK, EXIT_
 from daemon.ledger import Ledger
 from daemon.states import JobState
 from daemon.watcher import scan_inbox
+from tests.jobs import resolved_job
 from tests.workers.harness import REPO, manifest_text, write_image
 
 S = JobState
@@ -82,8 +83,7 @@ def make_jobs(root: Path) -> dict[str, str]:
         staged = ledger.add_staged("waiting", "i2v", root / "inbox" / "waiting.toml", None)
         running = ledger.add_staged("running", "i2v", root / "inbox" / "running.toml", None)
         ledger.transition(running.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(root / "work" / "x"),
-                          params_json={"video": {"size": "832*480", "frames": 5, "fps": 16},
-                                       "sampling": {"steps": 4, "seed": 3}})
+                          params_json=resolved_job(name="running", steps=4, seed=3).to_dict())
         ledger.transition(running.id, S.QUEUED, S.PREPROCESSING, "prep")
         ledger.transition(running.id, S.PREPROCESSING, S.READY, "prepared")
         ledger.transition(running.id, S.READY, S.SAMPLING, "sent")

@@ -79,10 +79,10 @@ def test_examples_resolve_to_what_they_say(inbox: Path) -> None:
     assert full.inputs["image"].sha256 == "077e3d965090c9028c69c00931675f42e1acc815c6eb450ab291b3b72d211a8e"
     assert load_manifest(inbox / "surfing-cat" / "job.toml", inbox).name == "surfing-cat"
     replacement = load_manifest(inbox / "animate_replacement.toml", inbox)
-    assert replacement.animate is not None and replacement.animate.mode == "replacement"
+    assert replacement.options is not None and replacement.options.mode == "replacement"
     assert (replacement.video.fps, replacement.sampling.solver) == (None, "dpm++")
     animation = load_manifest(inbox / "animate_animation.toml", inbox)
-    assert animation.animate is not None and animation.animate.retarget is True
+    assert animation.options is not None and animation.options.retarget is True
 
 
 def test_changed_media_is_a_warning_not_an_error(inbox: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from daemon.ledger import Backoff, Job, Ledger
+from daemon.ledger import Backoff, JobRecord, Ledger
 from daemon.states import RUNNING, JobState, shortest_path
 
 S = JobState
@@ -150,7 +150,7 @@ def test_recovery_asks_whether_prepared_inputs_survived(ledger: Ledger) -> None:
     preparing = add(ledger, S.PREPROCESSING, name="preparing")
     asked: list[str] = []
 
-    def has_prepared_inputs(job: Job) -> bool:
+    def has_prepared_inputs(job: JobRecord) -> bool:
         asked.append(job.id)
         return job.id == kept
 
@@ -164,7 +164,7 @@ def test_a_raising_check_does_not_stop_the_recovery_of_the_others(ledger: Ledger
     first = add(ledger, S.SAMPLING, name="first")
     second = add(ledger, S.FINALIZING, name="second")
 
-    def broken(job: Job) -> bool:
+    def broken(job: JobRecord) -> bool:
         if job.id == first:
             raise PermissionError(f"work/{job.id}: permission denied")
         return True

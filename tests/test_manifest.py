@@ -46,7 +46,7 @@ def test_i2v_defaults_are_the_reference_config(tmp_path: Path) -> None:
     s = job.sampling
     assert (s.steps, s.shift, s.guide_scale, s.solver, s.seed, s.boundary, s.timesteps) == (
         40, 5.0, (3.5, 3.5), "unipc", None, 0.9, None)
-    assert job.animate is None
+    assert job.options is None
     assert job.inputs["image"].path == tmp_path.resolve() / "cat.jpg"
 
 
@@ -57,7 +57,7 @@ def test_animate_defaults_are_the_reference_config(tmp_path: Path) -> None:
     assert (job.video.size, job.video.frames, job.video.fps) == ("1280*720", None, 30)
     s = job.sampling
     assert (s.steps, s.shift, s.guide_scale, s.solver, s.boundary) == (20, 5.0, 1.0, "unipc", None)
-    a = job.animate
+    a = job.options
     assert a is not None
     assert (a.mode, a.refert_num, a.clip_len, a.retarget, a.relighting_lora, a.preprocess_fps) == (
         "animation", 1, 77, False, False, 30)
@@ -122,8 +122,8 @@ def test_euler_with_timesteps_sets_steps(tmp_path: Path) -> None:
 def test_animate_replacement_settings(tmp_path: Path) -> None:
     job = parse(ANIMATE + '\n[animate]\nmode = "replacement"\nrefert_num = 5\nclip_len = 9\nrelighting_lora = true\n',
                 tmp_path)
-    assert job.animate is not None
-    assert (job.animate.mode, job.animate.refert_num, job.animate.clip_len, job.animate.relighting_lora) == (
+    assert job.options is not None
+    assert (job.options.mode, job.options.refert_num, job.options.clip_len, job.options.relighting_lora) == (
         "replacement", 5, 9, True)
 
 

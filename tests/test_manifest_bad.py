@@ -82,7 +82,10 @@ CASES = [
     ("guide_scale of 3", I2V + "\n[sampling]\nguide_scale = [1.0, 2.0, 3.0]\n", "sampling.guide_scale",
      [1.0, 2.0, 3.0], "a number from 0 to 20, or [low_noise, high_noise] (two such numbers)", 9),
     ("guide_scale list for animate", ANIMATE + "\n[sampling]\nguide_scale = [1.0, 2.0]\n", "sampling.guide_scale",
-     [1.0, 2.0], "one number from 0 to 20 (animate has one model; 1.0 turns guidance off)", 9),
+     [1.0, 2.0], "one number above 0 up to 20 (animate has one model; 1.0 turns guidance off)", 9),
+    # The Animate pipeline divides by the guide scale: 0 must be refused at validation, not on the GPU pool.
+    ("guide_scale 0 for animate", ANIMATE + "\n[sampling]\nguide_scale = 0.0\n", "sampling.guide_scale", 0.0,
+     "one number above 0 up to 20 (animate has one model; 1.0 turns guidance off)", 9),
     ("solver unknown", I2V + '\n[sampling]\nsolver = "ddim"\n', "sampling.solver", "ddim",
      'one of "unipc", "dpm++", "euler"', 9),
     ("euler without timesteps", I2V + '\n[sampling]\nsolver = "euler"\n', "sampling.solver", "euler",

@@ -19,6 +19,7 @@ from daemon import protocol
 from daemon.config import PoolSettings
 from daemon.outbox import probe_video
 from daemon.pool import WarmPool
+from tests.jobs import resolved_job
 from tests.workers.harness import FAKE_WORKER, alive, short_socket_dir
 
 
@@ -30,7 +31,8 @@ def test_encode_decode_round_trip_every_message_type() -> None:
         protocol.Heartbeat(),
         protocol.Done(job="j1", output="/x/out.mp4", stats={"frames": 5}),
         protocol.Error(job=None, kind="oom", message="out of memory", retryable=True),
-        protocol.Run(job="j1", kind="i2v", params={"seed": 1}, inputs={"image": "/w/p.png"}, output="/w/o.mp4"),
+        protocol.Run(job="j1", kind="i2v", params=resolved_job(seed=1), inputs={"image": "/w/p.png"},
+                     output="/w/o.mp4"),
         protocol.Cancel(job="j1"),
         protocol.Shutdown(),
     ]
@@ -153,8 +155,7 @@ def events_until(pool: WarmPool, kinds: set[str], timeout: float = 20) -> list:
 
 
 def run_msg(tmp_path: Path, job: str, name: str, steps: int = 3) -> protocol.Run:
-    return protocol.Run(job=job, kind="i2v", params={"name": name, "video": {"frames": 5, "fps": 8},
-                                                     "sampling": {"steps": steps}},
+    return protocol.Run(job=job, kind="i2v", params=resolved_job(name=name, frames=5, fps=8, steps=steps),
                         inputs={}, output=str(tmp_path / f"{job}.mp4"))
 
 
@@ -168,15 +169,15 @@ def test_pool_runs_two_jobs_on_one_warm_process_with_progress(tmp_path: Path) ->
         pool.launch("i2v-A14B")
         assert pool.command("i2v-A14B")[0] == sys.executable
         events_until(pool, {"ready"})
-        assert pool.state == "idle" and pool.hello["model"] == "i2v-A14B"
+        assert pool.state == "idle" and pool.hello.model == "i2v-A14B"
         first_pid = pool.pid
         for job in ("J1", "J2"):
             assert pool.run(run_msg(tmp_path, job, job))
             seen = events_until(pool, {"done"})
-            steps = [e.message["step"] for e in seen if e.kind == "progress" and e.message["phase"] == "sampling"]
+            steps = [e.message.step for e in seen if e.kind == "progress" and e.message.phase == "sampling"]
             assert steps == [1, 2, 3]
             done = seen[-1]
-            assert done.job == job and probe_video(Path(done.message["output"])).frames == 5
+            assert done.job == job and probe_video(Path(done.message.output)).frames == 5
         assert pool.pid == first_pid and pool.state == "idle"  # no relaunch between jobs
     finally:
         pool.close()
@@ -230,7 +231,7 @@ def test_cancel_reaches_the_worker_at_a_step_boundary(tmp_path: Path) -> None:
         events_until(pool, {"progress"})
         pool.cancel("J1")
         error = events_until(pool, {"error"}, timeout=10)[-1]
-        assert error.job == "J1" and error.message["kind"] == "cancelled"
+        assert error.job == "J1" and error.message.kind == "cancelled"
         assert pool.state == "idle"
     finally:
         pool.close()
@@ -269,11 +270,11 @@ def test_fake_worker_under_real_torchrun_with_two_gloo_ranks(tmp_path: Path) -> 
     try:
         pool.launch("i2v-A14B")
         events_until(pool, {"ready"}, timeout=60)
-        assert pool.hello["world_size"] == 2
+        assert pool.hello.world_size == 2
         pool.run(run_msg(tmp_path, "J1", "dist"))
         done = events_until(pool, {"done"})[-1]
-        assert done.message["stats"]["peak_memory"] == [0, 0]
-        assert probe_video(Path(done.message["output"])).frames == 5
+        assert done.message.stats["peak_memory"] == [0, 0]
+        assert probe_video(Path(done.message.output)).frames == 5
         assert len(worker_pids(tmp_path)) == 2
     finally:
         pool.close()

@@ -11,9 +11,10 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from daemon import protocol
 from pipeline.rank_failures import FailureWatch
 
-FAILURE = {"type": "error", "job": "j1", "kind": "oom", "message": "out of memory: 2 GiB", "retryable": False}
+FAILURE = protocol.Error(job="j1", kind="oom", message="out of memory: 2 GiB", retryable=False)
 
 
 @pytest.fixture
@@ -46,8 +47,8 @@ def test_a_failure_nobody_gathers_is_reported_once_after_the_grace_period(store_
         waited = time.monotonic() - start
     assert ended == [True] and len(reports) == 1 and waited >= 0.3
     (message,) = reports
-    assert message["job"] == "j1" and message["kind"] == "oom" and message["retryable"] is False
-    assert message["message"].startswith("rank 1: out of memory: 2 GiB") and "the pool restarts" in message["message"]
+    assert message.job == "j1" and message.kind == "oom" and message.retryable is False
+    assert message.message.startswith("rank 1: out of memory: 2 GiB") and "the pool restarts" in message.message
 
 
 def test_a_failure_gathered_within_the_grace_period_is_left_to_the_normal_path(store_port: int) -> None:

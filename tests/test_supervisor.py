@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from concurrent.futures import Future
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +18,12 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.config import load_config
+from daemon.failures import Failures
 from daemon.ledger import Ledger
+from daemon.preparation import Preparation, Preparing
 from daemon.states import JobState
 from daemon.supervisor import Supervisor, choose_next
+from tests.jobs import resolved_job
 from tests.workers.harness import Root, manifest_text, write_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,8 +64,10 @@ def make_ready(sup: Supervisor, name: str, model: str, kind: str, minute: int) -
     work = sup.paths.work / row.id
     image = write_image(work / "prepared.png", color=(minute, 0, 0))
     (work / "prepared.json").write_text(json.dumps({"inputs": {"image": str(image)}}))
-    params = {"name": name, "kind": kind, "video": {"frames": 5, "fps": 8}, "sampling": {"steps": 2}}
-    ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work), params_json=params, now=created)
+    spec = resolved_job(kind, name=name, frames=5 if kind == "i2v" else None, fps=8, steps=2,
+                        size="832*480" if kind == "i2v" else "1280*720")
+    ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work), params_json=spec.to_dict(),
+                      now=created)
     ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep", now=created)
     ledger.transition(row.id, S.PREPROCESSING, S.READY, "prepared", now=created)
     return row.id
@@ -168,26 +175,27 @@ def test_preprocessing_progress_reaches_the_ledger(tmp_path: Path) -> None:
     from daemon.preprocessing import ProgressFile, read_progress
 
     root = Root(tmp_path)
-    sup = Supervisor(load_config(root.config))
-    sup.ledger = Ledger.open(tmp_path / "l.db")
+    ledger = Ledger.open(tmp_path / "l.db")
+    prep = preparation(root, ledger)
     try:
-        row = sup.ledger.add_staged("p", "animate", tmp_path / "p.toml", None)
-        work = sup.paths.work / row.id
+        row = ledger.add_staged("p", "animate", tmp_path / "p.toml", None)
+        work = root.work / row.id
         work.mkdir(parents=True)
-        sup.ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work))
-        sup.ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
+        ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work))
+        ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
+        prep.running[row.id] = Preparing(Future(), time.monotonic(), time.monotonic())
         progress = ProgressFile(work)
         progress("detect", 3, 40)
         progress("detect", 4, 40)  # within 0.5 s: skipped
         assert read_progress(work) == {"phase": "detect", "step": 3, "total": 40}
-        sup._preprocess_progress(row.id)
-        stored = sup.ledger.get(row.id)
+        prep.poll_progress(row.id)
+        stored = ledger.get(row.id)
         assert (stored.phase, stored.step, stored.total_steps) == ("preprocess:detect", 3, 40)
         progress("write", 40, 40)  # the last step is always written
-        sup._preprocess_progress(row.id)
-        assert sup.ledger.get(row.id).phase == "preprocess:write"
+        prep.poll_progress(row.id)
+        assert ledger.get(row.id).phase == "preprocess:write"
     finally:
-        sup.ledger.close()
+        ledger.close()
 
 
 def test_cancelling_a_staged_job_moves_its_manifest_to_failed(tmp_path: Path) -> None:
@@ -295,35 +303,41 @@ def test_a_stalled_preparation_fails_its_attempt_and_the_one_beside_it_goes_back
     from tests.workers.harness import alive
 
     root = Root(tmp_path, preprocess={"workers": 2, "stall_seconds": 3})
-    sup = Supervisor(load_config(root.config))
-    sup.ledger = Ledger.open(tmp_path / "l.db")
-    sup.executor = sup._new_executor()
+    ledger = Ledger.open(tmp_path / "l.db")
+    prep = preparation(root, ledger)
+    prep.start()
     try:
         ids = {}
         for name in ("stuck", "busy"):
-            row = sup.ledger.add_staged(name, "i2v", tmp_path / f"{name}.toml", None)
-            sup.ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(sup.paths.work / row.id))
-            sup.ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
-            sup.preparing[row.id] = (sup.executor.submit(time.sleep, 60), time.monotonic())  # real busy processes
+            row = ledger.add_staged(name, "i2v", tmp_path / f"{name}.toml", None)
+            ledger.transition(row.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(root.work / row.id))
+            ledger.transition(row.id, S.QUEUED, S.PREPROCESSING, "prep")
+            now = time.monotonic()  # real busy processes
+            prep.running[row.id] = Preparing(prep.pool.submit(time.sleep, 60), now, now)
             ids[name] = row.id
-        old = sup.executor
+        old = prep.pool
         wait_until = time.monotonic() + 30
-        while len(getattr(old, "_processes", {})) < 2 and time.monotonic() < wait_until:
+        while len(old.pids()) < 2 and time.monotonic() < wait_until:
             time.sleep(0.1)
-        processes = list(old._processes.values())
-        sup._prep_moved[ids["stuck"]] = time.monotonic() - 10  # no progress for 10 s > 3 s
-        sup._prep_moved[ids["busy"]] = time.monotonic()
-        sup.collect_preprocessing()
-        stuck, busy = sup.ledger.get(ids["stuck"]), sup.ledger.get(ids["busy"])
+        processes = old.pids()
+        prep.running[ids["stuck"]].moved = time.monotonic() - 10  # no progress for 10 s > 3 s
+        prep.running[ids["busy"]].moved = time.monotonic()
+        prep.collect()
+        stuck, busy = ledger.get(ids["stuck"]), ledger.get(ids["busy"])
         assert stuck.state == S.QUEUED and stuck.attempts == 1 and stuck.retry_after is not None  # retried later
         assert "preprocessing made no progress for 3 s" in stuck.last_error, stuck.last_error
         assert busy.state == S.QUEUED and busy.attempts == 0 and not busy.last_error  # not its fault: no attempt
-        assert sup.preparing == {} and sup.executor is not old
+        assert prep.running == {} and prep.pool is not old
         deadline = time.monotonic() + 10
-        while any(alive(p.pid) for p in processes) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(p.pid) for p in processes), "the stuck CPU pool was not killed"
-        assert sup.executor.submit(sum, [1, 2]).result(timeout=30) == 3  # the new CPU pool works
+        assert len(processes) == 2 and not any(alive(pid) for pid in processes), "the stuck CPU pool was not killed"
+        assert prep.pool.submit(sum, [1, 2]).result(timeout=30) == 3  # the new CPU pool works
     finally:
-        sup._kill_executor()
-        sup.ledger.close()
+        prep.pool.kill()
+        ledger.close()
+
+
+def preparation(root: Root, ledger: Ledger) -> Preparation:
+    cfg = load_config(root.config)
+    return Preparation(cfg, ledger, Failures(ledger, cfg.paths.work, cfg.paths.failed), threading.Event())

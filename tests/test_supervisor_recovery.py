@@ -10,12 +10,14 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from daemon.outbox import probe_video
 from daemon.states import JobState
+from tests.jobs import resolved_job
 from tests.workers.fake_pool_worker import write_mp4
 from tests.workers.harness import Root, alive, manifest_text, wait_for, write_image
 
@@ -70,13 +72,9 @@ def craft_finalizing(r: Root) -> str:
         (work / "prepared.json").write_text(json.dumps({"inputs": {"image": str(work / "prepared.png")}}))
         write_mp4(work / "output.mp4", 5, 32, 32, 16)
         (work / "output.mp4").write_bytes((work / "output.mp4").read_bytes()[:100])  # torn
-        params = {
-            "name": "f5",
-            "kind": "i2v",
-            "video": {"frames": 5, "fps": 16, "size": "832*480"},
-            "sampling": {"steps": 3, "seed": 1},
-            "inputs": {"image": {"path": str(image), "relpath": "f5.jpg"}},
-        }
+        spec = resolved_job(name="f5", frames=5, fps=16, steps=3, seed=1, inputs={"image": "f5.jpg"})
+        spec = spec.with_inputs({"image": replace(spec.inputs["image"], path=image)})
+        params = spec.to_dict()
         ledger.transition(
             job.id, S.STAGED, S.QUEUED, "accepted", work_dir=str(work), params_json=params, kind="i2v"
         )

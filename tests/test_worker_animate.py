@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from daemon import protocol
 from pipeline.video import probe, write_mp4
+from tests.jobs import resolved_job
 from tests.test_worker_pool import Supervisor
 from tests.workers.harness import write_tiny_checkpoint
 
@@ -40,17 +42,10 @@ def write_src(folder: Path, frames: int) -> dict[str, str]:
             "ref": str(folder / "src_ref.png")}
 
 
-def animate_command(job: str, workdir: Path, inputs: dict[str, str]) -> dict:
-    params = {
-        "kind": "animate", "prompt": "", "negative_prompt": "",
-        "video": {"size": "1280*720", "max_area": 1280 * 720, "frames": None, "fps": 30},
-        "sampling": {"steps": 2, "shift": 5.0, "guide_scale": 1.0, "solver": "unipc", "seed": 3,
-                     "boundary": None, "timesteps": None},
-        "animate": {"mode": "animation", "refert_num": 1, "clip_len": 5, "retarget": False,
-                    "relighting_lora": False, "preprocess_fps": 30},
-    }
-    return {"type": "run", "job": job, "kind": "animate", "params": params, "inputs": inputs,
-            "output": str(workdir / f"{job}.mp4")}
+def animate_command(job: str, workdir: Path, inputs: dict[str, str]) -> protocol.Run:
+    spec = resolved_job("animate", prompt=None, size="1280*720", frames=None, fps=30, steps=2, seed=3,
+                        animate='mode = "animation"\nrefert_num = 1\nclip_len = 5')
+    return protocol.Run(job=job, kind="animate", params=spec, inputs=inputs, output=str(workdir / f"{job}.mp4"))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from daemon import protocol
 from pipeline.video import probe
 from tests.test_worker_pool import Supervisor, tiny_i2v  # noqa: F401 - the module-scoped checkpoint fixture
 
@@ -30,7 +31,7 @@ def test_pool_on_gpus_runs_jobs(tiny_i2v, tmp_path, extra) -> None:  # noqa: F81
             assert done["type"] == "done", f"{done}\n{sup.logs()}"
             assert probe(done["output"])[0] == frames
             assert len(done["stats"]["peak_memory"]) == nproc and min(done["stats"]["peak_memory"]) > 0
-        sup.chan.send({"type": "shutdown"})
+        sup.chan.send(protocol.Shutdown())
         assert sup.proc.wait(timeout=120) == 0, sup.logs()
     finally:
         sup.close()

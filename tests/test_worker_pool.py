@@ -14,12 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from daemon import protocol
 from pipeline.video import probe
+from tests.jobs import resolved_job
 from tests.workers.harness import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,16 +88,13 @@ class Supervisor:
 
 
 def run_command(job: str, workdir: Path, steps: int = 2, frames: int = 5, seed: int = 42,
-                image: Path = IMAGE) -> dict:
-    """A `run` message carrying a resolved job as inbox_schema's Job.to_dict() shapes it."""
-    params = {
-        "kind": "i2v", "prompt": "a lighthouse at dusk", "negative_prompt": "",
-        "video": {"size": "832*480", "max_area": 832 * 480, "frames": frames, "fps": 16},
-        "sampling": {"steps": steps, "shift": 5.0, "guide_scale": [3.5, 3.5], "solver": "unipc", "seed": seed,
-                     "boundary": 0.9, "timesteps": None},
-    }
-    return {"type": "run", "job": job, "kind": "i2v", "params": params, "inputs": {"image": str(image)},
-            "output": str(workdir / f"{job}.mp4")}
+                image: Path = IMAGE) -> protocol.Run:
+    """A `run` message carrying a resolved job as the manifest parser makes it (frames may break its rules:
+    the pool must refuse what the pipeline cannot do)."""
+    spec = resolved_job(prompt="a lighthouse at dusk", steps=steps, seed=seed)
+    spec = replace(spec, video=replace(spec.video, frames=frames))
+    return protocol.Run(job=job, kind="i2v", params=spec, inputs={"image": str(image)},
+                        output=str(workdir / f"{job}.mp4"))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,7 @@ def test_cancel_stops_within_one_step(pool) -> None:
         msg = pool.recv()
         if msg["type"] == "progress" and msg["phase"] == "sampling" and msg["step"] >= 1:
             break
-    pool.chan.send({"type": "cancel", "job": "job-long"})
+    pool.chan.send(protocol.Cancel(job="job-long"))
     cancelled_at = msg["step"]
     error, seen = pool.until(("done", "error"))
     assert error["type"] == "error" and error["kind"] == "cancelled", error
@@ -193,7 +192,7 @@ def test_cancel_stops_within_one_step(pool) -> None:
 def test_shutdown_during_a_job_reports_it_and_exits_cleanly(pool) -> None:
     pool.run("job-interrupted", steps=30)
     pool.until(("progress",))
-    pool.chan.send({"type": "shutdown"})
+    pool.chan.send(protocol.Shutdown())
     error, _ = pool.until(("done", "error"))
     assert error["kind"] == "cancelled" and error["retryable"] is True
     assert pool.proc.wait(timeout=60) == 0, pool.logs()

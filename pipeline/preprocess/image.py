@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from inbox_schema import Job
+from pipeline.preprocess.contract import Prepared, PreprocessFailed, PrepSettings, Progress
+
 VAE_STRIDE = 8  # pixels per latent cell, height and width
 PATCH = 2  # DiT patch size in latent cells, so latent sides are even
 EXIF_ORIENTATION = 0x0112
@@ -94,3 +97,13 @@ def prepare_image(src: str | os.PathLike[str], dest: str | os.PathLike[str], max
         "max_area": max_area,
         "path": str(dest_path),
     }
+
+
+def prepare_i2v_job(job: Job, work_dir: Path, settings: PrepSettings, progress: Progress) -> Prepared:
+    """The `i2v` kind's preparation (its registry entry names it): the input image as the pool's prepared PNG."""
+    target = work_dir / "prepared.png"
+    try:
+        info = prepare_image(job.inputs["image"].path, target, job.video.max_area)
+    except ImageInputError as exc:
+        raise PreprocessFailed(f"inputs.image: {exc}") from None
+    return Prepared({"image": str(target)}, info)

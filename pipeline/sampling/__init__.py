@@ -8,14 +8,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from inbox_schema.defaults import SOLVERS  # the names a manifest may give: the contract
 from pipeline.sampling.base import FlowSolver, SolverError
 from pipeline.sampling.dpmpp import DPMSolverPP
 from pipeline.sampling.euler import EulerSolver
 from pipeline.sampling.unipc import UniPCSolver
 
-SOLVERS = ("unipc", "dpm++", "euler")
+# Each name of the contract's SOLVERS -> its implementation (a test keeps the two lists equal).
+SOLVER_CLASSES: dict[str, type[FlowSolver]] = {"unipc": UniPCSolver, "dpm++": DPMSolverPP, "euler": EulerSolver}
 
-__all__ = ["SOLVERS", "FlowSolver", "SolverError", "make_solver"]
+__all__ = ["SOLVERS", "SOLVER_CLASSES", "FlowSolver", "SolverError", "make_solver"]
 
 
 def make_solver(name: str, steps: int, shift: float,
@@ -26,11 +28,9 @@ def make_solver(name: str, steps: int, shift: float,
     [1000, 750, 500, 250] for a 4-step distilled model; `steps` must then equal its length.
     """
     _check_arguments(name, steps, shift, timesteps)
-    if name == "unipc":
-        return UniPCSolver(steps, shift)
-    if name == "dpm++":
-        return DPMSolverPP(steps, shift)
-    return EulerSolver(steps, shift, timesteps)
+    if timesteps is not None:
+        return EulerSolver(steps, shift, timesteps)
+    return SOLVER_CLASSES[name](steps, shift)
 
 
 def _check_arguments(name: str, steps: int, shift: float, timesteps: Sequence[int | float] | None) -> None:

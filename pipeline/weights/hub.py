@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.weights.layouts import FAMILIES, check_installed, get_family
+from pipeline.weights.layouts import check_installed, families, get_family
 
 MANIFEST = ".wanbox-files.json"
 Print = Callable[[str], None]
@@ -212,7 +212,7 @@ def list_models(models_dir: Path | str) -> list[InstalledModel]:
     """Each known family with its conventional folder under models_dir (`<models_dir>/<repo name>`)."""
     root = Path(models_dir)
     out = []
-    for name, fam in FAMILIES.items():
+    for name, fam in families().items():
         path = root / fam.folder
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
         out.append(InstalledModel(name, path, check_installed(name, path), size))

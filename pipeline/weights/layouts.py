@@ -1,6 +1,7 @@
 """The released checkpoint layouts wanbox reads: which files of each Hugging Face repo a model family needs.
 
-Must not import torch (the supervisor uses it) nor hard-code shard counts (shards come from each index).
+Each kind's registry entry names its layout here; the list of families is the registry's. Must not import torch
+(the supervisor uses it) nor hard-code shard counts (shards come from each index).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from inbox_schema.kinds import kind_for_model, kinds, resolve
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SHARDS = "diffusion_pytorch_model-*.safetensors"
@@ -23,12 +26,16 @@ LORA = "relighting_lora.ckpt"
 class Family:
     """A model family: its Hub repo, its usual folder name, the files it needs, and the DiT folders."""
 
-    name: str
+    name: str  # the model id
     repo_id: str
-    folder: str
     files: tuple[str, ...]  # required as named
     dit_dirs: tuple[str, ...]  # each holds config.json + INDEX + the shards the index names
     extra_patterns: tuple[str, ...] = ()  # also downloaded when present (tokenizer side files)
+
+    @property
+    def folder(self) -> str:
+        """Its usual folder name under the models directory (the kind's registry entry says it)."""
+        return kind_for_model(self.name).model_folder
 
     def download_patterns(self) -> tuple[str, ...]:
         dit = tuple(_join(d, n) for d in self.dit_dirs for n in ("config.json", INDEX, SHARDS))
@@ -39,31 +46,33 @@ class Family:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.download_patterns())
 
 
-FAMILIES: dict[str, Family] = {
-    "i2v-A14B": Family(
-        name="i2v-A14B",
-        repo_id="Wan-AI/Wan2.2-I2V-A14B",
-        folder="Wan2.2-I2V-A14B",
-        files=(T5, TOKENIZER, VAE),
-        dit_dirs=("high_noise_model", "low_noise_model"),
-        extra_patterns=("google/umt5-xxl/*",),
-    ),
-    "animate-14B": Family(
-        name="animate-14B",
-        repo_id="Wan-AI/Wan2.2-Animate-14B",
-        folder="Wan2.2-Animate-14B",
-        files=(T5, TOKENIZER, VAE, CLIP, LORA),
-        dit_dirs=("",),
-        extra_patterns=("google/umt5-xxl/*",),
-    ),
-}
+I2V_A14B = Family(
+    name="i2v-A14B",
+    repo_id="Wan-AI/Wan2.2-I2V-A14B",
+    files=(T5, TOKENIZER, VAE),
+    dit_dirs=("high_noise_model", "low_noise_model"),
+    extra_patterns=("google/umt5-xxl/*",),
+)
+
+ANIMATE_14B = Family(
+    name="animate-14B",
+    repo_id="Wan-AI/Wan2.2-Animate-14B",
+    files=(T5, TOKENIZER, VAE, CLIP, LORA),
+    dit_dirs=("",),
+    extra_patterns=("google/umt5-xxl/*",),
+)
+
+
+def families() -> dict[str, Family]:
+    """Every registered kind's checkpoint layout, by model id."""
+    return {kind.model_id: resolve(kind.layout) for kind in kinds().values()}
 
 
 def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+    found = families().get(name)
+    if found is None:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(families())}")
+    return found
 
 
 def required_files(family: str, ckpt_dir: Path | str) -> list[str]:

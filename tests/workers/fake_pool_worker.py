@@ -47,14 +47,13 @@ def knobs_for(name: str | None) -> dict[str, Any]:
     return found
 
 
-def video_shape(run: dict[str, Any]) -> tuple[int, int, int, int]:
+def video_shape(run: protocol.Run) -> tuple[int, int, int, int]:
     """(frames, width, height, fps) for the fake video: the job's frames and fps, a tiny even size."""
-    params = run["params"]
-    video = params.get("video") or {}
-    frames = int(video.get("frames") or 9)
-    fps = int(video.get("fps") or 16)
+    video = run.params.video
+    frames = int(video.frames or 9)
+    fps = int(video.fps or 16)
     width, height = 64, 48
-    image = run["inputs"].get("image")
+    image = run.inputs.get("image")
     if image and os.path.exists(image):
         from PIL import Image
 
@@ -123,10 +122,10 @@ class Control:
     shutdown_requested = False
 
 
-def run_job(ctl: Control, run: dict[str, Any]) -> None:
-    job = run["job"]
-    knobs = knobs_for(run["params"].get("name"))
-    steps = int((run["params"].get("sampling") or {}).get("steps") or 4)
+def run_job(ctl: Control, run: protocol.Run) -> None:
+    job = run.job
+    knobs = knobs_for(run.params.name)
+    steps = run.params.sampling.steps
     started = time.monotonic()
     ctl.send(protocol.Progress(job=job, phase="encode", step=0, total=steps))
     for step in range(1, steps + 1):
@@ -147,7 +146,7 @@ def run_job(ctl: Control, run: dict[str, Any]) -> None:
         ctl.send(protocol.Progress(job=job, phase="sampling", step=step, total=steps))
     ctl.send(protocol.Progress(job=job, phase="write", step=steps, total=steps))
     frames, width, height, fps = video_shape(run)
-    output = Path(run["output"])
+    output = Path(run.output)
     if ctl.rank == 0:
         if knobs.get("bad_output"):
             output.write_bytes(b"this is not a video")
@@ -157,7 +156,7 @@ def run_job(ctl: Control, run: dict[str, Any]) -> None:
     stats = {"phases": {"encode": 0.0, "sampling": elapsed, "decode": 0.0, "write": 0.0},
              "gpu_seconds": elapsed * ctl.world, "peak_memory": [0] * ctl.world, "model_load": False,
              "frames": frames, "width": width, "height": height, "fps": fps,
-             "seed": (run["params"].get("sampling") or {}).get("seed")}
+             "seed": run.params.seed}
     ctl.send(protocol.Done(job=job, output=str(output), stats=stats))
 
 
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if msg is None or msg["type"] == "shutdown":
             return 0
         if msg["type"] == "run":
-            run_job(ctl, msg)
+            run_job(ctl, protocol.to_message(msg))
             if ctl.shutdown_requested:
                 return 0
 

@@ -1,37 +1,40 @@
 """One animate preprocessing job: driving video + character image -> src_pose/src_face/src_ref (+ bg, mask).
 
 Orchestrates probing, detection in the killable worker, gap filling, retargeting, rendering and writing;
-the CPU pool calls preprocess_animate_job. No torch here, and mediapipe only runs inside the worker.
+the CPU pool calls prepare_animate_job (the kind's preparation). No torch here, and mediapipe only runs inside the
+worker.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from inbox_schema import Job
+from inbox_schema.kinds.animate import MODES
+from pipeline.preprocess.contract import Prepared, PreprocessFailed, PrepSettings, Progress, capped_area
+
 from . import geometry, mask, render, skeleton
 from .detect import RawDetection
-from .errors import NoPersonError, PreprocessError, VideoError
+from .errors import DetectorError, NoPersonError, PreprocessError, VideoError
 from .models import find_models
 from .retarget import retarget as retarget_poses
 from .skeleton import Pose
 from .video_io import MASK_CRF, VideoInfo, VideoWriter, probe_video, read_frames
 from .worker import FRAME_TIMEOUT_S, DetectorProcess
 
-MODES = ("animation", "replacement")
 MIN_FRAMES = 2  # the generator's reflection padding fails on a single frame
 BATCH_FRAMES = 8
 PREVIEW_MAX_SIDE = 960
 # Mediapipe resizes every input to a few hundred pixels internally, so larger frames only cost time (copying
 # to the worker, colour conversion); landmarks are normalised and mapped back onto the full frame.
 DETECT_MAX_SIDE = 960
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -339,3 +342,25 @@ def preprocess_animate_job(
     (out_dir / "preprocess_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     stats["files"]["stats"] = str(out_dir / "preprocess_stats.json")
     return stats
+
+
+# Files of the preprocessing that the pool reads (the preview and the stats are for people).
+RUN_INPUTS = ("pose", "face", "ref", "bg", "mask")
+
+
+def prepare_animate_job(job: Job, work_dir: Path, settings: PrepSettings, progress: Progress) -> Prepared:
+    """The `animate` kind's preparation (its registry entry names it): pose, face, mask and background videos."""
+    options = job.options
+    width, height = capped_area(job.video.width, job.video.height, settings.max_area)
+    try:
+        stats = preprocess_animate_job(
+            job.inputs["video"].path, job.inputs["character"].path, work_dir / "animate", mode=options.mode,
+            resolution_area=(width, height), fps=options.preprocess_fps, retarget=options.retarget,
+            models_dir=settings.mediapipe_dir, pose_variant=settings.pose_model, on_progress=progress,
+        )
+    except DetectorError as exc:  # the detector crashed or hung: not the input's fault, try again
+        raise PreprocessFailed(f"animate preprocessing: {exc}", "internal", True) from None
+    except PreprocessError as exc:
+        raise PreprocessFailed(f"animate preprocessing: {exc}", "input", False) from None
+    files = stats.get("files", {})
+    return Prepared({role: files[role] for role in RUN_INPUTS if role in files}, stats)

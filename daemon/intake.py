@@ -1,0 +1,372 @@
+"""Intake: manifests found in the inbox become staged jobs, then accepted (files moved to work/<id>/) or rejected
+(files moved to failed/<name>/ with the reason).
+
+It owns the watcher and what is known about each staged manifest between ticks; it must never open a symlink or
+special file, never crash on user input, and never delete or overwrite an inbox file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from daemon import jobfiles
+from daemon.config import Config
+from daemon.failures import Failures
+from daemon.jobfiles import JobFiles
+from daemon.journal import jlog, log
+from daemon.ledger import JobRecord, Ledger
+from daemon.states import ErrorKind, JobState
+from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
+from inbox_schema import (
+    InputFile,
+    Job,
+    ManifestError,
+    ManifestInvalid,
+    file_sha256,
+    load_manifest,
+    render_errors,
+)
+from inbox_schema.defaults import MANIFEST_MAX_BYTES
+from inbox_schema.hashing import manifest_hash
+
+S = JobState
+MAX_INTAKE_CRASHES = 5  # internal errors on one manifest before it is rejected instead of retried forever
+SEED_LIMIT = 2**31  # a seed every backend accepts (torch.Generator takes 64 bits, numpy 32)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Staging:
+    """What intake knows about a staged manifest between ticks (rebuilt after a restart)."""
+
+    job_id: str
+    signature: tuple[int, int]
+    job: Job | None = None  # when the manifest parsed
+    waiting: str = ""  # why it is not accepted yet (the rejection reason at the deadline)
+    hashes: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)  # path -> (sig, sha256)
+
+
+def file_kind(path: Path) -> str:
+    """"file", "symlink", "folder", "special file" or "missing file", by lstat (never opening it)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "missing file"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "folder" if stat.S_ISDIR(mode) else "special file"
+
+
+def signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class Intake:
+    """inbox -> staged -> queued | rejected, one `tick` at a time."""
+
+    def __init__(self, config: Config, ledger: Ledger, failures: Failures, stopping: threading.Event) -> None:
+        self.cfg, self.paths, self.ledger, self.failures, self.stopping = config, config.paths, ledger, failures, stopping
+        self.watcher = InboxWatcher(self.paths.inbox, config.inbox.rescan_seconds, config.inbox.polling)
+        self.tracker = StabilityTracker(config.inbox.settle_seconds)
+        self.staging: dict[str, Staging] = {}  # manifest path -> what we know
+        self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
+
+    @property
+    def outage(self) -> str | None:
+        return self.watcher.outage
+
+    def start(self) -> None:
+        self.watcher.start()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+
+    # --- after a crash ---------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Staged jobs interrupted while their files were being moved to work/: the files go back to the inbox."""
+        try:
+            check_inbox(self.paths.inbox)
+        except OSError as exc:
+            log.error("INBOX OUTAGE at start-up: %s; staged jobs keep waiting", exc)
+            return
+        for record in self.ledger.list(states=[S.STAGED], limit=None):
+            self._recover_staged(record)
+
+    def _recover_staged(self, record: JobRecord) -> None:
+        taken = jobfiles.work_inputs_dir(self.paths.work, record.id)
+        if not taken.exists():
+            if not os.path.lexists(record.manifest_path):
+                why = "the manifest was removed from the inbox (while the daemon was stopped) before it was accepted"
+                self.ledger.transition(record.id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
+                                       error_kind=ErrorKind.INPUT)
+                jlog(logging.WARNING, record.id, "rejected: %s", why)
+            return
+        manifest = Path(record.manifest_path)
+        folder = manifest.parent.name if manifest.name == "job.toml" and manifest.parent != self.paths.inbox else None
+        stayed = jobfiles.return_to_inbox(taken, self.paths.inbox, folder)
+        jlog(logging.WARNING, record.id, "an interrupted intake was undone: files returned to the inbox%s",
+             f" (kept in {taken}: names taken again: {stayed})" if stayed else "")
+
+    # --- one turn ----------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self.stopping.is_set():
+            return
+        if not (self.watcher.due() or self.staging):
+            return
+        candidates = self.watcher.scan()
+        if candidates is None:
+            return  # outage: nothing is read as deleted
+        seen = set()
+        for candidate in candidates:
+            seen.add(str(candidate.manifest))
+            try:
+                self.consider(candidate)
+            except Exception as exc:  # user input must never take the daemon down
+                self._crashed(candidate, exc)
+        self._forget_vanished(seen)
+        self._reject_overdue()
+
+    def _crashed(self, candidate: Candidate, exc: Exception) -> None:
+        """Log it; after a few tries reject the job saying so, so that one odd upload cannot wedge intake."""
+        key = str(candidate.manifest)
+        self._crashes[key] = self._crashes.get(key, 0) + 1
+        if self._crashes[key] == 1:
+            log.exception("internal error while looking at %s: %s (will retry)", candidate.manifest, exc)
+        if self._crashes[key] < MAX_INTAKE_CRASHES:
+            return
+        self._crashes.pop(key)
+        entry = self.staging.get(key)
+        why = (f"wanbox hit an internal error while taking this job in ({type(exc).__name__}: {exc}); "
+               "please report it with the daemon's log")
+        try:
+            if entry is None:
+                entry = self._stage(candidate, signature(candidate.manifest))
+            if entry is not None:
+                self.reject(entry.job_id, candidate, [why])
+        except Exception:
+            log.exception("could not reject %s after repeated internal errors", candidate.manifest)
+
+    def consider(self, candidate: Candidate) -> None:
+        manifest = candidate.manifest
+        key = str(manifest)
+        kind = file_kind(manifest)
+        if kind != "file":
+            # Never open it: a symlink may lead out of the inbox, a FIFO would block the daemon forever.
+            expected = "a regular file" + (", not a symbolic link" if kind == "symlink" else f", not a {kind}")
+            self._reject_new(candidate, [ManifestError("manifest", candidate.key, expected)])
+            return
+        if not self.tracker.is_stable(manifest):
+            return  # still being written
+        sig = signature(manifest)
+        if sig is not None and sig[0] > MANIFEST_MAX_BYTES:  # do not even read it
+            self._reject_new(candidate, [ManifestError("manifest", f"{sig[0]} bytes",
+                                                       f"a manifest of at most {MANIFEST_MAX_BYTES} bytes")])
+            return
+        entry = self.staging.get(key)
+        if entry is not None and self._left_staging(entry, candidate):
+            return
+        if entry is None:
+            entry = self._stage(candidate, sig)
+            if entry is None:
+                return
+        if entry.signature != sig or entry.job is None:
+            entry.signature = sig
+            try:
+                entry.job = load_manifest(manifest, self.paths.inbox)
+            except ManifestInvalid as exc:
+                self.reject(entry.job_id, candidate, exc.errors)
+                return
+        self._check_inputs(candidate, entry)
+
+    def _left_staging(self, entry: Staging, candidate: Candidate) -> bool:
+        """A person cancelled the staged job (`wanbox cancel`): its manifest leaves the inbox for failed/."""
+        record = self.ledger.get(entry.job_id)
+        if record.state == S.STAGED:
+            return False
+        self._forget(str(candidate.manifest), self._files(candidate, None))
+        if record.state == S.CANCELLED:
+            self._clear_cancelled_staged(record, candidate)
+        return True
+
+    def _stage(self, candidate: Candidate, sig: tuple[int, int] | None) -> Staging | None:
+        """The ledger's staged job for this manifest (after a restart) or a new one."""
+        known = self.ledger.find_by_manifest(candidate.manifest)
+        if known is None:
+            ended = self.ledger.find_by_manifest(candidate.manifest, states=[S.CANCELLED])
+            if ended is not None and ended.work_dir is None:
+                self._clear_cancelled_staged(ended, candidate)
+                return None
+            deadline = utcnow() + timedelta(seconds=self.cfg.inbox.staged_deadline_seconds)
+            known = self.ledger.add_staged(
+                candidate.default_name, "unknown", candidate.manifest, deadline,
+                max_attempts=self.cfg.jobs.max_attempts, message=f"manifest {candidate.key} found in the inbox",
+            )
+            jlog(logging.INFO, known.id, "staged from %s", candidate.key)
+        entry = Staging(known.id, sig or (0, 0))
+        self.staging[str(candidate.manifest)] = entry
+        return entry
+
+    def _reject_new(self, candidate: Candidate, errors: list[ManifestError]) -> None:
+        entry = self.staging.get(str(candidate.manifest)) or self._stage(candidate, None)
+        if entry is not None:
+            self.reject(entry.job_id, candidate, errors)
+
+    def _input_problem(self, entry: Staging, item: InputFile) -> str | None:
+        """Why this input is not ready yet, or None when present, stable and as declared."""
+        field_name = f"inputs.{item.role}"
+        sig = signature(item.path)
+        if sig is None:
+            return f"{field_name} = {item.relpath!r}: the file is not in the inbox (yet)"
+        if file_kind(item.path) != "file":  # replaced by a link or special file after validation
+            return f"{field_name} = {item.relpath!r}: expected a regular file, found a {file_kind(item.path)}"
+        if not self.tracker.is_stable(item.path):
+            return f"{field_name} = {item.relpath!r}: the file is still changing (upload in progress?)"
+        if item.size is not None and sig[0] != item.size:
+            return f"{field_name}.size: the file has {sig[0]} bytes, expected {item.size} (as declared)"
+        cached = entry.hashes.get(str(item.path))
+        if cached is None or cached[0] != sig:
+            cached = (sig, file_sha256(item.path))
+            entry.hashes[str(item.path)] = cached
+        if item.sha256 is not None and cached[1] != item.sha256:
+            return f"{field_name}.sha256: the file's sha256 is {cached[1]}, expected {item.sha256} (as declared)"
+        return None
+
+    def _check_inputs(self, candidate: Candidate, entry: Staging) -> None:
+        assert entry.job is not None
+        problems = [p for item in entry.job.inputs.values() if (p := self._input_problem(entry, item))]
+        if problems:
+            if problems[0] != entry.waiting:
+                jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
+            entry.waiting = "; ".join(problems)
+            return
+        self.accept(candidate, entry)
+
+    def _files(self, candidate: Candidate, job: Job | None) -> JobFiles:
+        inputs = tuple(item.path for item in job.inputs.values()) if job is not None else ()
+        return JobFiles(self.paths.inbox, candidate.manifest, candidate.folder, inputs)
+
+    def _shared_inputs(self, me: str, files: JobFiles) -> set[Path]:
+        """Inputs that another manifest waiting in the inbox names too: copy them, do not take them away."""
+        others = {
+            item.path
+            for key, entry in self.staging.items()
+            if key != me and entry.job is not None
+            for item in entry.job.inputs.values()
+        }
+        return {p for p in files.inputs if p in others}
+
+    # --- accept or reject --------------------------------------------------------------------------------
+
+    def accept(self, candidate: Candidate, entry: Staging) -> None:
+        job = entry.job
+        assert job is not None
+        hashes = {role: entry.hashes[str(item.path)][1] for role, item in job.inputs.items()}
+        content_hash = manifest_hash(candidate.manifest.read_bytes(), hashes)
+        duplicate = self.ledger.find_duplicate(content_hash, exclude_id=entry.job_id)
+        if duplicate is not None and duplicate.state in (S.FAILED, S.CANCELLED):
+            duplicate = None  # an identical job that gave up or was cancelled: this one is a fresh try
+        if duplicate is not None and self.cfg.inbox.dedupe == "skip":
+            outputs = (duplicate.outputs_json or {}).get("video", "not delivered yet")
+            why = (f"identical to job {duplicate.id} ({duplicate.state.value}), output {outputs}; "
+                   "to run it again anyway, change the seed or set inbox.dedupe = \"run\"")
+            self.reject(entry.job_id, candidate, [why], content_hash)
+            return
+        seed = job.seed if job.seed is not None else secrets.randbelow(SEED_LIMIT)
+        taken = jobfiles.work_inputs_dir(self.paths.work, entry.job_id)
+        files = self._files(candidate, job)
+        jobfiles.take_into_work(files, taken, self._shared_inputs(str(candidate.manifest), files))
+        base = files.base()
+        moved = {role: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[role])
+                 for role, item in job.inputs.items()}
+        job = job.with_seed(seed).with_inputs(moved)
+        accepted = self.ledger.transition(
+            entry.job_id, S.STAGED, S.QUEUED,
+            f"accepted: {len(job.inputs)} input(s) verified, seed {seed}",
+            name=job.name, kind=job.kind, model_id=job.model_id, priority=job.priority,
+            work_dir=str(taken.parent), params_json=job.to_dict(), input_hash=content_hash,
+        )  # fmt: skip
+        self._forget(str(candidate.manifest), files)
+        if not accepted:  # cancelled meanwhile: its files go to failed/ with the reason
+            self.failures.move_inputs(entry.job_id, job.name, "it was cancelled before it was accepted")
+            return
+        jlog(logging.INFO, entry.job_id, "accepted %s (%s, %s), seed %d", job.name, job.kind, job.model_id, seed)
+
+    def _forget(self, key: str, files: JobFiles) -> None:
+        self.staging.pop(key, None)
+        for path in (files.manifest, *files.inputs):
+            self.tracker.forget(path)
+
+    def reject(self, job_id: str, candidate: Candidate, errors: list[ManifestError | str],
+               content_hash: str | None = None) -> None:
+        """staged -> rejected: the manifest (and its inputs) to failed/<name>/ with error.txt."""
+        entry = self.staging.get(str(candidate.manifest))
+        job = entry.job if entry is not None else None
+        name = job.name if job is not None else candidate.default_name
+        files = self._files(candidate, job)
+        shared = self._shared_inputs(str(candidate.manifest), files)
+        text = render_errors(errors, candidate.key)
+        if candidate.folder is not None:
+            sources = [(candidate.folder, Path("."))]
+        else:
+            keep = [p for p in files.inputs if p not in shared and signature(p) is not None]
+            sources = [(files.manifest, Path(files.manifest.name))]
+            sources += [(p, p.relative_to(self.paths.inbox)) for p in keep]
+            if job is None:
+                text += "\nOnly the manifest was moved here; media files it may name stay in the inbox.\n"
+        dest = self.failures.reject_files(name, sources, text)
+        summary = "; ".join(str(e) for e in errors)
+        fields = {"last_error": summary, "error_kind": ErrorKind.INPUT, "outputs_json": {"failed_dir": str(dest)}}
+        if content_hash:
+            fields["input_hash"] = content_hash
+        self.ledger.transition(job_id, S.STAGED, S.REJECTED, f"rejected: {summary}", **fields)
+        self._forget(str(candidate.manifest), files)
+        jlog(logging.WARNING, job_id, "rejected (%s): %s -> %s", candidate.key, summary, dest)
+
+    def _clear_cancelled_staged(self, record: JobRecord, candidate: Candidate) -> None:
+        text = render_errors([f"job {record.id} was cancelled (by `wanbox cancel`) before it was accepted"],
+                             candidate.key)
+        files = self._files(candidate, None)
+        sources = ([(files.manifest, Path(files.manifest.name))] if candidate.folder is None
+                   else [(candidate.folder, Path("."))])
+        dest = self.failures.reject_files(record.name, sources, text)
+        jlog(logging.INFO, record.id, "cancelled while staged: manifest moved to %s", dest)
+
+    def _forget_vanished(self, seen: set[str]) -> None:
+        """A staged manifest that left the inbox (removed by its owner): reject the job, saying so."""
+        why = "the manifest was removed from the inbox before the job was accepted"
+        for key, entry in list(self.staging.items()):
+            if key not in seen:
+                self.staging.pop(key)
+                self.ledger.transition(entry.job_id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
+                                       error_kind=ErrorKind.INPUT)
+
+    def _reject_overdue(self) -> None:
+        for record in self.ledger.staged_past_deadline():
+            entry = next(((k, e) for k, e in self.staging.items() if e.job_id == record.id), None)
+            if entry is None:
+                continue  # seen again on the next scan, then checked (after a restart)
+            key, staging = entry
+            reason = staging.waiting or "the manifest or its inputs did not settle"
+            text = f"staging deadline of {self.cfg.inbox.staged_deadline_seconds:g} s passed: {reason}"
+            manifest = Path(key)
+            folder = manifest.parent if manifest.parent != self.paths.inbox else None
+            rel = str(manifest.relative_to(self.paths.inbox))
+            self.reject(record.id, Candidate(manifest, folder, rel), [text])

@@ -1,0 +1,257 @@
+"""The warm-pool driver: ready jobs go to the GPU pool (ready -> sampling -> finalizing -> done), its events are
+recorded, a finished video is delivered to the outbox, and the pool is switched, relaunched or stopped.
+
+It owns what runs on the pool and since when; it must not touch the inbox, and it acts on the pool only through
+WarmPool's public methods (the pool process itself is daemon/pool.py's).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon import jobfiles, protocol
+from daemon.config import Config
+from daemon.failures import Failures
+from daemon.journal import jlog, log
+from daemon.ledger import JobRecord, Ledger
+from daemon.notify import Notifier
+from daemon.outbox import Outbox, OutputInvalid, extra_outputs, sidecar
+from daemon.pool import PoolEvent, WarmPool
+from daemon.preprocessing import prepared_inputs
+from daemon.states import ErrorKind, JobState, PoolState
+from inbox_schema import JobDataError
+
+S = JobState
+
+
+def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime,
+                loaded_since: datetime | None = None, fresh: bool = False) -> Any | None:
+    """The ready job to run next: the loaded model's jobs first, unless another model's job waited too long.
+
+    A job of another model is overdue when it has waited more than `max_wait` seconds since it was
+    created and since the loaded model was loaded (so each model holds the pool at most that long while
+    others wait). A freshly loaded pool first runs a job of its own model: it was loaded for one.
+    Within a group: highest priority, then oldest. A job whose retry_after lies ahead is not due.
+    """
+    due = [j for j in ready if j.retry_after is None or j.retry_after <= now]
+    if not due:
+        return None
+    order = sorted(due, key=lambda j: (-j.priority, j.created_at, j.id))
+    same = [j for j in order if j.model_id == loaded]
+    if same and fresh:
+        return same[0]
+
+    def waited(j: Any) -> float:
+        since = max(j.created_at, loaded_since) if loaded_since is not None else j.created_at
+        return (now - since).total_seconds()
+
+    overdue = [j for j in order if j.model_id != loaded and waited(j) > max_wait]
+    if same and not overdue:
+        return same[0]
+    if overdue:
+        return min(overdue, key=lambda j: j.created_at)  # the longest-waiting one breaks the streak
+    return order[0]
+
+
+class PoolDriver:
+    """Feeds the warm pool one job at a time and turns its events into ledger moves and deliveries."""
+
+    def __init__(self, config: Config, ledger: Ledger, failures: Failures, notifier: Notifier,
+                 stopping: threading.Event) -> None:
+        self.cfg, self.ledger, self.failures, self.notifier, self.stopping = config, ledger, failures, notifier, stopping
+        self.pool = WarmPool(config.pool, config.paths.socket, config.outbox.crf)
+        self.outbox = Outbox(config.paths.outbox, config.outbox.poster)
+        self.cancel_sent: str | None = None
+        self.run_started: dict[str, float] = {}  # job -> when it was sent to the pool (monotonic)
+
+    def open(self) -> None:
+        self.pool.open()
+
+    def preload(self, model: str) -> None:
+        """Load a model at start-up (systemd's READY=1 then waits until it is warm or has failed to start)."""
+        for event in self.pool.launch(model):
+            self.on_event(event)
+
+    def poll(self, timeout: float) -> None:
+        for event in self.pool.poll(timeout=timeout):
+            self.on_event(event)
+
+    # --- sending jobs ----------------------------------------------------------------------------------
+
+    def check_cancellations(self) -> None:
+        job_id = self.pool.job
+        if job_id is None or self.cancel_sent == job_id:
+            return
+        if self.ledger.get(job_id).state == S.CANCELLED:
+            jlog(logging.INFO, job_id, "cancelled: telling the pool to stop at the next step")
+            self.pool.cancel(job_id)
+            self.cancel_sent = job_id
+
+    def dispatch(self) -> None:
+        if self.stopping.is_set() or self.pool.state in (PoolState.BUSY, PoolState.LOADING):
+            return
+        ready = self.ledger.list(states=[S.READY], limit=None, newest_first=False)
+        idle = self.pool.state == PoolState.IDLE
+        record = choose_next(ready, self.pool.model if idle else None, self.cfg.pool.max_switch_wait_seconds,
+                             datetime.now(timezone.utc), self.pool.ready_at if idle else None,
+                             idle and self.pool.jobs_run == 0)
+        if record is None:
+            return
+        if idle and self.pool.model == record.model_id:
+            self._run(record)
+            return
+        if idle:
+            jlog(logging.INFO, record.id, "switching the pool from %s to %s", self.pool.model, record.model_id)
+            self.pool.stop()
+        if self.pool.can_launch():
+            for event in self.pool.launch(record.model_id):
+                self.on_event(event)
+
+    def _run(self, record: JobRecord) -> None:
+        try:
+            job = record.job
+        except JobDataError as exc:  # a ledger written by hand or by a broken version: say so, do not loop on it
+            self.failures.give_up(record.id, S.READY, f"its stored job cannot be read ({exc}); submit it again",
+                                  ErrorKind.INTERNAL)
+            return
+        inputs = prepared_inputs(Path(record.work_dir))
+        if inputs is None:
+            self.ledger.transition(record.id, S.READY, S.QUEUED, "its prepared inputs are gone: prepare again")
+            return
+        if not self.ledger.transition(record.id, S.READY, S.SAMPLING, f"sent to the {self.pool.model} pool"):
+            return
+        output = Path(record.work_dir) / jobfiles.OUTPUT_FILE
+        output.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not be delivered
+        run = protocol.Run(job=record.id, kind=record.kind, params=job, inputs=inputs, output=str(output),
+                           crf=self.cfg.outbox.crf)
+        self.cancel_sent = None
+        self.run_started[record.id] = time.monotonic()
+        jlog(logging.INFO, record.id, "sampling on the %s pool", self.pool.model)
+        if not self.pool.run(run):
+            for event in self.pool.died("could not send the job to the worker pool"):
+                self.on_event(event)
+
+    # --- what the pool says ----------------------------------------------------------------------------
+
+    def on_event(self, event: PoolEvent) -> None:
+        msg = event.message
+        if event.kind == "progress" and isinstance(msg, protocol.Progress):
+            self.ledger.record_progress(msg.job, msg.phase, msg.step, msg.total)
+        elif event.kind == "done" and isinstance(msg, protocol.Done):
+            self.finalize(msg.job, msg)
+        elif event.kind == "error" and isinstance(msg, protocol.Error) and event.job is not None:
+            self._worker_error(event.job, msg)
+        elif event.kind == "died":
+            self._pool_died(event)
+        elif event.kind == "ready":
+            log.info("pool %s warm (load %.1f s)", self.pool.model, self.pool.load_seconds or 0)
+            self.notifier.ready()
+
+    def _worker_error(self, job_id: str, msg: protocol.Error) -> None:
+        self.run_started.pop(job_id, None)
+        state = self.ledger.get(job_id).state
+        if msg.kind == ErrorKind.CANCELLED or state != S.SAMPLING:
+            if state == S.SAMPLING:  # the worker stopped on its own (shutdown): run it again later
+                self.ledger.transition(job_id, S.SAMPLING, S.READY, f"requeued: {msg.message}")
+            jlog(logging.INFO, job_id, "the pool stopped it: %s", msg.message)
+            return
+        self.failures.fail(job_id, S.SAMPLING, msg.message, msg.kind, msg.retryable)
+
+    def _pool_died(self, event: PoolEvent) -> None:
+        if not self.notifier.ready_sent:  # the preload failed: start anyway, STATUS says why
+            self.notifier.status(f"pool failed to start: {event.reason}")
+            self.notifier.ready()
+        if event.job is not None:
+            self.run_started.pop(event.job, None)
+            if self.ledger.get(event.job).state == S.SAMPLING:
+                self.failures.fail(event.job, S.SAMPLING, event.reason, ErrorKind.POOL, True)
+            return
+        # Died while loading: after max_attempts launches in a row, the model cannot run here.
+        if self.pool.failures >= self.cfg.jobs.max_attempts and self.pool.model is not None:
+            self._fail_model(self.pool.model, event.reason)
+            self.pool.failures = 0
+
+    def _fail_model(self, model: str, reason: str) -> None:
+        why = (f"the {model} pool failed to start {self.cfg.jobs.max_attempts} times in a row: {reason}. "
+               f"Check `wanbox doctor` and `wanbox models verify` (checkpoints in "
+               f"{self.cfg.pool.checkpoint_dir(model)}), then `wanbox retry JOB`")
+        for record in self.ledger.list(states=[S.READY], limit=None):
+            if record.model_id == model:
+                self.failures.give_up(record.id, S.READY, why, ErrorKind.POOL)
+
+    # --- delivery ----------------------------------------------------------------------------------------
+
+    def finalize(self, job_id: str, msg: protocol.Done) -> None:
+        started = self.run_started.pop(job_id, None)
+        stats = msg.stats
+        gpu_seconds = stats.get("gpu_seconds")
+        fields: dict[str, Any] = {}
+        if isinstance(gpu_seconds, (int, float)):
+            fields["gpu_seconds"] = float(gpu_seconds)
+        if not self.ledger.transition(job_id, S.SAMPLING, S.FINALIZING, "the worker reported done", **fields):
+            jlog(logging.INFO, job_id, "output ignored: the job was cancelled meanwhile")
+            return
+        if started is not None:
+            self.ledger.record_timing(job_id, "sampling_wall", time.monotonic() - started)
+        for phase, seconds in (stats.get("phases") or {}).items():
+            if isinstance(seconds, (int, float)):
+                self.ledger.record_timing(job_id, phase, float(seconds))
+        record = self.ledger.get(job_id)
+        video = Path(msg.output)
+        hello = self.pool.hello
+        pool = {"world_size": hello.world_size, "devices": hello.devices, "parallel": hello.parallel} if hello \
+            else dict.fromkeys(("world_size", "devices", "parallel"))
+        document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
+        try:
+            outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
+        except (OutputInvalid, OSError) as exc:
+            self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
+            return
+        outputs = {**(record.outputs_json or {}), **outputs}
+        self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs)
+        video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
+        jlog(logging.INFO, job_id, "done: %s", outputs["video"])
+
+    # --- stopping and status -----------------------------------------------------------------------------
+
+    def stop(self, why: str) -> None:
+        """Ask the pool to stop; the step in progress may still finish its job, which is then delivered."""
+        job = self.pool.job
+        if self.pool.state != PoolState.STOPPED and self.pool.pid is not None:
+            self.pool.request_shutdown()
+            deadline = time.monotonic() + self.cfg.pool.stop_grace_seconds
+            while self.pool.job is not None and time.monotonic() < deadline:
+                events = self.pool.poll(timeout=0.2)
+                for event in events:
+                    if event.kind in ("done", "error"):
+                        self.on_event(event)
+                if any(e.kind == "died" for e in events) or self.pool.state == PoolState.STOPPED:
+                    break
+        self.pool.stop(grace=max(1.0, self.cfg.pool.stop_grace_seconds / 4))
+        if job is not None and self.ledger.get(job).state == S.SAMPLING:
+            self.ledger.transition(job, S.SAMPLING, S.READY, f"requeued: {why}")
+            jlog(logging.INFO, job, "requeued (%s)", why)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def status_text(self) -> str | None:
+        """The pool's line for systemd's STATUS (None when idle, for the supervisor to describe the rest)."""
+        pool = self.pool
+        if pool.job is not None:
+            p = pool.last_progress
+            text = f"{pool.model}: job {pool.job} {p.phase if p else 'starting'} {p.step if p else 0}/" \
+                   f"{p.total if p else '?'}"
+            started = self.run_started.get(pool.job)
+            if p is not None and p.phase == "sampling" and p.step and started is not None:
+                left = (time.monotonic() - started) / p.step * (p.total - p.step)
+                text += f", ETA {left:.0f} s"
+            return text
+        if pool.state == PoolState.LOADING:
+            return f"loading {pool.model}"
+        return None

@@ -1,0 +1,107 @@
+"""The Animate-14B pool family: one DiT resident (plus CLIP, VAE; T5 on rank 0); each job = clips sampled in parallel.
+
+Reads the resolved job's fields as they are; it must not parse parameters or restate their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from inbox_schema import Job
+from pipeline.families.base import (
+    PHASE_NAMES,
+    JobCancelled,
+    JobInputError,
+    Reporter,
+    broadcast_prompts,
+    dtype_of,
+    parallel_groups,
+    seed_of,
+    speed_up,
+)
+from pipeline.parallel.cfg import plan_parallel
+
+
+class AnimateFamily:
+    """Animate-14B: one DiT resident (plus CLIP, VAE; T5 on rank 0); each job = clips sampled in parallel.
+
+    Every rank decodes each clip, because the next clip is conditioned on the last frames of this one.
+    """
+
+    kind = "animate"
+
+    def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
+        self.args, self.ranks = args, ranks
+        self.root = Path(args.checkpoint_dir)
+        config = self.root / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config}: missing; expected an Animate-14B checkpoint directory")
+        heads = int(json.loads(config.read_text()).get("num_heads", 40))
+        self.plan = plan_parallel(ranks.world_size, heads, args.cfg_parallel)
+        if args.sharding not in ("auto", "replicate"):
+            raise ValueError(f"sharding: got {args.sharding!r}; Animate-14B runs replicated in this build "
+                             "(one 17B DiT fits an 80 GB GPU in bf16): use auto or replicate")
+        self.parallel = {**self.plan.as_dict(), "sharding": "replicate", "text_encoder": "rank0"}
+        self.checkpoints: dict[str, str] = {}
+        self.models: Any = None
+        self.sp: Any = None
+        self.guidance: Any = None
+
+    def load(self) -> None:
+        from pipeline.animate import LORA_FILE, AnimateModels
+
+        self.models = AnimateModels.load(self.root, self.ranks.device, dtype_of(self.args),
+                                         relighting_lora=(self.root / LORA_FILE).is_file(),
+                                         text_encoder=self.ranks.master)
+        speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
+        self.sp, self.guidance = parallel_groups(self.plan)
+
+    def run(self, job: Job, inputs: dict[str, str], report: Reporter,
+            should_cancel: Callable[[], bool]) -> dict[str, Any]:
+        from pipeline.animate import encode_prompts, generate_animate
+        from pipeline.i2v import GenerationCancelled
+
+        src, seed = src_dir(inputs), seed_of(job)
+        options, sampling = job.options, job.sampling
+        report.progress("encode", 0, 1)
+        context, context_null = broadcast_prompts(
+            self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
+
+        def on_progress(phase: str, step: int, total: int, _clip: int) -> None:
+            report.progress(PHASE_NAMES.get(phase, phase), step, total)
+
+        try:
+            video = generate_animate(
+                self.models, src, mode=options.mode, prompt=context, negative_prompt=context_null,
+                clip_len=options.clip_len, refert_num=options.refert_num, steps=sampling.steps,
+                shift=sampling.shift, guide_scale=float(sampling.guide_scale), solver=sampling.solver,
+                timesteps=sampling.timesteps, seed=seed, relighting_lora=options.relighting_lora,
+                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance)
+        except GenerationCancelled as exc:
+            raise JobCancelled(str(exc)) from exc
+        return {"video": video, "fps": output_fps(job, inputs), "frames": int(video.shape[1]),
+                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed}
+
+
+def src_dir(inputs: dict[str, str]) -> Path:
+    """The preprocessed src folder (src_pose.mp4, src_face.mp4, src_ref.png, ...) named by the run inputs."""
+    if "pose" not in inputs:
+        raise JobInputError(f"inputs: got roles {sorted(inputs)}, expected the preprocessed 'pose', 'face', "
+                            f"'ref' (and 'bg', 'mask' for replacement)")
+    folder = Path(inputs["pose"]).parent
+    if not folder.is_dir():
+        raise JobInputError(f"inputs.pose: {inputs['pose']}: its folder does not exist")
+    return folder
+
+
+def output_fps(job: Job, inputs: dict[str, str]) -> float:
+    """The job's fps; with none set (preprocess_fps = -1) the rate preprocessing sampled the driving video at."""
+    if job.video.fps is not None:
+        return float(job.video.fps)
+    from pipeline.video import probe
+
+    return float(probe(inputs["pose"])[3])

@@ -1,0 +1,107 @@
+"""The I2V-A14B pool family: both experts resident; each job = encode, sample (parallel), decode (pipelined).
+
+Reads the resolved job's fields as they are; it must not parse parameters or restate their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inbox_schema import Job
+from pipeline.families.base import (
+    JobCancelled,
+    JobInputError,
+    Reporter,
+    broadcast_prompts,
+    dtype_of,
+    parallel_groups,
+    seed_of,
+    speed_up,
+)
+from pipeline.parallel.cfg import ParallelPlan, plan_parallel
+from pipeline.parallel.sharding import choose_sharding, shard_experts
+from pipeline.parallel.vae_decode import decode_pipelined
+
+
+class I2VFamily:
+    """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode (pipelined)."""
+
+    kind = "i2v"
+
+    def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
+        from pipeline.models.dit import DiTConfig
+
+        self.args, self.ranks = args, ranks
+        self.root = Path(args.checkpoint_dir)
+        config = DiTConfig.from_json(self.root / "high_noise_model" / "config.json")
+        self.plan: ParallelPlan = plan_parallel(ranks.world_size, config.num_heads, args.cfg_parallel)
+        self.sharding = choose_sharding(args.sharding, self.root, ranks.device, dtype_of(args), ranks.control)
+        self.parallel = {**self.plan.as_dict(), "sharding": self.sharding, "text_encoder": "rank0"}
+        self.checkpoints: dict[str, str] = {}
+        self.models: Any = None
+        self.sp: Any = None
+        self.guidance: Any = None
+
+    def load(self) -> None:
+        from pipeline.i2v import I2VModels
+
+        # fsdp: the experts load into host memory and only this rank's shards go to the GPU;
+        # offload (one GPU): the idle expert waits in host memory and is swapped at the boundary.
+        in_host = self.sharding in ("fsdp", "offload")
+        self.models = I2VModels.load(self.root, self.ranks.device, dtype_of(self.args),
+                                     text_encoder=self.ranks.master, offload_experts=in_host)
+        if self.sharding == "fsdp":
+            shard_experts(self.models, self.ranks.device)
+        speed_up([self.models.high_noise, self.models.low_noise], self.args, fuse_qkv=self.sharding != "fsdp")
+        self.sp, self.guidance = parallel_groups(self.plan)
+
+    def run(self, job: Job, inputs: dict[str, str], report: Reporter,
+            should_cancel: Callable[[], bool]) -> dict[str, Any]:
+        from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
+        from pipeline.sampling import make_solver
+        from pipeline.sampling.moe import ExpertSwitch
+
+        image, seed = prepared_image(inputs), seed_of(job)
+        sampling, video = job.sampling, job.video
+        max_area = video.max_area if self.args.max_area is None else min(video.max_area, self.args.max_area)
+        report.progress("encode", 0, 1)
+        context, context_null = self._encode_prompts(job)
+        prepared = prepare_i2v(self.models, image, context, context_null, max_area=max_area,
+                               frames=video.frames, seed=seed, sp=self.sp)
+        switch = ExpertSwitch(boundary=sampling.boundary, guide_scale=sampling.guide_scale)
+        solver = make_solver(sampling.solver, sampling.steps, sampling.shift, sampling.timesteps)
+        report.progress("encode", 1, 1)
+        report.progress("sampling", 0, solver.num_steps)
+        try:
+            latent = sample_i2v(self.models, prepared, solver, switch, guidance=self.guidance, sp=self.sp,
+                                on_progress=lambda _phase, step, total: report.progress("sampling", step, total),
+                                should_cancel=should_cancel)
+        except GenerationCancelled as exc:
+            raise JobCancelled(str(exc)) from exc
+        report.progress("decode", 0, 1)
+        if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
+            frames = decode_pipelined(self.models.vae, latent)
+        else:
+            frames = decode_video(self.models, latent)
+        report.progress("decode", 1, 1)
+        return {"video": frames, "fps": float(video.fps), "frames": video.frames,
+                "width": prepared.width, "height": prepared.height, "seed": seed}
+
+    def _encode_prompts(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        from pipeline.i2v import encode_prompts
+
+        return broadcast_prompts(self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
+
+
+def prepared_image(inputs: dict[str, str]) -> str:
+    """The prepared image preprocessing left for the job (the run's `inputs.image`)."""
+    if "image" not in inputs:
+        raise JobInputError(f"inputs: got roles {sorted(inputs)}, expected 'image' for an i2v job")
+    if not Path(inputs["image"]).is_file():
+        raise JobInputError(f"inputs.image: {inputs['image']} does not exist (expected the prepared image)")
+    return inputs["image"]
