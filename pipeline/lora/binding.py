@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -66,6 +66,14 @@ class BoundLora:
     @property
     def changes(self) -> tuple[LowRank | FullDiff, ...]:
         return (*self.low_rank, *self.diffs)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BoundLora:
+        """The same changes with their tensors on `device` (floats cast to `dtype`), for a LoRA kept resident
+        between jobs; the file's own tensors are dropped (what the changes need is in them)."""
+        move = lambda t: t.to(device, dtype) if dtype is not None else t.to(device)  # noqa: E731
+        low_rank = tuple(replace(c, down=move(c.down), up=move(c.up)) for c in self.low_rank)
+        diffs = tuple(replace(d, diff=move(d.diff)) for d in self.diffs)
+        return replace(self, file=replace(self.file, tensors={}), low_rank=low_rank, diffs=diffs)
 
 
 def bind_lora(lora: LoraFile, model: nn.Module, strength: float = 1.0) -> BoundLora:

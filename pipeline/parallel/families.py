@@ -232,7 +232,7 @@ class AnimateFamily:
                 negative_prompt=context_null, clip_len=int(options.get("clip_len", 77)),
                 refert_num=int(options.get("refert_num", 1)), steps=int(sampling["steps"]),
                 shift=float(sampling["shift"]), guide_scale=float(sampling["guide_scale"]),
-                solver=str(sampling["solver"]), seed=seed, relighting_lora=bool(options.get("relighting_lora")),
+                solver=str(sampling["solver"]), seed=seed, relighting_lora=options.get("relighting_lora") or False,
                 on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
