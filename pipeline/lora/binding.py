@@ -37,7 +37,7 @@ class LowRank:
 
     def delta(self, device: torch.device) -> Tensor:
         """The fp32 change of the weight (full precision: no TF32, see merge.py)."""
-        up, down = (t.to(device, torch.float32) for t in (self.up, self.down))
+        up, down = (t.to(device).float() for t in (self.up, self.down))
         return (up @ down).mul_(self.scale).view(self.shape)
 
 
@@ -50,7 +50,7 @@ class FullDiff:
     scale: float
 
     def delta(self, device: torch.device) -> Tensor:
-        return self.diff.to(device, torch.float32) * self.scale
+        return self.diff.to(device).float() * self.scale
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ class _Delta:
     then the weight's dtype)."""
 
     def __init__(self, changes: Sequence[LowRank], weight: Tensor) -> None:
-        self.down = torch.cat([c.down.float() for c in changes]).to(weight.device, weight.dtype)
-        self.up = torch.cat([c.up.float() * c.scale for c in changes], dim=1).to(weight.device, weight.dtype)
+        device = weight.device  # moved first, widened to fp32 there (the host does no conversion work)
+        self.down = torch.cat([c.down.to(device).float() for c in changes]).to(weight.dtype)
+        self.up = torch.cat([c.up.to(device).float() * c.scale for c in changes], dim=1).to(weight.dtype)
         self.out_features = int(self.up.shape[0])
         self.calls = 0
 
