@@ -41,9 +41,14 @@ class _Delta:
     then the weight's dtype)."""
 
     def __init__(self, changes: Sequence[LowRank], weight: Tensor) -> None:
-        device = weight.device  # moved first, widened to fp32 there (the host does no conversion work)
-        self.down = torch.cat([c.down.to(device).float() for c in changes]).to(weight.dtype)
-        self.up = torch.cat([c.up.to(device).float() * c.scale for c in changes], dim=1).to(weight.dtype)
+        device = weight.device
+        one = changes[0]
+        if len(changes) == 1 and one.scale == 1.0 and all(
+                t.device == device and t.dtype == weight.dtype for t in (one.down, one.up)):
+            self.down, self.up = one.down, one.up  # a resident LoRA (relighting) is used as it is, not copied
+        else:  # moved first, widened to fp32 there (the host does no conversion work)
+            self.down = torch.cat([c.down.to(device).float() for c in changes]).to(weight.dtype)
+            self.up = torch.cat([c.up.to(device).float() * c.scale for c in changes], dim=1).to(weight.dtype)
         self.out_features = int(self.up.shape[0])
         self.calls = 0
 
