@@ -86,6 +86,14 @@ def test_a_wan21_i2v_lora_with_image_attention_does_not_fit_wan22_i2v_but_fits_a
     state = pair((4, 64), (64, 4), "blocks.0.cross_attn.k_img") | pair((4, 64), (64, 4), "blocks.0.cross_attn.v_img")
     message = bind_error(tmp_path, model, state, "wan21_i2v.safetensors")
     assert "4 keys map to no weight of WanDiT" in message and "'blocks.0.cross_attn.k_img.weight'" in message
+    assert "image cross-attention, which this model does not have" in message
+    assert "ignore_absent_image_attention=True" in message
+    # on request (lightx2v's Wan2.2 distillation LoRAs carry such keys) they are dropped, and listed
+    save_file(state | pair((4, 160), (64, 4), "blocks.1.ffn.2") | {
+        "diffusion_model.img_emb.proj.1.diff_b": torch.zeros(1280)}, str(tmp_path / "distill.safetensors"))
+    bound = bind_lora(read_lora(tmp_path / "distill.safetensors"), model, 1.0, ignore_absent_image_attention=True)
+    assert sorted(bound.touched) == ["blocks.1.ffn.2.weight"] and len(bound.ignored) == 5
+    assert all("_img" in k or "img_emb" in k for k in bound.ignored)
     animate = load_animate_dit(FIXTURE / "dit_animate" / "model", torch.float32, "cpu")
     bound = bind_lora(read_lora(tmp_path / "wan21_i2v.safetensors"), animate, 1.0)
     assert sorted(bound.touched) == ["blocks.0.cross_attn.k_img.weight", "blocks.0.cross_attn.v_img.weight"]

@@ -7,6 +7,7 @@ Must not change the model: merge.py and hooks.py apply what is bound here.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -18,6 +19,8 @@ from pipeline.lora.files import LoraFile
 from pipeline.lora.keys import KeyRef, Part
 
 Tensor = torch.Tensor
+# Wan2.1 I2V's (and Animate's) image conditioning, in our dotted or kohya's underscored names
+IMAGE_ATTENTION = re.compile(r"(^|[._])(k_img|v_img|norm_k_img)($|[._])|(^|[._])img_emb($|[._])")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class BoundLora:
     low_rank: tuple[LowRank, ...]
     diffs: tuple[FullDiff, ...]
     touched: Mapping[str, int]  # parameter name -> its size in bytes (for the pristine copy's budget)
+    ignored: tuple[str, ...] = ()  # keys dropped on request (image attention the model does not have)
 
     @property
     def changes(self) -> tuple[LowRank | FullDiff, ...]:
@@ -76,18 +80,23 @@ class BoundLora:
         return replace(self, file=replace(self.file, tensors={}), low_rank=low_rank, diffs=diffs)
 
 
-def bind_lora(lora: LoraFile, model: nn.Module, strength: float = 1.0) -> BoundLora:
+def bind_lora(lora: LoraFile, model: nn.Module, strength: float = 1.0, *,
+              ignore_absent_image_attention: bool = False) -> BoundLora:  # fmt: skip
     """Validate every key of `lora` against `model`'s parameters; raises LoraError (nothing applied) with the
-    unmapped keys and every shape or rank mismatch, each named by its key."""
+    unmapped keys and every shape or rank mismatch, each named by its key.
+
+    ignore_absent_image_attention: drop (and list in .ignored) the keys for image cross-attention
+    (k_img, v_img, norm_k_img, img_emb) when the model has none at all, as Wan2.2 I2V: they could change
+    nothing. lightx2v's Wan2.2 I2V distillation LoRAs and every Wan2.1 I2V LoRA carry them; strict by default."""
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
         raise lora.error(f"strength {strength!r}: expected a finite number, e.g. 1.0")
-    binder = _Binder(lora, model, float(strength))
+    binder = _Binder(lora, model, float(strength), ignore_absent_image_attention)
     low_rank, diffs = binder.bind()
     if binder.unmapped or binder.mismatched:
         raise lora.error(binder.report())
     params = dict(model.named_parameters())
     touched = {c.param: params[c.param].numel() * params[c.param].element_size() for c in (*low_rank, *diffs)}
-    return BoundLora(lora, float(strength), tuple(low_rank), tuple(diffs), touched)
+    return BoundLora(lora, float(strength), tuple(low_rank), tuple(diffs), touched, tuple(binder.ignored))
 
 
 def kohya_names(param_names: Iterable[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -106,12 +115,15 @@ def kohya_names(param_names: Iterable[str]) -> tuple[dict[str, str], dict[str, l
 class _Binder:
     """Groups the file's keys by module, resolves each group to parameters, and collects what does not fit."""
 
-    def __init__(self, lora: LoraFile, model: nn.Module, strength: float) -> None:
+    def __init__(self, lora: LoraFile, model: nn.Module, strength: float, ignore_image: bool) -> None:
         self.lora, self.strength = lora, strength
         self.params = {n: p for n, p in model.named_parameters()}
         self.model_name = type(model).__name__
+        self.no_image_attention = not any(IMAGE_ATTENTION.search(n) for n in self.params)
+        self.ignore_image = ignore_image and self.no_image_attention
         self.unmapped: list[str] = []
         self.mismatched: list[str] = []
+        self.ignored: list[str] = []
 
     def bind(self) -> tuple[list[LowRank], list[FullDiff]]:
         low_rank: list[LowRank] = []
@@ -132,6 +144,10 @@ class _Binder:
             problems.append(f"{len(self.unmapped)} keys map to no weight of {self.model_name}: {some(self.unmapped)}")
         if self.mismatched:
             problems.append(f"{len(self.mismatched)} tensors do not fit the model: {some(self.mismatched)}")
+        if self.no_image_attention and any(IMAGE_ATTENTION.search(u.split(" ")[0]) for u in self.unmapped):
+            problems.append("the k_img/v_img/norm_k_img/img_emb keys are for image cross-attention, which this model "
+                            "does not have (Wan2.2 I2V; the LoRA was made with Wan2.1 I2V's modules, as lightx2v's "
+                            "distillation LoRAs are): bind with ignore_absent_image_attention=True to drop them")
         return "; ".join(problems) + "; nothing was applied"
 
     # -- grouping ----------------------------------------------------------------------------------------
@@ -141,6 +157,9 @@ class _Binder:
         kohya = kohya_names(self.params) if any(r.underscored for r in self.lora.refs) else None
         for ref in self.lora.refs:
             module = ref.module
+            if self.ignore_image and IMAGE_ATTENTION.search(module):
+                self.ignored.append(ref.key)
+                continue
             if ref.underscored:
                 assert kohya is not None
                 unique, shared = kohya

@@ -33,6 +33,7 @@ class LoraRequest:
     file: LoraFile
     strength: float = 1.0
     experts: tuple[str, ...] = ()
+    ignore_absent_image_attention: bool = False  # see binding.bind_lora
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ def bind_requests(requests: Sequence[LoraRequest], models: Mapping[str, nn.Modul
         unknown = [n for n in names if n not in models]
         if unknown:
             raise request.file.error(f"expert {unknown[0]!r}: this model family has {', '.join(map(repr, models))}")
-        entries.append((request, {name: bind_lora(request.file, models[name], request.strength) for name in names}))
+        entries.append((request, {name: bind_lora(request.file, models[name], request.strength,
+                                                  ignore_absent_image_attention=request.ignore_absent_image_attention)
+                                  for name in names}))  # fmt: skip
     return JobLoras(tuple(entries))
 
 
@@ -78,13 +81,15 @@ class AppliedLoras:
             self._stack.close()
 
     def describe(self) -> list[dict[str, Any]]:
-        """Per LoRA, for the sidecar: file, sha256, strength, format, experts, method and weights changed
-        (distinct parameters of each model)."""
+        """Per LoRA, for the sidecar: file, sha256, strength, format, experts, method, weights changed
+        (distinct parameters of each model) and, where some were dropped on request, ignored_keys."""
         return [{
             "file": request.file.name, "sha256": request.file.sha256, "strength": request.strength,
             "format": request.file.format.value, "experts": list(bound),
             "method": {n: self.methods[n].value for n in bound},
             "weights": {n: len(b.touched) for n, b in bound.items()},
+            **({"ignored_keys": {n: len(b.ignored) for n, b in bound.items()}}
+               if any(b.ignored for b in bound.values()) else {}),
         } for request, bound in self.job.entries]  # fmt: skip
 
     def __enter__(self) -> AppliedLoras:
