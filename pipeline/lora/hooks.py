@@ -97,8 +97,8 @@ class LoraHooks:
         try:
             for handle in self._handles:
                 handle.remove()
-            for attn in self._fused:
-                attn.qkv_delta = None
+            for attn in self._fused:  # back to the class default: no trace for guards of compiled blocks
+                attn.__dict__.pop("qkv_delta", None)
             if self.merged is not None:
                 self.merged.restore()
                 if self._own:
