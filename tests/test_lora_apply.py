@@ -201,3 +201,23 @@ def test_cuda_bf16_merge_and_restore_are_bitwise(two_loras, tmp_path: Path) -> N
             hooked = forward(model, inputs)
         assert same_weights(model, reference) and torch.equal(forward(model, inputs), plain)
         assert rel(merged.float(), plain.float()) > 1e-2 and rel(hooked.float(), merged.float()) < 2e-2
+
+
+@pytest.mark.slow  # ~13 s on the CPU: compiling the blocks
+def test_compiled_blocks_see_merged_weights_and_run_hooks_eagerly(two_loras) -> None:
+    """The pool compiles the blocks: a merge must reach the compiled graphs (weights are graph inputs, not
+    constants), hooks run eagerly, and afterwards the compiled model gives its old output bit for bit."""
+    _, distill_file, _, style_file = two_loras
+    model, eager = load(), load()
+    optimize(model, compile=True, fuse_qkv=True)
+    inputs = forward_inputs(model)
+    plain = forward(model, inputs)
+    bound = [bind_lora(distill_file, model, 1.0), bind_lora(style_file, model, 0.5)]
+    with merge_loras(model, bound), merge_loras(eager, bound):
+        merged, merged_eager = forward(model, inputs), forward(eager, inputs)
+    torch.testing.assert_close(merged, merged_eager, rtol=1e-4, atol=1e-5)
+    assert rel(merged, plain) > 1e-2
+    assert torch.equal(forward(model, inputs), plain)
+    with hook_loras(model, bound):
+        torch.testing.assert_close(forward(model, inputs), merged_eager, rtol=1e-4, atol=1e-5)
+    assert torch.equal(forward(model, inputs), plain)
