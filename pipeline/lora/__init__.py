@@ -9,10 +9,12 @@ Reading (files.py, keys.py)
                                            (LoraFormat: original | kohya | diffusers | peft), .sha256,
                                            .tensors, .refs (each key: module in our names + what it holds)
 Checking (binding.py)
-    bind_lora(lora, model, strength=1.0) -> BoundLora
+    bind_lora(lora, model, strength=1.0, ignore_absent_image_attention=False) -> BoundLora
                                            every key must name a weight of `model` with a fitting shape,
                                            else LoraError (a ValueError: file, format, unmapped keys, shape
-                                           and rank mismatches); .low_rank, .diffs, .touched
+                                           and rank mismatches); .low_rank, .diffs, .touched, .ignored
+                                           (the flag drops k_img/v_img/img_emb keys a model without image
+                                           attention cannot use: lightx2v's Wan2.2 I2V LoRAs carry them)
 Applying to one model (merge.py, hooks.py)
     merge_loras(model, [bound, ...], pristine=None) -> MergedLoras      .restore(): bit-exact weights back
     hook_loras(model, [bound, ...], eager=True, pristine=None) -> LoraHooks   .remove(); a context manager
@@ -21,6 +23,7 @@ Choosing (method.py)
     choose_method(bound, forwards=, tokens=, pristine_room_bytes=, compiled=, costs=SwitchCosts()) -> Method
 A job across a family's models (jobs.py)
     bind_requests([LoraRequest(file, strength, experts=("high_noise",)), ...], {"high_noise": m, ...})
+                                           (experts=() = every model; Animate has one)
         -> JobLoras
     apply_loras(job, models, {"high_noise": Method.MERGED, ...}, pristine={...}) -> AppliedLoras
         .remove(), .describe() -> per LoRA {file, sha256, strength, format, experts, method, weights}
