@@ -4,11 +4,14 @@ Follows the reference WanAnimate.generate (WAN_SPEC §8.8) clip by clip. It must
 supervisor or decide placement across GPUs: the warm pool does that through the hooks (sp, guidance,
 on_progress, should_cancel).
 
-Relighting LoRA: kept resident UNMERGED (A, B per Linear, ~0.7 G parameters at 14B) and added at run time by
-forward hooks that exist only while a job that asked for it runs. A warm pool thus serves jobs with and without
-it from one copy of the base weights, with no merge/unmerge rounding drift and nothing to restore after a
-crash; the cost is two thin rank-128 matmuls per targeted Linear (about 1% of a 720p step). This is also the
-reference's own computation (PEFT adapter, not merged).
+Relighting LoRA: read and checked by pipeline.lora, kept resident UNMERGED (A, B per Linear, ~0.7 G parameters
+at 14B) and added at run time by forward hooks that exist only while a job that asked for it runs. A warm pool
+thus serves jobs with and without it from one copy of the base weights, with no merge/unmerge rounding drift and
+nothing to restore after a crash; the cost is two thin rank-128 matmuls per targeted Linear (about 1% of a 720p
+step). This is the computation the LoRA's authors intended (a PEFT adapter, not merged).
+The official generate.py never applies it: its PEFT load renames every `lora_A.default.weight` key to
+`lora_A.default.default.weight` and the strict=False load drops them all, so `--use_relighting_lora` output
+equals the output without it. A job asking relighting_lora="reference" gets exactly that: not applied.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inbox_schema.defaults import DEFAULT_ANIMATE_PROMPT  # used when none is given
-from inbox_schema.kinds.animate import MODES, REFERT_NUMS
+from inbox_schema.kinds.animate import MODES, REFERT_NUMS, RELIGHTING_REFERENCE
 from pipeline.animate_sources import (
     AnimateInputError,
     AnimateSources,
@@ -39,6 +42,9 @@ from pipeline.animate_sources import (
 from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, GenerationCancelled
 from pipeline.sampling import make_solver
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
+
+if TYPE_CHECKING:
+    from pipeline.lora import BoundLora, LowRank
 
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -64,68 +70,48 @@ class AnimateParameterError(ValueError):
 
 
 class RelightingLora:
-    """The relighting LoRA, unmerged: per targeted Linear path, (A [rank, in], B [out, rank], alpha / rank)."""
+    """The relighting LoRA bound to the DiT (pipeline.lora), its tensors resident on the DiT's device."""
 
-    def __init__(self, layers: dict[str, tuple[Tensor, Tensor, float]]) -> None:
-        self.layers = layers
+    def __init__(self, bound: BoundLora) -> None:
+        self.bound = bound
+
+    @property
+    def layers(self) -> dict[str, LowRank]:
+        """Targeted Linear path -> its low-rank change (A [rank, in], B [out, rank], scale alpha / rank)."""
+        return {change.module: change for change in self.bound.low_rank}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: nn.Module, device: torch.device,
              dtype: torch.dtype) -> RelightingLora:
-        """Read relighting_lora.ckpt (or a PEFT adapter file) and check every pair against `model`'s Linears."""
-        from pipeline.models.animate_dit import _lora_pairs
-        from pipeline.weights.loader import load_lora_state
+        """Read relighting_lora.ckpt (or a PEFT adapter file) and check every key against `model`."""
+        from pipeline.lora import LoraError, bind_lora, read_lora
 
-        modules = dict(model.named_modules())
-        layers = {}
-        for name, (a, b) in _lora_pairs(load_lora_state(path)).items():
-            layer = modules.get(name)
-            if not isinstance(layer, nn.Linear):
-                raise AnimateInputError(f"{path}: LoRA key {name}.lora_A: the model has no Linear layer {name!r}")
-            rank = a.shape[0]
-            if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
-                raise AnimateInputError(
-                    f"{path}: LoRA {name}: A {list(a.shape)} / B {list(b.shape)}, expected A [rank, "
-                    f"{layer.in_features}] and B [{layer.out_features}, rank] for Linear({layer.in_features}, "
-                    f"{layer.out_features})"
-                )
-            # alpha = rank in the release (PEFT scale alpha / r = 1); the file does not carry alpha.
-            layers[name] = (a.to(device, dtype), b.to(device, dtype), 1.0)
-        return cls(layers)
+        try:
+            # alpha = rank in the release (PEFT scale alpha / r = 1); the file does not carry alpha
+            bound = bind_lora(read_lora(path), model, 1.0)
+        except LoraError as exc:
+            raise AnimateInputError(str(exc)) from exc
+        return cls(bound.to(device, dtype))
 
     @contextmanager
     def applied(self, model: nn.Module, device: torch.device) -> Iterator[None]:
         """While inside, every targeted Linear returns W x + b + scale * B (A x); hooks are removed on exit.
 
-        Compiled blocks run eagerly meanwhile: hooks that come and go per job would otherwise recompile each
-        block (the closures differ per layer). A fused q/k/v GEMM would bypass the q/k/v hooks: refused.
+        Compiled blocks run eagerly meanwhile (hooks that come and go per job would otherwise recompile each
+        block). The pool loads the DiT with separate q/k/v when the LoRA is resident (parallel/families.py),
+        and a fused DiT is refused here; pipeline.lora.hook_loras itself reaches fused q/k/v, so lifting
+        this refusal (and its test) lets the pool fuse them.
         """
+        from pipeline.lora import hook_loras
         from pipeline.models.fast import fused_blocks
 
         if fused_blocks(model):
             raise RuntimeError("relighting LoRA: the DiT's self-attention q/k/v are fused, which would skip their "
                                "LoRA; load with optimize(model, fuse_qkv=False) when the LoRA is resident")
-        modules = dict(model.named_modules())
-        handles = []
-        try:
-            for name, (a, b, scale) in self.layers.items():
-                if a.device != device:  # e.g. loaded on the CPU before FSDP moved the model
-                    a, b = a.to(device), b.to(device)
-                    self.layers[name] = (a, b, scale)
-                handles.append(modules[name].register_forward_hook(_lora_hook(a, b, scale)))
-            with torch.compiler.set_stance("force_eager"):
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-def _lora_hook(a: Tensor, b: Tensor, scale: float) -> Callable[..., Tensor]:
-    def add_lora(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        x = args[0].to(a.dtype)
-        return output + (F.linear(F.linear(x, a), b) * scale).to(output.dtype)
-
-    return add_lora
+        if any(c.down.device != device for c in self.bound.low_rank):  # e.g. loaded on the CPU before FSDP
+            self.bound = self.bound.to(device)
+        with hook_loras(model, [self.bound], eager=True):
+            yield
 
 
 @dataclass
@@ -333,11 +319,25 @@ def _or_default(prompt: str | Tensor | None, default: str) -> str | Tensor:
     return prompt or default
 
 
+def relighting_applies(choice: bool | str | None) -> bool:
+    """Whether a job's relighting_lora choice applies a resident LoRA: None (the default) and True do,
+    False does not, and "reference" does not either, as in the official code (module docstring)."""
+    return choice is None or choice is True
+
+
+def describe_relighting(choice: bool | str | None, resident: bool) -> str:
+    """For the sidecar: "applied", "off", or "reference: not applied, as the official generate.py"."""
+    if choice == RELIGHTING_REFERENCE:
+        return "reference: not applied, as the official generate.py (its PEFT load drops every key)"
+    return "applied" if resident and relighting_applies(choice) else "off"
+
+
 def generate_animate(
     models: AnimateModels, src_dir: str | os.PathLike[str], *, mode: str, prompt: str | Tensor | None = None,
     negative_prompt: str | Tensor | None = None, clip_len: int = 77, refert_num: int = 1, steps: int = 20,
     shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", timesteps: Sequence[int] | None = None,
-    seed: int, relighting_lora: bool | None = None, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+    seed: int, relighting_lora: bool | str | None = None, on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
@@ -346,13 +346,17 @@ def generate_animate(
     runs one forward per step; > 1 mixes in an unconditional branch (negative prompt and a black face).
     noise: the initial latent of every clip [16, (clip_len-1)/4 + 2, H/8, W/8] instead of drawing them from one
     generator seeded with `seed` on models.device (e.g. to replay a reference run made on another device).
-    relighting_lora: True/False per job; None = whatever the models were loaded with.
+    relighting_lora: True/False per job; None = whatever the models were loaded with; "reference" = as the
+    official generate.py, whose PEFT load drops every key of the LoRA: not applied (module docstring).
     timesteps: solver "euler" only, an explicit list (e.g. a distilled model's [1000, 750, 500, 250]), used for
     every clip.
     Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
     make_solver(solver, steps, shift, timesteps)  # parameter errors before any heavy work
-    if relighting_lora and models.relighting is None:
+    if relighting_lora not in (None, True, False, RELIGHTING_REFERENCE):
+        raise AnimateParameterError(f"relighting_lora: got {relighting_lora!r}; expected true, false or "
+                                    f"{RELIGHTING_REFERENCE!r} (as the official code: not applied)")
+    if relighting_lora is True and models.relighting is None:
         raise AnimateParameterError("relighting_lora: the job asks for it but the models were loaded without it "
                                     "(AnimateModels.load(..., relighting_lora=True))")
     sources = read_sources(src_dir, mode, models.face_size)
@@ -368,7 +372,7 @@ def generate_animate(
     _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
     loop = _ClipLoop(job, starts, steps, shift, solver, timesteps, guide_scale, context, context_null, generator,
                      on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
-    use_lora = models.relighting is not None and relighting_lora is not False
+    use_lora = models.relighting is not None and relighting_applies(relighting_lora)
     lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
     with torch.no_grad(), lora:
         return loop.run()[:, : sources.frames]
@@ -472,6 +476,6 @@ class _ClipLoop:
             self.on_progress(phase, step, total, clip)
 
 
-__all__ = ["DEFAULT_ANIMATE_PROMPT", "FPS", "AnimateInputError", "AnimateModels", "AnimateParameterError",
-           "GenerationCancelled", "RelightingLora", "check_sequence_parallel", "encode_prompts",
-           "generate_animate", "pack_pixel_mask"]
+__all__ = ["DEFAULT_ANIMATE_PROMPT", "FPS", "RELIGHTING_REFERENCE", "AnimateInputError", "AnimateModels",
+           "AnimateParameterError", "GenerationCancelled", "RelightingLora", "check_sequence_parallel",
+           "describe_relighting", "encode_prompts", "generate_animate", "pack_pixel_mask", "relighting_applies"]

@@ -472,6 +472,35 @@ def test_a_job_asking_for_relighting_changes_the_video_only_for_that_job(models:
         generate_animate(bare, src, mode="animation", seed=1, relighting_lora=True)
 
 
+def test_relighting_reference_mode_is_the_official_code_not_applied(models: AnimateModels, tmp_path: Path) -> None:
+    """relighting_lora="reference": as the official generate.py, whose PEFT load drops every LoRA key."""
+    from pipeline.animate import RELIGHTING_REFERENCE, describe_relighting
+
+    src = write_src(tmp_path / "src", 2)
+    args = dict(mode="animation", clip_len=5, steps=1, seed=3)
+    off = generate_animate(models, src, relighting_lora=False, **args)
+    assert torch.equal(generate_animate(models, src, relighting_lora=RELIGHTING_REFERENCE, **args), off)
+    bare = dataclasses.replace(models, relighting=None)  # no LoRA loaded: "reference" needs none
+    assert torch.equal(generate_animate(bare, src, relighting_lora="reference", **args), off)
+    with pytest.raises(AnimateParameterError, match=r"relighting_lora: got 'official'; expected true, false or "
+                                                    r"'reference' \(as the official code: not applied\)"):  # fmt: skip
+        generate_animate(models, src, relighting_lora="official", **args)
+    assert describe_relighting("reference", True).startswith("reference: not applied")
+    assert (describe_relighting(None, True), describe_relighting(True, False), describe_relighting(False, True)) == (
+        "applied", "off", "off")
+
+
+def test_relighting_lora_is_read_by_the_lora_package(models: AnimateModels, ckpt: Path) -> None:
+    from pipeline.lora import LoraFormat
+
+    assert models.relighting is not None
+    bound = models.relighting.bound
+    assert bound.file.format is LoraFormat.PEFT and bound.file.name == "relighting_lora.ckpt"
+    assert not bound.diffs and len(bound.low_rank) == len(list(lora_targets(models.dit)))
+    assert all(c.scale == 1.0 and c.down.device == models.device for c in bound.low_rank)
+    assert not bound.file.tensors  # resident as the bound changes only, not twice
+
+
 def compiled_pool_keeps_both_kinds_of_job_right(models: AnimateModels, src: Path, tolerance: float) -> None:
     """Compile as the pool does with a resident LoRA; both kinds of job match the eager model."""
     from pipeline.models.fast import optimize

@@ -269,3 +269,9 @@ def test_hash_value_is_pinned() -> None:
     expected = "d3125c47fa5be3d71fede2fc0a7869783847b005bf5c6df72a7ffda55924d0f0"
     assert _hash(I2V, image=image) == expected
     assert _hash(I2V.replace("cat.jpg", "renamed.jpg"), image=image) == expected
+
+
+def test_relighting_lora_reference_is_the_official_behaviour(tmp_path: Path) -> None:
+    job = parse(ANIMATE + '\n[animate]\nrelighting_lora = "reference"\n', tmp_path)
+    assert job.options.relighting_lora == "reference"
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job

@@ -117,6 +117,9 @@ CASES = [
      "animate.retarget", True, 'false with mode = "replacement" (retargeting only applies to mode = "animation")', 10),
     ("retarget as string", ANIMATE + '\n[animate]\nretarget = "yes"\n', "animate.retarget", "yes",
      "true or false (without quotes)", 9),
+    ("relighting_lora as a word", ANIMATE + '\n[animate]\nrelighting_lora = "yes"\n', "animate.relighting_lora",
+     "yes", 'true, false or "reference" (as the official code, which loads the LoRA but drops every key of it: '
+     "not applied)", 9),
     ("mode typo", ANIMATE + '\n[animate]\nmode = "replace"\n', "animate.mode", "replace",
      'one of "animation", "replacement"; did you mean "replacement"?', 9),
     ("preprocess_fps 0", ANIMATE + "\n[animate]\npreprocess_fps = 0\n", "animate.preprocess_fps", 0,

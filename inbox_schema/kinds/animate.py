@@ -17,6 +17,9 @@ CLIP_LEN_RANGE = (5, 161)
 DEFAULT_CLIP_LEN = 77
 PREPROCESS_FPS_RANGE = (1, 60)  # or -1 for the source video's fps
 DEFAULT_PREPROCESS_FPS = 30
+# relighting_lora = "reference": as the official generate.py, whose PEFT load silently drops every key of the
+# relighting LoRA, so the LoRA is not applied; for someone who needs the official pixels (README).
+RELIGHTING_REFERENCE = "reference"
 KEYS = ("mode", "refert_num", "clip_len", "retarget", "relighting_lora", "preprocess_fps")
 
 
@@ -26,7 +29,7 @@ class AnimateSettings:
     refert_num: int
     clip_len: int
     retarget: bool
-    relighting_lora: bool
+    relighting_lora: bool | str  # true, false, or RELIGHTING_REFERENCE
     preprocess_fps: int  # -1 = the driving video's own fps
 
     def to_dict(self) -> dict[str, object]:
@@ -49,7 +52,12 @@ def read_animate(r: Reader, table: dict) -> AnimateSettings:
         r.error("animate.retarget", True,
                 'false with mode = "replacement" (retargeting only applies to mode = "animation")')
         retarget = False
-    relight = r.boolean(table, "relighting_lora", "animate.relighting_lora", False)
+    relight: bool | str = table.get("relighting_lora", False)
+    if not isinstance(relight, bool) and relight != RELIGHTING_REFERENCE:
+        r.error("animate.relighting_lora", relight,
+                f'true, false or "{RELIGHTING_REFERENCE}" (as the official code, which loads the LoRA but drops '
+                "every key of it: not applied)")
+        relight = False
     fps = table.get("preprocess_fps", DEFAULT_PREPROCESS_FPS)
     low, high = PREPROCESS_FPS_RANGE
     if not is_int(fps) or not (fps == -1 or low <= fps <= high):
@@ -69,7 +77,7 @@ def json_schema() -> dict:
             "clip_len": {"enum": [n for n in range(CLIP_LEN_RANGE[0], CLIP_LEN_RANGE[1] + 1) if n % 4 == 1],
                          "default": DEFAULT_CLIP_LEN},
             "retarget": {"type": "boolean", "default": False},
-            "relighting_lora": {"type": "boolean", "default": False},
+            "relighting_lora": {"anyOf": [{"type": "boolean"}, {"const": RELIGHTING_REFERENCE}], "default": False},
             "preprocess_fps": {"anyOf": [{"const": -1}, {"type": "integer", "minimum": PREPROCESS_FPS_RANGE[0],
                                                          "maximum": PREPROCESS_FPS_RANGE[1]}]},
         },

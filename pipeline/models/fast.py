@@ -113,13 +113,19 @@ class FastSelfAttention(SelfAttention):
     qkv_weight: Tensor | None
     qkv_bias: Tensor | None
     attention_layout: str = "blhd"
+    # [B, L, dim] -> [B, L, 3*dim] added to the fused GEMM's output: unmerged LoRAs on q/k/v, which the
+    # fused path would otherwise skip (set and cleared by pipeline/lora/hooks.py)
+    qkv_delta: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, rope: Rope, k_len: int, sp: SequenceParallel | None) -> Tensor:
         if self.qkv_weight is None:
             return self._forward_unfused(x, rope, k_len, sp)
         heads = (self.num_heads, -1)
         w = self.qkv_weight
-        qkv = torch.nn.functional.linear(x.to(w.dtype), w, self.qkv_bias)  # [B, L, 3*dim], one GEMM
+        x = x.to(w.dtype)
+        qkv = torch.nn.functional.linear(x, w, self.qkv_bias)  # [B, L, 3*dim], one GEMM
+        if self.qkv_delta is not None:
+            qkv = qkv + self.qkv_delta(x).to(qkv.dtype)
         q, k, v = qkv.chunk(3, dim=-1)
         v = v.unflatten(2, heads)
         q = self.rope(self.norm_q(q).unflatten(2, heads), rope).to(v.dtype)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.weights.pth import TorchFileError, load_torch_file
+
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_SUBDIR = "google/umt5-xxl"
 CONFIG_FILE = "t5_config.json"
@@ -30,13 +32,13 @@ class CheckpointError(ValueError):
 
 
 def load_pth(path: str | Path) -> dict[str, Tensor]:
-    """Memory-map a `.pth` state dict without running pickled code."""
+    """A `.pth` state dict without running pickled code: memory-mapped, or read whole if legacy (non-zip)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # corrupt or non-zip files raise many different types
+        state = load_torch_file(path)
+    except TorchFileError as exc:
         raise CheckpointError(f"{path}: not a readable torch state dict ({exc})") from exc
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")

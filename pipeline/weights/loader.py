@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pipeline.models.dit import DiTConfig, WanDiT
+from pipeline.weights.pth import TorchFileError, load_torch_file
 
 Tensor = torch.Tensor
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -269,11 +270,8 @@ def _open_safetensors(file: Path, device: torch.device | str) -> Iterator[Any]:
 def _pth_state(file: Path) -> dict[str, Tensor]:
     """A torch.save'd state dict (optionally wrapped as {'state_dict': ...}), memory-mapped where possible."""
     try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        state = load_torch_file(file)  # legacy (non-zip) files are read whole, zip files memory-mapped
+    except TorchFileError as exc:
         raise CheckpointError(f"{file}: cannot load this .pth state dict ({exc}); it is truncated, corrupt, "
                               f"or not a plain tensor dict") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
