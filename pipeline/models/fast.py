@@ -127,7 +127,8 @@ class FastSelfAttention(SelfAttention):
         if self.qkv_scale is None:
             qkv = torch.nn.functional.linear(x.to(w.dtype), w, self.qkv_bias)  # [B, L, 3*dim], one GEMM
         else:  # FP8 codes with row scales (pipeline.models.fp8): x is quantized once for q, k and v
-            qkv = fp8.fp8_linear(x, w, self.qkv_scale, self.qkv_bias, self.q.compute_dtype)
+            dtype = self.q.compute_dtype  # the dtype the three layers take (as linear() casts for them)
+            qkv = fp8.fp8_linear(x.to(dtype), w, self.qkv_scale, self.qkv_bias, dtype)
         q, k, v = qkv.chunk(3, dim=-1)
         v = v.unflatten(2, heads)
         q = self.rope(self.norm_q(q).unflatten(2, heads), rope).to(v.dtype)

@@ -90,9 +90,14 @@ def fp8_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out
     if codes.dtype != FP8 or scale.dtype != torch.float32:
         raise RuntimeError(f"fp8 weights are {codes.dtype} codes with {scale.dtype} scales: the model was cast "
                            "after conversion; cast it before apply_precision (moving it is fine)")
+    with torch.autocast(x.device.type, enabled=False):  # the factors' dtypes are the format: no recasting
+        return _fp8_matmul(x, codes, scale, bias, out_dtype, kernel or ("scaled_mm" if x.is_cuda else "dequant"))
+
+
+def _fp8_matmul(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                kernel: str) -> Tensor:  # fmt: skip
     rows = x.reshape(-1, x.shape[-1])
     xq, xs = quantize(rows)
-    kernel = kernel or ("scaled_mm" if x.is_cuda else "dequant")
     if kernel == "scaled_mm":
         # Row-wise scaling: scale_a [M, 1], scale_b [1, N], b column-major ([K, N] view of [N, K] codes);
         # cuBLASLt gives it only with a bf16 output, and the bias is added in that epilogue.
@@ -128,9 +133,11 @@ class Fp8Linear(nn.Linear):
         if isinstance(layer, Fp8Linear):
             return layer
         weight = layer.weight
-        if type(weight.data) is not torch.Tensor or weight.is_meta:
-            raise ValueError(f"fp8: cannot convert a {type(weight.data).__name__} weight{' on meta' * weight.is_meta}"
-                             " (FSDP-sharded or not loaded); convert the loaded weights before sharding")
+        if weight.is_meta:
+            raise ValueError("fp8: the weights are on the meta device (not loaded yet); convert loaded weights")
+        if type(weight.data) is not torch.Tensor:
+            raise ValueError(f"fp8: cannot convert {type(weight.data).__name__} (FSDP-sharded) weights; with "
+                             "precision fp8 both I2V experts fit one 80 GB GPU: use sharding replicate or offload")
         if layer.in_features % 16 or layer.out_features % 16:
             raise ValueError(f"fp8: Linear({layer.in_features}, {layer.out_features}): FP8 GEMMs need both "
                              "sizes to be multiples of 16")
