@@ -192,7 +192,7 @@ def apply_precision(model: nn.Module, precision: str, *, device: torch.device | 
                     fp8_attention: bool = True) -> nn.Module:  # fmt: skip
     """Run a loaded WanDiT / WanAnimateDiT in `precision`, in place; returns it.
 
-    "bf16": nothing changes (the pool's dtype). "fp8": every fp8_targets layer becomes an Fp8Linear,
+    "bf16": nothing changes (the pool's dtype; an FP8 model stays FP8). "fp8": every fp8_targets layer becomes an Fp8Linear,
     quantized on `device` (default: where each weight lives; give the GPU for experts waiting in host
     memory), and, with fp8_attention, the attention picker may choose an 8-bit kernel (after its self-test;
     an explicit WANBOX_ATTENTION still wins). Works before or after pipeline.models.fast.optimize (fused
@@ -205,16 +205,16 @@ def apply_precision(model: nn.Module, precision: str, *, device: torch.device | 
         return model
     target = torch.device(device) if device is not None else next(model.parameters()).device
     check_fp8_support(target)
-    refuse = []
+    fuse_again = []
     for block in model.blocks:  # type: ignore[union-attr]
         attn = block.self_attn
         if getattr(attn, "fused_intact", lambda: False)():
             attn.unfuse()  # q/k/v get their own storage, the fused bf16 copy goes
-            refuse.append(attn)
+            fuse_again.append(attn)
     with torch.no_grad():
         for _name, layer in fp8_targets(model):
             Fp8Linear.convert(layer, target)
-    for attn in refuse:
+    for attn in fuse_again:
         attn.fuse()  # now one fp8 buffer of codes and one of row scales
     attention_mod.allow_fp8(fp8_attention)
     return model
