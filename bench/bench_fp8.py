@@ -35,6 +35,7 @@ from pipeline.models.t5 import T5Config, T5Encoder  # noqa: E402
 
 TARGET_720P_S = 7.0  # issue 12: one 720p FP8 forward on one H200 (bf16 + FA3: 10.0 s)
 KERNELS = ("fa3", "fa3-fp8", "sage", "cudnn")  # timed alone at the largest size
+NO_8BIT = "no 8-bit attention kernel passed its self-test (FA3 built with its FP8 kernels? sageattention?)"
 QUERY_SLICE = 256  # queries checked against the float32 math path there (its scores: 256 x L x 40 floats)
 
 
@@ -177,8 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "fp8", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "fast_accum": fp8.FAST_ACCUM, "fp8_layers": fp8.fp8_layers(model), "convert_s": convert_s,
         "allocated_gib_with_one_expert": expert_gib, "bf16": bf16, "fp8": fp8_rows,
-        "fp8_attention": {"kernel": eight_bit, "sizes": fp8_attn} if fp8_attn else
-                         {"kernel": None, "why": "no 8-bit kernel passed its self-test (FA3 built with FP8? sageattention?)"},
+        "fp8_attention": {"kernel": eight_bit, "sizes": fp8_attn} if fp8_attn else {"kernel": None, "why": NO_8BIT},
         "pool_fp8_both_experts": pool, "attention_kernels": kernels, "describe": fp8.describe(model),
         "target_720p_fp8_s": TARGET_720P_S,
         "target_met": None if best_720 is None else best_720 <= TARGET_720P_S,

@@ -132,9 +132,9 @@ def self_test_inputs(eight_bit: bool, device: str | torch.device) -> tuple[torch
     from pipeline.models.fp8 import dequantize, quantize
 
     gen = torch.Generator(device=device).manual_seed(0)
-    sizes = (torch.tensor([0.5, 1.0, 2.0, 3.0]), torch.tensor([1.0, 0.5, 2.0, 1.0]), torch.tensor([1.0, 10.0, 0.1, 3.0]))
-    q, k, v = (torch.randn(1, n, 4, 128, device=device, generator=gen) * s.to(device)[:, None]
-               for n, s in zip((77, 70, 70), sizes, strict=True))  # fmt: skip
+    head_sizes = ((0.5, 1.0, 2.0, 3.0), (1.0, 0.5, 2.0, 1.0), (1.0, 10.0, 0.1, 3.0))  # q, k, v
+    q, k, v = (torch.randn(1, n, 4, 128, device=device, generator=gen) * torch.tensor(s, device=device)[:, None]
+               for n, s in zip((77, 70, 70), head_sizes, strict=True))  # fmt: skip
     if eight_bit:
         q, k, v = (dequantize(*quantize(t, dims=(1, 3))) for t in (q, k, v))
     return tuple(t.to(torch.bfloat16) for t in (q, k, v))

@@ -192,10 +192,10 @@ def apply_precision(model: nn.Module, precision: str, *, device: torch.device | 
                     fp8_attention: bool = True) -> nn.Module:  # fmt: skip
     """Run a loaded WanDiT / WanAnimateDiT in `precision`, in place; returns it.
 
-    "bf16": nothing changes (the pool's dtype; an FP8 model stays FP8). "fp8": every fp8_targets layer becomes an Fp8Linear,
-    quantized on `device` (default: where each weight lives; give the GPU for experts waiting in host
-    memory), and, with fp8_attention, the attention picker may choose an 8-bit kernel (after its self-test;
-    an explicit WANBOX_ATTENTION still wins). Works before or after pipeline.models.fast.optimize (fused
+    "bf16": nothing changes (the pool's dtype; an FP8 model stays FP8). "fp8": every fp8_targets layer
+    becomes an Fp8Linear, quantized on `device` (default: where each weight lives; give the GPU for experts
+    waiting in host memory), and, with fp8_attention, the attention picker may choose an 8-bit kernel (after
+    its self-test; an explicit WANBOX_ATTENTION still wins). Works before or after pipeline.models.fast.optimize (fused
     q/k/v are split, converted and fused again); not after FSDP sharding. Raises Fp8Unsupported on a GPU
     without FP8 tensor cores."""
     if precision not in PRECISIONS:
