@@ -12,7 +12,8 @@ the same; but torchao's `quantize_` refuses to run without an sm89+ GPU (the CPU
 its weights are tensor subclasses that the fast path's fused q/k/v (plain-tensor views) cannot hold, and
 each torchao release is built for one torch (0.18 for torch 2.11: one more wheel to carry and re-pin).
 Here the weight is a plain float8 tensor: fused q/k/v concatenates codes and row scales exactly, `.to(device)`
-(offload) moves it, and torch.compile fuses the activation quantization into the kernel before the GEMM.
+(offload) moves it, and the activation quantization is plain torch ops that torch.compile can fuse
+into the kernels before the GEMM.
 
 What stays in higher precision, and why:
 * patch_embedding (Conv3d over the latent): a convolution (no FP8 GEMM path), 0.7 M weights, and its input
