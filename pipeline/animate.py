@@ -98,7 +98,7 @@ class RelightingLora:
         """While inside, every targeted Linear returns W x + b + scale * B (A x); hooks are removed on exit.
 
         Compiled blocks run eagerly meanwhile (hooks that come and go per job would otherwise recompile each
-        block). The pool loads the DiT with separate q/k/v when the LoRA is resident (parallel/families.py),
+        block). The pool loads the DiT with separate q/k/v when the LoRA is resident (pipeline/families/animate.py),
         and a fused DiT is refused here; pipeline.lora.hook_loras itself reaches fused q/k/v, so lifting
         this refusal (and its test) lets the pool fuse them.
         """

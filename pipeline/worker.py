@@ -36,6 +36,7 @@ from pipeline.families.base import (
     open_family,
 )
 from pipeline.models import attention as attention_mod
+from pipeline.models.fp8 import PRECISIONS
 from pipeline.rank_failures import FailureWatch
 from pipeline.video import DEFAULT_CRF, write_mp4
 
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--failure-grace", type=float, default=30.0,
                    help="seconds a rank's posted failure may wait for the closing gather before rank 0 reports "
                         "it and ends the pool (the other ranks are then stuck in a collective)")
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS,
+                   help="the DiT blocks' Linear layers: bf16 (in --dtype) or fp8 (e4m3, per-row scales; NVIDIA "
+                        "GPUs of compute capability 8.9+, pipeline.models.fp8)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="regional torch.compile of the DiT blocks (auto: on for cuda); the first job of each "
                         "resolution pays ~20 s of compilation, every later step runs ~15%% faster")

@@ -157,3 +157,45 @@ def test_bf16_option_is_close_to_float32(wan_ref: Path, clip: ClipVision) -> Non
     ref, out = clip(image), low(image)
     assert out.dtype == torch.bfloat16
     assert 0 < ((out.float() - ref).norm() / ref.norm()).item() < 5e-2
+
+
+# The reference's constants as it writes them (wan/modules/animate/clip.py), for the hand-written steps below.
+_REF_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_REF_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _reference_preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIPModel.visual's steps on a [3, H, W] tensor in its own dtype: bicubic resize, mul_(0.5).add_(0.5),
+    torchvision Normalize (mean and std made tensors of the input's dtype, then sub_ and div_)."""
+    x = torch.nn.functional.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)
+    x = x.mul_(0.5).add_(0.5)
+    mean = torch.as_tensor(_REF_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(_REF_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def test_bf16_preprocessing_rounds_each_step_like_the_reference(clip: ClipVision) -> None:
+    """On CUDA the reference resizes and normalises Animate's bf16 pixels in bf16; the dtype switch gives the
+    same numbers, bitwise, and float32 images (the CPU fixtures) keep the float32 steps."""
+    image = torch.rand(3, 61, 47, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    low = clip.preprocess(image, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and low.shape == (1, 3, 224, 224)
+    assert torch.equal(low, _reference_preprocess(image.bfloat16(), 224))
+    assert torch.equal(clip.preprocess(image.bfloat16()), low)  # default: the image's own dtype
+    full = clip.preprocess(image)
+    assert full.dtype == torch.float32 and torch.equal(full, _reference_preprocess(image, 224))
+    assert not torch.equal(low, full.bfloat16())  # rounded at every step, not once at the end
+    assert 1e-3 < ((low.float() - full).norm() / full.norm()).item() < 2e-2  # the ~0.6% the audit found
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_pixels_are_preprocessed_in_bf16(wan_ref: Path, cases: dict, tensors: dict) -> None:
+    """As in Animate on CUDA: bf16 pixels, float16 tower; the steps equal the reference's in bf16 on CUDA and
+    the features stay at half-precision distance from the fixtures."""
+    clip = ClipVision.from_checkpoint(wan_ref / "clip" / CLIP_FILE, wan_ref / "clip" / "config.json",
+                                      torch.float16, "cuda")  # fmt: skip
+    for name, case in cases.items():
+        image = tensors[case["inputs"]["image"]["key"]].cuda().bfloat16()
+        assert torch.equal(clip.preprocess(image), _reference_preprocess(image, clip.config.image_size)), name
+        want = tensors[case["expected"]["features"]["key"]]
+        assert ((clip(image).float().cpu() - want).norm() / want.norm()).item() < 2e-2, name

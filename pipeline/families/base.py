@@ -61,12 +61,15 @@ def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv:
 
     fuse_qkv is off where the q/k/v layers must stay separate (FSDP shards them; a resident LoRA hooks them);
     compile stays off on the CPU (tests, the demo), where compiling would cost more than it saves.
+    Precision fp8 (--precision) converts the block Linears first, on this rank's device (pipeline.models.fp8).
     """
     from pipeline.models.fast import optimize
+    from pipeline.models.fp8 import apply_precision
 
     mode = getattr(args, "compile", "auto")
     compile_blocks = mode == "on" or (mode == "auto" and args.device == "cuda")
     for expert in experts:
+        apply_precision(expert, getattr(args, "precision", "bf16"), device=torch.device(args.device))
         optimize(expert, compile=compile_blocks, fuse_qkv=fuse_qkv)
 
 

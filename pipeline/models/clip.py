@@ -196,18 +196,25 @@ class ClipVision:
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 
-    def preprocess(self, image: Tensor) -> Tensor:
-        """[3, H, W] in [-1, 1] -> [1, 3, S, S] normalised, in float32 (the reference's exact steps)."""
+    def preprocess(self, image: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """[3, H, W] in [-1, 1] -> [1, 3, S, S] normalised: the reference's exact steps, computed in `dtype`.
+
+        dtype None = the image's own float dtype, as in the reference, whose resize and torchvision Normalize
+        run in the dtype they are handed (mean and std cast to it): bf16 on CUDA, where Animate's pixels are
+        bf16 (0.6% rel-L2 from float32), float32 on the CPU fixtures. Each step rounds to `dtype` as there."""
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image: shape {list(image.shape)}, expected [3, height, width] in [-1, 1]")
-        x = image.to(device=self.device, dtype=torch.float32)[None]
+        if dtype is None:
+            dtype = image.dtype if image.is_floating_point() else torch.float32
+        x = image.to(device=self.device, dtype=dtype)[None]
         size = (self.config.image_size, self.config.image_size)
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-        return (x * 0.5 + 0.5 - self.mean) / self.std
+        x = x * 0.5 + 0.5
+        return (x - self.mean.to(dtype)) / self.std.to(dtype)
 
     @torch.no_grad()
-    def __call__(self, image: Tensor) -> Tensor:
-        return self.tower(self.preprocess(image).to(self.dtype))
+    def __call__(self, image: Tensor, preprocess_dtype: torch.dtype | None = None) -> Tensor:
+        return self.tower(self.preprocess(image, preprocess_dtype).to(self.dtype))
 
 
 def _resolve_config(

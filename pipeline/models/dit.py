@@ -145,8 +145,9 @@ def sinusoidal_embedding(freq_dim: int, t: Tensor) -> Tensor:
 
 
 def linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """Linear in the weight dtype (bf16 weights => bf16 matmul, the same as the reference's autocast)."""
-    return layer(x.to(layer.weight.dtype))
+    """Linear in the weight dtype (bf16 weights => bf16 matmul, the same as the reference's autocast); an FP8
+    layer (pipeline.models.fp8) takes the dtype it was converted from and quantizes x itself."""
+    return layer(x.to(getattr(layer, "compute_dtype", layer.weight.dtype)))
 
 
 def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pipeline.models import attention as attention_mod
+from pipeline.models import fp8
 from pipeline.models.dit import (
     CrossAttention,
     DiTBlock,
@@ -108,10 +109,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, k_len: int, sp: SequenceParallel | 
 
 
 class FastSelfAttention(SelfAttention):
-    """SelfAttention whose q/k/v weights (and biases) are row blocks of one fused [3*dim, dim] buffer."""
+    """SelfAttention whose q/k/v weights (and biases) are row blocks of one fused [3*dim, dim] buffer.
+
+    With FP8 layers (pipeline.models.fp8.Fp8Linear) the weights are codes with one scale per row: the
+    scales are fused the same way, so the fused GEMM computes exactly what the three layers do."""
 
     qkv_weight: Tensor | None
     qkv_bias: Tensor | None
+    qkv_scale: Tensor | None  # FP8 only
     attention_layout: str = "blhd"
     # [B, L, dim] -> [B, L, 3*dim] added to the fused GEMM's output: unmerged LoRAs on q/k/v, which the
     # fused path would otherwise skip (set and cleared by pipeline/lora/hooks.py)
@@ -122,8 +127,13 @@ class FastSelfAttention(SelfAttention):
             return self._forward_unfused(x, rope, k_len, sp)
         heads = (self.num_heads, -1)
         w = self.qkv_weight
-        x = x.to(w.dtype)
-        qkv = torch.nn.functional.linear(x, w, self.qkv_bias)  # [B, L, 3*dim], one GEMM
+        if self.qkv_scale is None:
+            x = x.to(w.dtype)
+            qkv = torch.nn.functional.linear(x, w, self.qkv_bias)  # [B, L, 3*dim], one GEMM
+        else:  # FP8 codes with row scales (pipeline.models.fp8): x is quantized once for q, k and v
+            dtype = self.q.compute_dtype  # the dtype the three layers take (as linear() casts for them)
+            x = x.to(dtype)
+            qkv = fp8.fp8_linear(x, w, self.qkv_scale, self.qkv_bias, dtype)
         if self.qkv_delta is not None:
             qkv = qkv + self.qkv_delta(x).to(qkv.dtype)
         q, k, v = qkv.chunk(3, dim=-1)
@@ -153,11 +163,12 @@ class FastSelfAttention(SelfAttention):
         params = [p for layer in layers for p in (layer.weight, layer.bias)]
         if any(p is None or type(p.data) is not torch.Tensor or p.is_meta for p in params):
             return False  # no bias, sharded (DTensor) or not materialised: keep the plain path
+        if len({isinstance(layer, fp8.Fp8Linear) for layer in layers}) > 1:
+            return False  # FP8 and dense layers mixed: nothing to fuse
         with torch.no_grad():
-            weight = torch.cat([layer.weight for layer in layers])
-            bias = torch.cat([layer.bias for layer in layers])
-        self.register_buffer("qkv_weight", weight, persistent=False)
-        self.register_buffer("qkv_bias", bias, persistent=False)
+            fused = {name: torch.cat([getattr(layer, name) for layer in layers]) for name in _row_tensors(self.q)}
+        for name, tensor in fused.items():
+            self.register_buffer(_FUSED_NAMES[name], tensor, persistent=False)
         self._point_at_fused()
         return True
 
@@ -169,7 +180,9 @@ class FastSelfAttention(SelfAttention):
         for layer in (self.q, self.k, self.v):
             layer.weight.data = layer.weight.data.clone()
             layer.bias.data = layer.bias.data.clone()
-        self.qkv_weight = self.qkv_bias = None
+            if isinstance(layer, fp8.Fp8Linear):
+                layer.weight_scale = layer.weight_scale.clone()
+        self.drop_fused()
 
     def fused_intact(self) -> bool:
         """True while q/k/v are still views into the fused buffers (nothing replaced them)."""
@@ -183,34 +196,51 @@ class FastSelfAttention(SelfAttention):
                 layer.weight.data_ptr() != self.qkv_weight[i * rows].data_ptr()
                 or layer.bias.data_ptr() != self.qkv_bias[i * rows :].data_ptr()
                 or layer.weight.dtype != self.qkv_weight.dtype
+                or isinstance(layer, fp8.Fp8Linear) != (self.qkv_scale is not None)
             ):
+                return False
+            if self.qkv_scale is not None and layer.weight_scale.data_ptr() != self.qkv_scale[i * rows].data_ptr():
                 return False
         return True
 
     def drop_fused(self) -> None:
-        self.qkv_weight = self.qkv_bias = None
+        self.qkv_weight = self.qkv_bias = self.qkv_scale = None
 
     def _point_at_fused(self) -> None:
         assert self.qkv_weight is not None and self.qkv_bias is not None
         weights, biases = self.qkv_weight.chunk(3), self.qkv_bias.chunk(3)
-        for layer, w, b in zip((self.q, self.k, self.v), weights, biases, strict=True):
+        scales = self.qkv_scale.chunk(3) if self.qkv_scale is not None else (None,) * 3
+        for layer, w, b, s in zip((self.q, self.k, self.v), weights, biases, scales, strict=True):
             layer.weight.data, layer.bias.data = w, b
+            if s is not None:
+                layer.weight_scale = s
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:  # type: ignore[override]
         """.to()/.half()/...: convert the fused buffers once and re-point q/k/v at them (no second copy)."""
         if self.qkv_weight is None or not self.fused_intact():
             return super()._apply(fn, recurse)
         held = [
-            (layer, layer._parameters.pop("weight"), layer._parameters.pop("bias"))
+            (layer, layer._parameters.pop("weight"), layer._parameters.pop("bias"),
+             layer._buffers.pop("weight_scale", None))
             for layer in (self.q, self.k, self.v)
-        ]
+        ]  # fmt: skip
         try:
             super()._apply(fn, recurse)
         finally:
-            for layer, weight, bias in held:
+            for layer, weight, bias, scale in held:
                 layer._parameters["weight"], layer._parameters["bias"] = weight, bias
+                if scale is not None:
+                    layer._buffers["weight_scale"] = scale
         self._point_at_fused()
         return self
+
+
+_FUSED_NAMES = {"weight": "qkv_weight", "bias": "qkv_bias", "weight_scale": "qkv_scale"}
+
+
+def _row_tensors(layer: nn.Module) -> tuple[str, ...]:
+    """The per-output-row tensors of a q/k/v layer that fusing concatenates."""
+    return ("weight", "bias", "weight_scale") if isinstance(layer, fp8.Fp8Linear) else ("weight", "bias")
 
 
 class FastCrossAttention(CrossAttention):
@@ -286,6 +316,7 @@ def _speed_up_block(block: DiTBlock, fuse_qkv: bool, layout: str) -> bool:
         attn.__class__ = FastSelfAttention  # same parameters and keys, new forward
         attn.register_buffer("qkv_weight", None, persistent=False)
         attn.register_buffer("qkv_bias", None, persistent=False)
+        attn.register_buffer("qkv_scale", None, persistent=False)
     if not isinstance(block.cross_attn, FastCrossAttention):
         block.cross_attn.__class__ = FastCrossAttention
     attn.attention_layout = layout
