@@ -98,3 +98,18 @@ def test_reference_bench_states_the_speed_up_per_size() -> None:
             {"variant": "reference[cudnn]", "size": "720p", "seconds_best": 13.7},
             {"variant": "reference[cudnn]", "size": "480p", "seconds_best": 3.9}]  # fmt: skip
     assert speedups(rows) == ["720p ours+compile 10.0 s: 1.25x reference[fa3], 1.37x reference[cudnn]"]
+
+
+def test_the_whole_job_bench_runs_every_phase_for_both_precisions(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from bench.bench_job import main as job_main
+
+    assert job_main(["--tiny"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for precision in ("bf16", "fp8"):
+        warm = result[precision]["warm_job"]
+        assert set(warm["phases"]) == {"t5", "vae_encode", "sampling", "vae_decode", "write"}
+        assert warm["steps"] == 4 and warm["finite"] and warm["video"][1] == 5
+        assert warm["total_s"] == pytest.approx(sum(warm["phases"].values()), abs=0.01)
+    assert result["bf16"]["job_40_steps_estimate_s"] > 0
