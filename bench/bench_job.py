@@ -86,8 +86,11 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[I2VMod
     t5 = t5.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 7)
     with torch.no_grad():
-        for name, p in t5.named_parameters():
-            p.fill_(1.0) if p.dim() == 1 else p.normal_(0, p.shape[-1] ** -0.5, generator=gen)
+        for p in t5.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # norm scales
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5, generator=gen)
     vae = build_vae(12 if args.tiny else 96, torch.float32, device.type, args.seed)
     return I2VModels(high, low, vae, None, device, dtype), t5.eval()
 
