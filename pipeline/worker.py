@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=PRECISIONS,
                    help="the DiT blocks' Linear layers: bf16 (in --dtype) or fp8 (e4m3, per-row scales; NVIDIA "
                         "GPUs of compute capability 8.9+, pipeline.models.fp8)")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="with --precision fp8, also let the attention picker use an 8-bit kernel (FlashAttention-3's "
+                        "FP8 forward): faster, but lossy (bench/RESULTS.md); off by default")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="regional torch.compile of the DiT blocks (auto: on for cuda); the first job of each "
                         "resolution pays ~20 s of compilation, every later step runs ~15%% faster")

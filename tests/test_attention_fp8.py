@@ -112,8 +112,10 @@ def test_sage_call_shifts_a_copy_of_the_keys(kernels: None) -> None:
 
 @pytest.mark.gpu
 def test_gpu_eight_bit_kernels_compute_attention_when_they_run() -> None:
-    """Every 8-bit kernel that runs here (FA3 built with its FP8 kernels, sageattention importable) computes
-    attention within the self-test's bound through our call; one that cannot run is named in the skip."""
+    """Every 8-bit kernel that passes its self-test here (FA3 built with its FP8 kernels, sageattention importable)
+    computes attention within the bound through our call on other inputs, and a kernel that runs but fails the
+    self-test is never picked (SageAttention 1.0.6 did so on an H200, 2026-12-03: 27% off); one that cannot run
+    is named in the skip."""
     ran, missing = [], []
     q, k, v = attention_mod.self_test_inputs(True, "cuda")
     want = attention_mod.attention_math(q, k, v)
@@ -123,7 +125,13 @@ def test_gpu_eight_bit_kernels_compute_attention_when_they_run() -> None:
         except (ImportError, RuntimeError) as exc:  # not installed, or FA3 built without FP8
             missing.append(f"{name}: {type(exc).__name__}: {str(exc)[:80]}")
             continue
-        assert _rel(got, want) < attention_mod.EIGHT_BIT_TOLERANCE, name
-        ran.append(name)
+        if attention_mod._self_test(name):
+            assert _rel(got, want) < attention_mod.EIGHT_BIT_TOLERANCE, name
+            ran.append(name)
+        else:
+            attention_mod.allow_fp8(True)
+            attention_mod._checked.clear()
+            assert attention_mod._pick_cuda_backend() != name
+            attention_mod.allow_fp8(False)
     if not ran:
         pytest.skip("no 8-bit attention kernel runs here: " + "; ".join(missing))

@@ -241,6 +241,10 @@ def test_worker_flag_reaches_the_model_load() -> None:
     experts = list(_experts().values())
     speed_up(experts, argparse.Namespace(device="cpu", compile="auto", precision="fp8"), fuse_qkv=True)
     assert all(fp8_layers(e) == 20 and fused_blocks(e) == len(e.blocks) for e in experts)
+    assert not attention_mod._fp8_allowed  # 8-bit attention is opt-in (lossy: bench/RESULTS.md)
+    assert parse_args([*base, "--precision", "fp8", "--fp8-attention"]).fp8_attention
+    speed_up(list(_experts().values()), argparse.Namespace(device="cpu", compile="auto", precision="fp8",
+                                                           fp8_attention=True), fuse_qkv=True)
     assert attention_mod._fp8_allowed  # the 8-bit attention kernels may now be picked (after their self-test)
 
 

@@ -69,7 +69,8 @@ def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv:
     mode = getattr(args, "compile", "auto")
     compile_blocks = mode == "on" or (mode == "auto" and args.device == "cuda")
     for expert in experts:
-        apply_precision(expert, getattr(args, "precision", "bf16"), device=torch.device(args.device))
+        apply_precision(expert, getattr(args, "precision", "bf16"), device=torch.device(args.device),
+                        fp8_attention=getattr(args, "fp8_attention", False))
         optimize(expert, compile=compile_blocks, fuse_qkv=fuse_qkv)
 
 

@@ -190,13 +190,15 @@ def fp8_targets(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 
 def apply_precision(model: nn.Module, precision: str, *, device: torch.device | str | None = None,
-                    fp8_attention: bool = True) -> nn.Module:  # fmt: skip
+                    fp8_attention: bool = False) -> nn.Module:  # fmt: skip
     """Run a loaded WanDiT / WanAnimateDiT in `precision`, in place; returns it.
 
     "bf16": nothing changes (the pool's dtype; an FP8 model stays FP8). "fp8": every fp8_targets layer
     becomes an Fp8Linear, quantized on `device` (default: where each weight lives; give the GPU for experts
     waiting in host memory), and, with fp8_attention, the attention picker may choose an 8-bit kernel (after
-    its self-test; an explicit WANBOX_ATTENTION still wins). Works before or after pipeline.models.fast.optimize (fused
+    its self-test; an explicit WANBOX_ATTENTION still wins). 8-bit attention is opt-in: measured on one H200
+    (bench/RESULTS.md, 2026-12-03) FA3's FP8 forward makes a 720p forward 7.7 s instead of 9.0 s but moves it
+    25% (rel-L2) from the bf16 one, against 4.5% for the FP8 GEMMs alone. Works before or after pipeline.models.fast.optimize (fused
     q/k/v are split, converted and fused again); not after FSDP sharding. Raises Fp8Unsupported on a GPU
     without FP8 tensor cores."""
     if precision not in PRECISIONS:
