@@ -64,7 +64,7 @@ class HostView:
             "state": h.state, "alive": self.alive, "verdict": self.verdict, "reason": self.reason,
             "started_at": h.started_at, "heartbeat_at": h.heartbeat_at, "heartbeat_age_seconds": round(self.age, 1),
             "stale_after_seconds": stale_after(h.heartbeat_seconds), "inbox_outage": h.inbox_outage,
-            "web_url": h.web_url, "gpus": h.gpus_json or [],
+            "quiet_until": h.quiet_until, "web_url": h.web_url, "gpus": h.gpus_json or [],
             "pool": {"state": h.pool_state, "model": h.pool_model, "pid": h.pool_pid, "job": h.current_job,
                      "heartbeat_at": h.pool_heartbeat_at,
                      "heartbeat_age_seconds": None if pool_age is None else round(pool_age, 1)},
