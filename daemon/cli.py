@@ -98,15 +98,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.liveness import read_liveness
+
     cfg = _config(args)
     with _open_ledger(cfg) as ledger:
         while True:
             jobs = ledger.list(limit=args.limit)
             counts = {s.value: n for s, n in ledger.counts_by_state().items()}
+            alive = read_liveness(ledger.engine, cfg.paths.root, cfg.paths.state)  # the daemon's and pool's heartbeat
             if args.json:
-                _print_json({"counts": counts, "jobs": [job_summary(j) for j in jobs]})
+                _print_json({"counts": counts, "jobs": [{**job_summary(j), "stale": alive.stale(j)} for j in jobs],
+                             **alive.to_json()})  # fmt: skip
                 return EXIT_OK
-            text = render_status(jobs, counts)
+            text = alive.render() + "\n\n" + render_status(jobs, counts, alive.stale)
             if not args.watch:
                 print(text)
                 return EXIT_OK
@@ -115,12 +119,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
-def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
+def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None) -> str:
+    """The job table; `stale(job)` marks in-flight jobs that no live daemon runs."""
     header = f"{'JOB':<22} {'NAME':<24} {'KIND':<8} {'STATE':<13} {'AGE':>5}  PROGRESS"
     lines = [header]
     for job in jobs:
         progress = ""
-        if job.phase and job.state.value in ("preprocessing", "sampling", "finalizing"):
+        if stale is not None and stale(job):  # where it stopped, but no ETA: nothing is running it
+            progress = f"STALE, the daemon is gone; last: {job.phase or '-'} {progress_bar(job.step, job.total_steps)}"
+        elif job.phase and job.state.value in ("preprocessing", "sampling", "finalizing"):
             progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}".strip()
         elif job.state.value in ("failed", "rejected") and job.last_error:
             progress = job.last_error.splitlines()[0][:80]
@@ -137,15 +144,19 @@ def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from daemon.liveness import job_daemon_events
+
     cfg = _config(args)
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
         events = ledger.events(job.id)
+        daemon_events = job_daemon_events(ledger.engine, cfg.paths.root, cfg.paths.state, job, events)
     if args.json:
         _print_json({**job_summary(job), "parameters": job.params_json, "timings": job.timings_json,
                      "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
                      "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
-                                for e in events]})  # fmt: skip
+                                for e in events],
+                     "daemon_events": [{"at": at, "message": text} for at, text in daemon_events]})  # fmt: skip
         return EXIT_OK
     print(f"job {job.id}  {job.name}  ({job.kind}, {job.model_id or '?'})  state: {job.state.value}")
     print(f"  manifest: {job.manifest_path}")
@@ -163,9 +174,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  parameters: size {spec.video.size}, frames {spec.video.frames}, fps {spec.video.fps}, "
               f"steps {spec.sampling.steps}, seed {spec.seed}")
     print("  events:")
-    for e in events:
-        frm = e.from_state.value if e.from_state else "-"
-        print(f"    {e.at:%Y-%m-%d %H:%M:%S}  {frm:>13} -> {e.to_state.value:<13} {e.message}")
+    lines = [(e.at, f"{e.from_state.value if e.from_state else '-':>13} -> {e.to_state.value:<13} {e.message}")
+             for e in events] + [(at, f"{'(daemon)':>13}    {text}") for at, text in daemon_events]
+    for at, text in sorted(lines, key=lambda line: line[0]):
+        print(f"    {at:%Y-%m-%d %H:%M:%S}  {text}")
     return EXIT_OK
 
 

@@ -102,6 +102,16 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    enabled: bool = False  # serve the status page, the JSON API and /metrics from `wanbox serve`
+    bind: str = "127.0.0.1"  # this host only; "0.0.0.0" / "::" (every interface) only when set here
+    port: int = 8790  # 0 = any free port (tests); the URL is logged and shown by `wanbox status`
+    token: str = ""  # "" = read-only; else cancel/retry need the header "Authorization: Bearer <token>"
+    metrics: bool = True  # Prometheus metrics at /metrics (read-only, no token)
+    recent: int = 20  # how many delivered and failed jobs the page lists
+
+
+@dataclass(frozen=True)
 class Config:
     paths: Paths
     inbox: InboxSettings = InboxSettings()
@@ -109,6 +119,7 @@ class Config:
     pool: PoolSettings = PoolSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     outbox: OutboxSettings = OutboxSettings()
+    web: WebSettings = WebSettings()
     source: Path | None = None  # the file it came from, for messages
 
     @property
@@ -123,6 +134,7 @@ _SECTIONS: dict[str, type] = {
     "pool": PoolSettings,
     "preprocess": PreprocessSettings,
     "outbox": OutboxSettings,
+    "web": WebSettings,
 }
 _PATH_KEYS = ("root", "inbox", "outbox", "failed", "work", "state", "ledger", "socket")
 
@@ -204,6 +216,10 @@ def _check_choices(cfg: Config) -> None:
     if cfg.pool.preload and cfg.pool.preload not in models:
         raise ConfigError(f"{_where(where, 'pool.preload')} = {cfg.pool.preload!r}: expected \"\" (load on "
                           f"demand) or one of {', '.join(models)}")
+    if not 1 <= cfg.web.port <= 65535 and cfg.web.port != 0:
+        raise ConfigError(f"{_where(where, 'web.port')} = {cfg.web.port}: expected a TCP port 1..65535 (0: any free one)")
+    if not cfg.web.bind.strip():
+        raise ConfigError(f"{_where(where, 'web.bind')} = {cfg.web.bind!r}: expected an address such as \"127.0.0.1\"")
     if not cfg.pool.command:
         raise ConfigError(f"{_where(where, 'pool.command')}: expected a non-empty list of strings")
 
@@ -250,7 +266,7 @@ def _ledger_location(root: Path, state: Path, value: str | None) -> Path | str:
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | None = None) -> Config:
-    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox)."""
+    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox, web)."""
     allowed = ["paths", *_SECTIONS]
     for key in data:
         if key not in allowed:

@@ -67,6 +67,9 @@ class WarmPool:
         self.last_progress: protocol.Progress | None = None
         self.ready_at: datetime | None = None  # when the loaded model became ready (UTC)
         self.jobs_run = 0  # jobs handed to this pool since it was launched
+        self.launches = 0  # launches and deaths since the supervisor started (the heartbeat stores them)
+        self.deaths = 0
+        self.last_message_at: datetime | None = None  # when the worker last said anything (UTC)
         self._proc: subprocess.Popen[bytes] | None = None
         self._chan: protocol.Channel | None = None
         self._generation = 0
@@ -133,6 +136,7 @@ class WarmPool:
         self.load_seconds, self.ready_at, self.jobs_run = None, None, 0
         self._shutdown_sent = False
         self._deadline_from = time.monotonic()
+        self.launches += 1
         try:
             argv = self.command(model)
             log.info("pool: launching %s (generation %d): %s", model, self._generation, " ".join(argv))
@@ -241,6 +245,7 @@ class WarmPool:
         if what == "garbage":
             return self._died(f"the worker pool sent an invalid message: {payload}")
         self._deadline_from = time.monotonic()  # any message is a sign of life
+        self.last_message_at = datetime.now(timezone.utc)
         return self._on_message(payload)
 
     def _on_message(self, msg: protocol.Message) -> list[PoolEvent]:
@@ -296,6 +301,7 @@ class WarmPool:
         log.error("pool: %s%s; killing its process group", reason, f" while running job {job}" if job else "")
         self.kill()
         self.failures += 1
+        self.deaths += 1
         delay = min(self.settings.relaunch_cap_seconds, self.settings.relaunch_base_seconds * 2 ** (self.failures - 1))
         self.next_launch_at = time.monotonic() + delay
         return [PoolEvent("died", job, msg, reason)]

@@ -19,6 +19,7 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.failures import Failures
+from daemon.heartbeat import Heartbeat
 from daemon.intake import Intake
 from daemon.journal import jlog, log
 from daemon.ledger import Backoff, Ledger, LedgerError
@@ -28,6 +29,7 @@ from daemon.pool_driver import PoolDriver, choose_next
 from daemon.preparation import Preparation
 from daemon.preprocessing import prepared_inputs
 from daemon.prune import prune_done
+from daemon.web import WebServer
 
 __all__ = ["AlreadyRunning", "Supervisor", "choose_next", "serve"]
 
@@ -53,6 +55,8 @@ class Supervisor:
         self.driver: PoolDriver | None = None
         self._pruned_at = -PRUNE_EVERY_SECONDS  # monotonic time of the last prune: the first tick prunes
         self._lock_file: Any = None
+        self.heartbeat = Heartbeat(self.paths.root, software_version())  # liveness: this daemon's hosts row
+        self.web = WebServer(config, self.heartbeat.host_id)  # [web]: status page, JSON API, /metrics
 
     # --- start and stop --------------------------------------------------------------------------
 
@@ -62,6 +66,8 @@ class Supervisor:
         self._lock_root()
         backoff = Backoff(self.cfg.jobs.backoff_base_seconds, self.cfg.jobs.backoff_cap_seconds)
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
+        self.heartbeat.web_url = self.web.start()  # None when [web] is off (or its port is taken: logged)
+        self.heartbeat.start(self.ledger.engine)
         failures = Failures(self.ledger, self.paths.work, self.paths.failed)
         self.intake = Intake(self.cfg, self.ledger, failures, self.stopping)
         self.preparation = Preparation(self.cfg, self.ledger, failures, self.stopping)
@@ -137,6 +143,7 @@ class Supervisor:
             self.driver.dispatch()
             self.prune_work()
             self.report_status()
+            self.heartbeat.beat(self.driver.pool, self.intake.outage)
             self.notifier.healthy()
         except Exception:
             log.exception("supervisor loop error (continuing)")
@@ -155,6 +162,8 @@ class Supervisor:
     def shutdown(self) -> None:
         """No new work; the running job finishes its step (or is requeued); the ledger stays consistent."""
         self.notifier.stopping()
+        if self.driver is not None and self.intake is not None:
+            self.heartbeat.stopping(self.driver.pool, self.intake.outage, self.cfg.pool.stop_grace_seconds)
         if self.intake is not None:
             self.intake.stop()
         if self.driver is not None:
@@ -163,6 +172,8 @@ class Supervisor:
             self.preparation.stop()
         if self.driver is not None:
             self.driver.close()
+        self.web.stop()
+        self.heartbeat.stop(self.driver.pool if self.driver is not None else None)
         if self.ledger is not None:
             self.ledger.close()
         if self._lock_file is not None:

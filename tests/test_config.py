@@ -84,6 +84,9 @@ def test_database_url_is_kept_as_is(tmp_path: Path) -> None:
         ("[pool.checkpoint_dirs]\n\"t2v\" = \"/x\"\n", ["pool.checkpoint_dirs.t2v", "i2v-A14B"]),
         ("[outbox]\ncrf = 60\n", ["outbox.crf = 60", "0..51"]),
         ("[pool]\npreload = \"i2v\"\n", ["pool.preload = 'i2v'", "i2v-A14B, animate-14B"]),
+        ("[web]\nport = 70000\n", ["web.port = 70000", "1..65535"]),
+        ("[web]\nbind = \" \"\n", ["web.bind", "expected an address"]),
+        ("[web]\nenable = true\n", ["web.enable", "did you mean 'enabled'"]),
         ("inbox = 3\n", ["inbox", "expected a table"]),
         ("[inbox\n", ["not valid TOML"]),
     ],
@@ -110,3 +113,11 @@ def test_the_commented_example_config_is_valid_and_equals_the_defaults() -> None
     assert example.inbox == defaults.inbox and example.jobs == defaults.jobs
     assert example.pool == defaults.pool and example.outbox == defaults.outbox
     assert example.preprocess == defaults.preprocess and example.paths == defaults.paths
+    assert example.web == defaults.web
+
+
+def test_the_web_page_is_off_and_loopback_only_unless_configured(tmp_path: Path) -> None:
+    web = load_config(None, tmp_path).web
+    assert (web.enabled, web.bind, web.token) == (False, "127.0.0.1", "")
+    on = load_config(write(tmp_path, '[web]\nenabled = true\nbind = "0.0.0.0"\nport = 0\ntoken = "t"\n')).web
+    assert (on.enabled, on.bind, on.port, on.token) == (True, "0.0.0.0", 0, "t")

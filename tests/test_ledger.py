@@ -22,8 +22,10 @@ from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
+import daemon.hosts  # noqa: F401 - registers the liveness tables on Base.metadata, as the migrations create them
 from daemon import ledger as ledger_module
 from daemon.ledger import (
+    SCHEMA_HEAD,
     AmbiguousJobId,
     Base,
     IllegalTransition,
@@ -69,8 +71,8 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
         tables = set(inspect(conn).get_table_names())
         claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
     assert diff == []
-    assert revision == "0001"
-    assert tables == {"jobs", "events", "alembic_version"}
+    assert revision == SCHEMA_HEAD == "0002"
+    assert tables == {"jobs", "events", "hosts", "daemon_runs", "alembic_version"}
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 
 
@@ -102,6 +104,21 @@ def test_the_first_revision_downgrades_cleanly_and_upgrades_again(tmp_path: Path
         assert again.get(add(again)).name == "cat"
 
 
+def test_a_first_revision_ledger_with_jobs_upgrades_to_the_liveness_tables(tmp_path: Path) -> None:
+    path = tmp_path / "wanbox.db"
+    Ledger.open(path).close()
+    config = alembic_config(database_url(path))
+    command.downgrade(config, "0001")
+    with Ledger(path, migrate=False) as old:
+        job_id = add(old, state=S.QUEUED)
+    with sqlite3.connect(path) as raw:
+        assert "hosts" not in {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
+    with Ledger.open(path) as upgraded, upgraded.engine.connect() as conn:
+        assert upgraded.get(job_id).state == S.QUEUED
+        assert {"hosts", "daemon_runs"} <= set(inspect(conn).get_table_names())
+        assert MigrationContext.configure(conn).get_current_revision() == SCHEMA_HEAD
+
+
 def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> None:
     path = tmp_path / "state" / "wanbox.db"
     path.parent.mkdir()
@@ -111,7 +128,7 @@ def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> No
         assert second.get(job_id).state == S.QUEUED
         assert [e.to_state for e in third.events(job_id)] == [S.STAGED, S.QUEUED]
         with third.engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0001"
+            assert MigrationContext.configure(conn).get_current_revision() == SCHEMA_HEAD
             assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
 
 
