@@ -62,7 +62,7 @@ def _age(when: datetime | None) -> str:
 def job_summary(job: Any) -> dict[str, Any]:
     return {
         "id": job.id, "name": job.name, "kind": job.kind, "model_id": job.model_id, "state": job.state.value,
-        "priority": job.priority, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "priority": job.priority, "attempts": job.attempts_made, "max_attempts": job.max_attempts,
         "phase": job.phase, "step": job.step, "total_steps": job.total_steps,
         "last_error": job.last_error, "error_kind": job.error_kind, "created_at": job.created_at,
         "updated_at": job.updated_at, "retry_after": job.retry_after, "outputs": job.outputs_json,
@@ -149,6 +149,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
+        note = namesakes_note(ledger, job, args.job)
         events = ledger.events(job.id)
         daemon_events = job_daemon_events(ledger.engine, cfg.paths.root, cfg.paths.state, job, events)
     if args.json:
@@ -159,8 +160,10 @@ def cmd_show(args: argparse.Namespace) -> int:
                      "daemon_events": [{"at": at, "message": text} for at, text in daemon_events]})  # fmt: skip
         return EXIT_OK
     print(f"job {job.id}  {job.name}  ({job.kind}, {job.model_id or '?'})  state: {job.state.value}")
-    print(f"  manifest: {job.manifest_path}")
-    print(f"  attempts: {job.attempts} of {job.max_attempts}   priority: {job.priority}")
+    if note:
+        print(note)
+    print(f"  manifest: {manifest_location(job, cfg)}")
+    print(f"  attempts: {job.attempts_made} of {job.max_attempts}   priority: {job.priority}")
     if job.phase:
         print(f"  progress: {job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}")
     if job.last_error:
@@ -181,21 +184,60 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def manifest_location(job: Any, cfg: Config) -> str:
+    """Where the job's manifest is now: the inbox while staged, then work/<id>/inbox/, or failed/<name>/."""
+    from daemon import jobfiles
+
+    uploaded = Path(job.manifest_path)
+    if uploaded.exists():
+        return str(uploaded)
+    folders = [jobfiles.work_inputs_dir(cfg.paths.work, job.id)]
+    failed_dir = (job.outputs_json or {}).get("failed_dir")
+    pointer = folders[0].parent / jobfiles.FAILED_POINTER
+    if failed_dir is None and pointer.is_file():
+        failed_dir = pointer.read_text(encoding="utf-8").strip()
+    if failed_dir:
+        folders.append(Path(failed_dir))
+    for folder in folders:
+        for name in (uploaded.name, "job.toml"):
+            if (folder / name).is_file():
+                return f"{folder / name} (uploaded as {uploaded})"
+    return f"{uploaded} (no longer there)"
+
+
+def namesakes_note(ledger: Any, job: Any, typed: str) -> str:
+    """When a name picked the job (its most recent one), which other jobs carry that name, to pick by id."""
+    if typed.strip() != job.name or typed.strip() == job.id:
+        return ""
+    others = ledger.namesakes(job)
+    if not others:
+        return ""
+    listed = ", ".join(f"{o.id} ({o.state.value})" for o in others[:5])
+    return f"  (the most recent job named {job.name}; also named so: {listed}; give an id to pick another)"
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
+        note = namesakes_note(ledger, job, args.job)
         was = ledger.cancel(job.id, "cancelled by user (wanbox cancel)")
     print(f"cancelled {job.id} ({job.name}), which was {was.value}"
           + ("; the running pool stops it at the next step" if was.value == "sampling" else ""))
+    if note:
+        print(note)
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with _open_ledger(cfg) as ledger:
-        job = ledger.retry(args.job, "retried by user (wanbox retry)")
+        picked = ledger.get(args.job)
+        note = namesakes_note(ledger, picked, args.job)
+        job = ledger.retry(picked.id, "retried by user (wanbox retry)")
     print(f"{job.id} ({job.name}) is queued again")
+    if note:
+        print(note)
     return EXIT_OK
 
 
@@ -355,7 +397,7 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
                              ("retry", cmd_retry, "run a failed or cancelled job again")):
         p = sub.add_parser(name, help=text)
         _common(p)
-        p.add_argument("job", help="job id or a unique prefix of it")
+        p.add_argument("job", help="job id, a unique prefix of it, or a job's name (its most recent job)")
         if name == "show":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)

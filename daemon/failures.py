@@ -17,16 +17,21 @@ from daemon.states import ErrorKind, JobState
 S = JobState
 
 
-def failed_text(job_id: str, name: str, why: str) -> str:
-    """error.txt for a job that was accepted but could not be made into a video."""
-    return (
-        f"wanbox could not make the video for job {job_id} ({name}):\n\n  * {why}\n\n"
-        "The job's original files are in this folder; nothing was deleted.\n"
-        f"To run it again unchanged (e.g. after fixing the installation): wanbox retry {job_id}\n"
-        "  (retry takes the files back from this folder).\n"
-        "To change it: fix the manifest and submit it again (`wanbox submit FILE`, or copy the media into\n"
-        "the inbox first and the manifest last).\n"
-    )
+def failed_text(job_id: str, name: str, why: str, kind: ErrorKind | None = None) -> str:
+    """error.txt for a job that was accepted but could not be made into a video: what to do depends on whose
+    problem it was (an input of the job, or the installation)."""
+    if kind == ErrorKind.INPUT:
+        again = ("The problem is in the job's own files or parameters: upload a corrected file (or manifest) and\n"
+                 "submit the job again (`wanbox submit FILE`, or copy the media into the inbox first and the\n"
+                 "manifest last). Or replace the file in this folder under the same name and run\n"
+                 f"`wanbox retry {job_id}` (retry takes the files back from this folder).\n")
+    else:
+        again = (f"To run it again unchanged (e.g. after fixing the installation): wanbox retry {job_id}\n"
+                 "  (retry takes the files back from this folder).\n"
+                 "To change it: fix the manifest and submit it again (`wanbox submit FILE`, or copy the media into\n"
+                 "the inbox first and the manifest last).\n")
+    return (f"wanbox could not make the video for job {job_id} ({name}):\n\n  * {why}\n\n"
+            "The job's original files are in this folder; nothing was deleted.\n" + again)
 
 
 class Failures:
@@ -47,7 +52,7 @@ class Failures:
              "retryable" if retryable else "permanent", error, to)
         if to == S.FAILED:
             record = self.ledger.get(job_id)
-            self.move_inputs(job_id, record.name, record.last_error or error)
+            self.move_inputs(job_id, record.name, record.last_error or error, kind)
         return to
 
     def give_up(self, job_id: str, frm: JobState, why: str, kind: ErrorKind) -> bool:
@@ -55,17 +60,17 @@ class Failures:
         if not self.ledger.transition(job_id, frm, S.FAILED, f"failed: {why}", last_error=why, error_kind=kind):
             return False
         jlog(logging.ERROR, job_id, "failed: %s", why)
-        self.move_inputs(job_id, self.ledger.get(job_id).name, why)
+        self.move_inputs(job_id, self.ledger.get(job_id).name, why, kind)
         return True
 
-    def move_inputs(self, job_id: str, name: str, why: str) -> None:
+    def move_inputs(self, job_id: str, name: str, why: str, kind: ErrorKind | None = None) -> None:
         """A failed job's original files go to failed/<name>/ with error.txt; `retry` brings them back."""
         taken = jobfiles.work_inputs_dir(self.work, job_id)
         if not taken.exists():
             return
         dest = jobfiles.free_dir(self.failed, name)
         jobfiles.move_file(taken, dest)
-        jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, failed_text(job_id, name, why))
+        jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, failed_text(job_id, name, why, kind))
         # Remembered beside the job's work files, so that `wanbox retry` can bring them back.
         jobfiles.write_text_durably(taken.parent / jobfiles.FAILED_POINTER, str(dest))
         jlog(logging.INFO, job_id, "inputs moved to %s", dest)

@@ -171,6 +171,12 @@ class JobRecord(Base):
     )
 
     @property
+    def attempts_made(self) -> int:
+        """Attempts started so far, the running or delivered one included: the one count that `show`,
+        `status --json`, the status page and the sidecar all give."""
+        return self.attempts + (1 if self.state in RUNNING or self.state == JobState.DONE else 0)
+
+    @property
     def job(self) -> Job:
         """The resolved job (params_json, read strictly); JobDataError when the row has none or a broken one."""
         return Job.from_dict(self.params_json)
@@ -625,7 +631,8 @@ class Ledger:
     # ---- reading ---------------------------------------------------------------------------------
 
     def get(self, job_id_or_prefix: str) -> JobRecord:
-        """The job with that id, or the only job whose id starts with it (as typed in the CLI)."""
+        """The job with that id, else the most recent job of that name, else the only job whose id starts with
+        it (as typed in the CLI)."""
         with self._reading() as session:
             return _resolve(session, job_id_or_prefix)
 
@@ -649,6 +656,12 @@ class Ledger:
         stmt = select(JobRecord).where(JobRecord.state == JobState.STAGED, JobRecord.staged_deadline <= (now or utcnow()))
         with self._reading() as session:
             return list(session.scalars(stmt.order_by(JobRecord.created_at)))
+
+    def namesakes(self, job: JobRecord) -> list[JobRecord]:
+        """The other jobs of the same name, newest first (a name picks the most recent: say which others exist)."""
+        stmt = select(JobRecord).where(JobRecord.name == job.name, JobRecord.id != job.id)
+        with self._reading() as session:
+            return list(session.scalars(stmt.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(10)))
 
     def events(self, job_id: str) -> list[Event]:
         """The job's audit log, oldest first."""
@@ -791,17 +804,22 @@ def _get_for_update(session: Session, job_id: str) -> JobRecord:
 
 
 def _resolve(session: Session, text: str) -> JobRecord:
-    """Exact id first, then a unique prefix."""
+    """Exact id first, then the most recent job of that name, then a unique id prefix."""
     wanted = text.strip()
     job = session.get(JobRecord, wanted) if wanted else None
     if job is not None:
         return job
     if not wanted:
         raise JobNotFound("no job id given")
+    named = select(JobRecord).where(JobRecord.name == wanted)
+    job = session.scalars(named.order_by(JobRecord.created_at.desc(), JobRecord.id.desc()).limit(1)).first()
+    if job is not None:
+        return job
     stmt = select(JobRecord).where(JobRecord.id.startswith(wanted, autoescape=True)).order_by(JobRecord.id).limit(6)
     matches = list(session.scalars(stmt))
     if not matches:
-        raise JobNotFound(f"no job with id or id prefix {wanted!r} (see `wanbox status` for job ids)")
+        raise JobNotFound(f"no job with id or id prefix {wanted!r}, and no job of that name "
+                          "(see `wanbox status` for job ids and names)")
     if len(matches) > 1:
         shown = ", ".join(f"{m.id} ({m.name})" for m in matches[:5])
         more = " and more" if len(matches) > 5 else ""

@@ -58,7 +58,7 @@ def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], chec
         "model_load": stats.get("model_load"),
         "attention": stats.get("attention"),
         "pool": pool,
-        "attempts": record.attempts + 1,
+        "attempts": record.attempts_made,
         "created_at": record.created_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "software": {"wanbox": software_version()},

@@ -43,7 +43,7 @@ def job_json(job: Any, outbox: Path, liveness: Liveness | None = None) -> dict[s
     outputs = job.outputs_json or {}
     return {
         "id": job.id, "name": job.name, "kind": job.kind, "model_id": job.model_id, "state": job.state.value,
-        "priority": job.priority, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "priority": job.priority, "attempts": job.attempts_made, "max_attempts": job.max_attempts,
         "created_at": job.created_at, "updated_at": job.updated_at, "retry_after": job.retry_after,
         "progress": {"phase": job.phase, "step": step, "total": total, "updated_at": job.progress_at,
                      "fraction": round(min(step, total) / total, 4) if total and step is not None else None},

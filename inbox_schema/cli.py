@@ -27,6 +27,20 @@ def input_warnings(job: Job, verify_sha256: bool = True) -> list[str]:
     return [str(problem) for problem in input_problems(job, verify_sha256)]
 
 
+def media_problems(job: Job) -> list[str]:
+    """Inputs that are present but not usable media (a truncated JPEG, a video without frames): decoded here."""
+    from pipeline.preprocess.media import media_problem  # the pipeline's own decoders, no torch
+
+    found = []
+    for role in job.spec.inputs:
+        item = job.inputs.get(role.name)
+        if item is not None and item.path.is_file():
+            problem = media_problem(item.path, role.media, repr(item.relpath))
+            if problem:
+                found.append(f"inputs.{role.name}: {problem}")
+    return found
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbox validate", description=__doc__.splitlines()[0])
     parser.add_argument("manifest", nargs="?", type=Path, help="the job manifest (TOML)")
@@ -54,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID
     for warning in input_warnings(job) if check else []:
         print(f"warning: {warning}", file=sys.stderr)
+    broken = media_problems(job) if check else []
+    if broken:
+        print(f"{args.manifest.name}: {len(broken)} input file(s) cannot be used:", file=sys.stderr)
+        for problem in broken:
+            print(f"  {problem}; upload a complete file under that name", file=sys.stderr)
+        return EXIT_INVALID
     if job.seed is None:
         print("note: no sampling.seed: a random seed is drawn and recorded when the job is accepted",
               file=sys.stderr)

@@ -126,6 +126,9 @@ def test_unreadable_image_fails_permanently_with_its_files_in_failed(tmp_path: P
         assert "inputs.image" in failed.last_error and "cannot be decoded" in failed.last_error
         error_txt = (root.failed / "broken" / "error.txt").read_text()
         assert "cannot be decoded" in error_txt and f"wanbox retry {failed.id}" in error_txt
+        # the file as the user uploaded it, and what to do: never the daemon's own path of it
+        assert "image file 'broken.jpg'" in error_txt and str(root.work) not in error_txt
+        assert "upload a corrected file" in error_txt
         assert (root.failed / "broken" / "broken.jpg").read_bytes().startswith(b"\xff\xd8")
     finally:
         sup.stopping.set()

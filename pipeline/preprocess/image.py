@@ -47,11 +47,14 @@ def output_size(width: int, height: int, max_area: int) -> tuple[int, int]:
     return lat_w * VAE_STRIDE, lat_h * VAE_STRIDE
 
 
-def load_image(src: str | os.PathLike[str]) -> tuple[Image.Image, dict[str, Any]]:
-    """Decode `src` fully, turn it upright by its EXIF orientation, convert to RGB; report what was done."""
+def load_image(src: str | os.PathLike[str], shown: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode `src` fully, turn it upright by its EXIF orientation, convert to RGB; report what was done.
+
+    Errors name the file as `shown` (e.g. as the user uploaded it) when given, else by its path."""
     path = Path(src)
+    name = shown or str(path)
     if not path.is_file():
-        raise ImageInputError(f"image file {path}: not found; expected an existing JPEG/PNG/WebP file")
+        raise ImageInputError(f"image file {name}: not found; expected an existing JPEG/PNG/WebP file")
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now: a truncated file must fail here, not on the GPU worker
@@ -60,7 +63,7 @@ def load_image(src: str | os.PathLike[str]) -> tuple[Image.Image, dict[str, Any]
             upright = ImageOps.exif_transpose(opened)
             rgb = upright.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageInputError(f"image file {path}: cannot be decoded ({err}); "
+        raise ImageInputError(f"image file {name}: cannot be decoded ({err}); "
                               f"expected a complete JPEG, PNG or WebP image") from err
     info = {
         "source_format": source_format,
@@ -73,13 +76,15 @@ def load_image(src: str | os.PathLike[str]) -> tuple[Image.Image, dict[str, Any]
     return rgb, info
 
 
-def prepare_image(src: str | os.PathLike[str], dest: str | os.PathLike[str], max_area: int) -> dict[str, Any]:
+def prepare_image(src: str | os.PathLike[str], dest: str | os.PathLike[str], max_area: int,
+                  shown: str | None = None) -> dict[str, Any]:
     """Write the upright RGB image to `dest` (PNG, full resolution) and return its size information.
+    Errors name the file as `shown` when given (see load_image).
 
     Keys: width/height (output video size), lat_h/lat_w, image_width/image_height (upright input),
     source_* (as stored in the file), exif_orientation, orientation_applied, path.
     """
-    rgb, info = load_image(src)
+    rgb, info = load_image(src, shown)
     lat_h, lat_w = latent_size(rgb.width, rgb.height, max_area)
     dest_path = Path(dest)
     dest_path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,9 +106,9 @@ def prepare_image(src: str | os.PathLike[str], dest: str | os.PathLike[str], max
 
 def prepare_i2v_job(job: Job, work_dir: Path, settings: PrepSettings, progress: Progress) -> Prepared:
     """The `i2v` kind's preparation (its registry entry names it): the input image as the pool's prepared PNG."""
-    target = work_dir / "prepared.png"
-    try:
-        info = prepare_image(job.inputs["image"].path, target, job.video.max_area)
+    target, image = work_dir / "prepared.png", job.inputs["image"]
+    try:  # errors name the image as the user uploaded it, not where the daemon keeps it
+        info = prepare_image(image.path, target, job.video.max_area, shown=repr(image.relpath))
     except ImageInputError as exc:
         raise PreprocessFailed(f"inputs.image: {exc}") from None
     return Prepared({"image": str(target)}, info)
