@@ -35,8 +35,10 @@ from pipeline.animate_sources import (
     read_sources,
 )
 from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, GenerationCancelled
-from pipeline.sampling import make_solver
+from pipeline.sampling import FlowSolver, make_solver
+from pipeline.sampling.checkpoint import CheckpointStore, SamplingState, loop_key
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
+from pipeline.sampling.numerics import FiniteWatch, check_finite_frames
 
 # The reference's fixed Animate prompt ("the person in the video is doing actions"); used when none is given.
 DEFAULT_ANIMATE_PROMPT = "视频中的人在做动作"
@@ -340,6 +342,7 @@ def generate_animate(
     shift: float = 5.0, guide_scale: float = 1.0, solver: str = "unipc", seed: int,
     relighting_lora: bool | None = None, on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
+    checkpoint: CheckpointStore | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
 
@@ -348,7 +351,10 @@ def generate_animate(
     noise: the initial latent of every clip [16, (clip_len-1)/4 + 2, H/8, W/8] instead of drawing them from one
     generator seeded with `seed` on models.device (e.g. to replay a reference run made on another device).
     relighting_lora: True/False per job; None = whatever the models were loaded with.
-    Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
+    checkpoint: resume from its state (the clip and step it holds; earlier clips are decoded again from their
+    saved latents) and save as its policy says; the caller clears it once the video is safe.
+    Raises GenerationCancelled when should_cancel() answers True at a step boundary, NonFiniteError when a
+    latent or a decoded frame holds a NaN/Inf (naming the clip and step)."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
     make_solver(solver, steps, shift)  # parameter errors before any heavy work
     if relighting_lora and models.relighting is None:
@@ -366,7 +372,7 @@ def generate_animate(
     starts = clip_starts(target, clip_len, refert_num)
     _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
     loop = _ClipLoop(job, starts, steps, shift, solver, guide_scale, context, context_null, generator,
-                     on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
+                     on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise, checkpoint)
     use_lora = models.relighting is not None and relighting_lora is not False
     lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
     with torch.no_grad(), lora:
@@ -405,25 +411,34 @@ class _ClipLoop:
     def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str, guide_scale: float,
                  context: Tensor, context_null: Tensor, generator: torch.Generator, on_progress: ProgressFn | None,
                  should_cancel: CancelFn | None, sp: Any | None, guidance: Guidance,
-                 noise: Sequence[Tensor] | None = None) -> None:
+                 noise: Sequence[Tensor] | None = None, checkpoint: CheckpointStore | None = None) -> None:
         self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
         self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
         self.context, self.context_null, self.generator = context, context_null, generator
         self.on_progress = _with_clip_index(on_progress) if on_progress is not None else None
         self.should_cancel, self.sp, self.guidance = should_cancel, sp, guidance
         self.total = len(starts) * steps
-        self.noise = noise
+        self.noise, self.checkpoint = noise, checkpoint
+        self.finished: list[Tensor] = []  # final latent of each clip so far, for the checkpoints (writer only)
+        self.resumed_solver: FlowSolver | None = None
 
     def run(self) -> Tensor:
         models, job = self.job.models, self.job
         y_ref, clip_fea = reference_conditioning(job)
+        resume = self.resume()
         pieces: list[Tensor] = []
         tail: Tensor | None = None
         for index, start in enumerate(self.starts):
-            cond = clip_conditioning(job, start, index == 0, y_ref, tail)
-            self._report("encoding", index + 1, len(self.starts), index)
-            latent = self.sample(index, cond, clip_fea)
+            if resume is not None and index < resume.clip:  # sampled before the interruption: decode it again
+                latent = resume.finished[index].to(models.device)
+            else:
+                cond = clip_conditioning(job, start, index == 0, y_ref, tail)
+                self._report("encoding", index + 1, len(self.starts), index)
+                latent = self.sample(index, cond, clip_fea, resume if resume and resume.clip == index else None)
+            if self.checkpoint is not None and self.checkpoint.writer:
+                self.finished.append(latent.cpu())
             frames = models.vae.decode(latent[:, 1:]).clamp(-1, 1)  # drop the reference latent frame
+            check_finite_frames(frames, clip=index, clips=len(self.starts))
             if index:
                 frames = frames[:, job.refert_num :]  # these frames repeat the previous clip's tail
             # The next clip starts with the last refert_num frames of the video so far. That is this clip's
@@ -435,16 +450,38 @@ class _ClipLoop:
             self._report("decoding", index + 1, len(self.starts), index)
         return torch.cat(pieces, dim=1)
 
-    def sample(self, index: int, cond: ClipConditioning, clip_fea: Tensor) -> Tensor:
+    def resume(self) -> SamplingState | None:
+        """The checkpoint's state for this job (generator restored, solver loaded), or None: start at clip 1."""
+        if self.checkpoint is None:
+            return None
+        solver = make_solver(self.solver, self.steps, self.shift)
+        lat_h, lat_w = self.job.latent_hw
+        key = loop_key("animate", solver, len(self.starts), (LATENT_CHANNELS, (self.job.clip_len - 1) // 4 + 2,
+                       lat_h, lat_w), starts=self.starts, guide_scale=self.scale, mode=self.job.mode,
+                       refert_num=self.job.refert_num, noise="given" if self.noise is not None else "drawn")
+        state = self.checkpoint.begin(key, solver, self.job.models.device)
+        if state is None:
+            return None
+        if state.rng is not None:  # saved after the draw for its clip: later clips draw what they would have
+            self.generator.set_state(state.rng)
+        self.resumed_solver = solver
+        self._report("sampling", state.clip * self.steps + state.step, self.total, state.clip)
+        return state
+
+    def sample(self, index: int, cond: ClipConditioning, clip_fea: Tensor,
+               resume: SamplingState | None = None) -> Tensor:
         models = self.job.models
         lat_h, lat_w = self.job.latent_hw
         shape = (LATENT_CHANNELS, cond.y.shape[1], lat_h, lat_w)
-        if self.noise is not None:
-            latent = self.noise[index].to(models.device, torch.float32)
-        else:  # the generator's stream continues from the previous clip's draw
-            latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+        if resume is not None and self.resumed_solver is not None:
+            latent, solver, first = resume.latent.to(models.device), self.resumed_solver, resume.step
+        else:
+            if self.noise is not None:
+                latent = self.noise[index].to(models.device, torch.float32)
+            else:  # the generator's stream continues from the previous clip's draw
+                latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+            solver, first = make_solver(self.solver, self.steps, self.shift), 0  # fresh per clip, as the reference
         seq_len = shape[1] * lat_h * lat_w // 4
-        solver = make_solver(self.solver, self.steps, self.shift)  # fresh per clip, as the reference
 
         def denoise(x: Tensor, t: Tensor, *, context: Tensor, face_pixel_values: Tensor) -> Tensor:
             return models.dit(x, t, context, seq_len, cond.y, clip_fea=clip_fea, pose_latents=cond.pose_latents,
@@ -453,7 +490,8 @@ class _ClipLoop:
         branch = {"context": self.context, "face_pixel_values": cond.face}
         null = {"context": self.context_null, "face_pixel_values": torch.full_like(cond.face, -1.0)} \
             if self.scale != 1.0 else branch  # a black face removes the expression in the unconditional branch
-        for k in range(self.steps):
+        watch = FiniteWatch(self.steps, clip=index, clips=len(self.starts))
+        for k in range(first, self.steps):
             done = index * self.steps + k
             if self.should_cancel is not None and self.should_cancel():
                 raise GenerationCancelled(f"cancelled before sampling step {done + 1} of {self.total} "
@@ -462,8 +500,17 @@ class _ClipLoop:
             with _autocast(models):
                 v = self.guidance(denoise, latent, t, branch, null, self.scale)
             latent = solver.step(v.float(), k, latent)
+            watch.observe(k, latent)
+            self._save(index, k + 1, latent, solver, watch)
             self._report("sampling", done + 1, self.total, index)
+        watch.check()
         return latent
+
+    def _save(self, index: int, done: int, latent: Tensor, solver: FlowSolver, watch: FiniteWatch) -> None:
+        store = self.checkpoint  # never a state holding a NaN/Inf: the watch raises at its next check
+        if store is not None and store.tick(final=done == self.steps) and watch.finite():
+            store.save(SamplingState(index, done, latent, solver.state_dict(), rng=self.generator.get_state(),
+                                     finished=self.finished))
 
     def _report(self, phase: str, step: int, total: int, clip: int) -> None:
         if self.on_progress is not None:
