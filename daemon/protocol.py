@@ -29,7 +29,7 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 MAX_SOCKET_PATH_BYTES = 107
 
 PHASES = ("load", "encode", "sampling", "decode", "write")
-ERROR_KINDS = ("oom", "input", "internal", "cancelled")
+ERROR_KINDS = ("oom", "input", "internal", "cancelled", "numerics")  # numerics: a NaN/Inf, step named
 JOB_KINDS = ("i2v", "animate")
 
 
@@ -99,6 +99,9 @@ class Run:
     inputs: dict[str, str]
     output: str
     crf: int | None = None  # H.264 quality for the output mp4 (daemon config); None = the worker's default
+    # Resume from / checkpoint the sampling state: {"dir": folder, "every_steps": n | None,
+    # "every_seconds": s | None, "enabled": bool}; absent or None = no checkpoints (see check_resume).
+    resume: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ _FIELD_TYPES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "inputs": ((dict,), True),
         "output": ((str,), True),
         "crf": ((int, type(None)), False),
+        "resume": ((dict, type(None)), False),
     },
     "cancel": {"job": ((str,), True)},
     "shutdown": {},
@@ -187,7 +191,37 @@ def validate(obj: Any) -> dict[str, Any]:
         _check_field(msg_type, name, obj[name], types)
     if msg_type == "run" and not all(isinstance(v, str) for v in obj["inputs"].values()):
         raise ProtocolError(f"run.inputs: got {obj['inputs']!r}, expected an object of role -> path strings")
+    if msg_type == "run" and obj.get("resume") is not None:
+        check_resume(obj["resume"])
     return obj
+
+
+# --- the run command's optional `resume` field --------------------------------------------------------
+
+_RESUME_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "dir": ((str,), True),  # the job's own folder for its checkpoint (e.g. work/<id>/resume), absolute
+    "every_steps": ((int, type(None)), False),  # checkpoint after this many steps ...
+    "every_seconds": ((int, float, type(None)), False),  # ... or this many seconds, whichever comes first
+    "enabled": ((bool,), False),
+}
+
+
+def check_resume(resume: dict[str, Any]) -> None:
+    """ProtocolError unless `resume` is {"dir": absolute path, "every_steps": int >= 1 or null,
+    "every_seconds": number > 0 or null, "enabled": bool} (only "dir" required)."""
+    for name, (types, required) in _RESUME_FIELDS.items():
+        if name not in resume:
+            if required:
+                raise ProtocolError(f"run.resume.{name}: missing, expected {_type_name(types)}")
+            continue
+        _check_field("run.resume", name, resume[name], types)
+    if not os.path.isabs(resume["dir"]):
+        raise ProtocolError(f"run.resume.dir: got {resume['dir']!r}, expected an absolute path")
+    steps, seconds = resume.get("every_steps"), resume.get("every_seconds")
+    if steps is not None and steps < 1:
+        raise ProtocolError(f"run.resume.every_steps: got {steps!r}, expected an integer >= 1 or null")
+    if seconds is not None and not 0 < seconds < float("inf"):
+        raise ProtocolError(f"run.resume.every_seconds: got {seconds!r}, expected a number > 0 or null")
 
 
 def encode(msg: Message | dict[str, Any]) -> bytes:

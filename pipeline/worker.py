@@ -27,6 +27,7 @@ import torch.distributed as dist
 from daemon import protocol
 from pipeline.models import attention as attention_mod
 from pipeline.parallel.families import JobCancelled, JobInputError, PoolShutdown, fingerprint, open_family
+from pipeline.parallel.resume import clear_after_delivery
 from pipeline.rank_failures import FailureWatch
 from pipeline.video import DEFAULT_CRF, write_mp4
 
@@ -256,6 +257,7 @@ def attempt(family: Any, command: dict[str, Any], ranks: Ranks, report: JobRepor
             report.progress("write", 0, 1)
             crf = command.get("crf") if command.get("crf") is not None else args.crf
             write_mp4(result["video"], command["output"], fps=result["fps"], crf=crf)
+            clear_after_delivery(command)  # the mp4 is written: its sampling checkpoint is spent
             report.progress("write", 1, 1)
     except PoolShutdown:
         failure = error_message(job, "cancelled", "the pool shut down during the job; it will run again", True)
@@ -277,6 +279,7 @@ def done_message(command: dict[str, Any], result: dict[str, Any], report: JobRep
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
     }
+    stats.update(result.get("stats", {}))  # the family's own: resumed_from, checkpoint
     if first_job:
         stats["load_seconds"] = round(load_seconds, 3)
     if ranks.master:

@@ -112,10 +112,13 @@ class I2VFamily:
 
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
         from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
+        from pipeline.parallel.resume import checkpoint_store, run_stats
         from pipeline.sampling import make_solver
         from pipeline.sampling.moe import ExpertSwitch
+        from pipeline.sampling.numerics import check_finite_frames
 
         job = I2VJob(command, self.args.max_area)
+        store = checkpoint_store(command, self)  # resume: None unless the run command asks for it
         report.progress("encode", 0, 1)
         context, context_null = self._encode_prompts(job)
         inputs = prepare_i2v(self.models, job.image, context, context_null, max_area=job.max_area,
@@ -127,17 +130,18 @@ class I2VFamily:
         try:
             latent = sample_i2v(self.models, inputs, solver, switch, guidance=self.guidance, sp=self.sp,
                                 on_progress=lambda _phase, step, total: report.progress("sampling", step, total),
-                                should_cancel=should_cancel)
+                                should_cancel=should_cancel, checkpoint=store)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
         report.progress("decode", 0, 1)
         if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
             video = decode_pipelined(self.models.vae, latent)
+            check_finite_frames(video)  # rank 0's frames (decode_video checks its own)
         else:
             video = decode_video(self.models, latent)
         report.progress("decode", 1, 1)
         return {"video": video, "fps": job.fps, "frames": job.frames,
-                "width": inputs.width, "height": inputs.height, "seed": job.seed}
+                "width": inputs.width, "height": inputs.height, "seed": job.seed, **run_stats(store)}
 
     def _encode_prompts(self, job: I2VJob) -> tuple[torch.Tensor, torch.Tensor]:
         from pipeline.i2v import encode_prompts
@@ -212,8 +216,10 @@ class AnimateFamily:
     def run(self, command: dict[str, Any], report: Reporter, should_cancel: Callable[[], bool]) -> dict[str, Any]:
         from pipeline.animate import encode_prompts, generate_animate
         from pipeline.i2v import GenerationCancelled
+        from pipeline.parallel.resume import checkpoint_store, run_stats
 
         params = command["params"]
+        store = checkpoint_store(command, self)  # resume: None unless the run command asks for it
         src = _animate_src_dir(command["inputs"])
         options = params.get("animate") or {}
         sampling = param(params, "sampling")
@@ -233,12 +239,13 @@ class AnimateFamily:
                 refert_num=int(options.get("refert_num", 1)), steps=int(sampling["steps"]),
                 shift=float(sampling["shift"]), guide_scale=float(sampling["guide_scale"]),
                 solver=str(sampling["solver"]), seed=seed, relighting_lora=bool(options.get("relighting_lora")),
-                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance)
+                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance,
+                checkpoint=store)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
         fps = float(param(params, "video.fps"))
         return {"video": video, "fps": fps, "frames": int(video.shape[1]), "width": int(video.shape[3]),
-                "height": int(video.shape[2]), "seed": seed}
+                "height": int(video.shape[2]), "seed": seed, **run_stats(store)}
 
 
 def _animate_src_dir(inputs: dict[str, str]) -> Path:

@@ -209,14 +209,10 @@ class CheckpointStore:
 
     def clear(self) -> None:
         """Remove the checkpoint and any temp file (the job's output is safe)."""
-        self.path.unlink(missing_ok=True)
-        self._remove_leftovers()
+        clear_checkpoint(self.path.parent)
 
     def _remove_leftovers(self) -> None:
-        # a writer killed between creating and renaming its temp file leaves it behind
-        if self.path.parent.is_dir():
-            for leftover in self.path.parent.glob(f".{FILE_NAME}.*.tmp"):
-                leftover.unlink(missing_ok=True)
+        remove_leftovers(self.path.parent)
 
     def stats(self) -> dict[str, Any]:
         """For the `done` message: where it resumed (None = from the start) and what checkpointing cost."""
@@ -224,6 +220,19 @@ class CheckpointStore:
                 "checkpoint": {"writes": self.writes, "bytes": self.bytes,
                                "write_seconds": round(self.write_seconds, 3), "ignored": self.ignored,
                                "write_error": self.write_error}}
+
+
+def clear_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Remove the checkpoint file in `folder` and any temp file left beside it; nothing else."""
+    (Path(folder) / FILE_NAME).unlink(missing_ok=True)
+    remove_leftovers(Path(folder))
+
+
+def remove_leftovers(folder: Path) -> None:
+    # a writer killed between creating and renaming its temp file leaves it behind
+    if folder.is_dir():
+        for leftover in folder.glob(f".{FILE_NAME}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _pairs(layout: dict[str, Any], keys: list[str]) -> str:
