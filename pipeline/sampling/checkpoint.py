@@ -273,8 +273,14 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if 8 + size > len(data):
         raise CheckpointUnreadable(f"truncated: the header needs {8 + size} bytes, the file has {len(data)}")
     try:
-        header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"][HEADER_KEY])
+        table = json.loads(data[8 : 8 + size])
+        end = 8 + size + max((v["data_offsets"][1] for k, v in table.items() if k != "__metadata__"), default=0)
+        if end > len(data):
+            raise CheckpointUnreadable(f"truncated: its tensors need {end} bytes, the file has {len(data)}")
+        header = json.loads(table["__metadata__"][HEADER_KEY])
         tensors = load_tensors(data)
+    except CheckpointUnreadable:
+        raise
     except Exception as exc:  # garbage of any kind: safetensors, JSON and key errors alike
         raise CheckpointUnreadable(f"not a sampling checkpoint: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
