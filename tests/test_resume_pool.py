@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon import protocol
+from pipeline.parallel.resume import job_fingerprint
 from pipeline.sampling.checkpoint import FILE_NAME, decode
+from pipeline.sampling.numerics import NonFiniteError
 from pipeline.video import read_mp4
+from pipeline.worker import classify_failure
 from tests.test_worker_pool import Supervisor, run_command
 from tests.workers.harness import write_tiny_checkpoint
 
@@ -94,3 +98,91 @@ def test_a_pool_killed_mid_job_resumes_at_its_checkpoint_and_delivers_the_same_v
         assert np.array_equal(resumed, uninterrupted)
     else:  # bitwise not promised (other token shards per rank; on this tiny CPU model it happens to be)
         assert np.abs(resumed.astype(int) - uninterrupted.astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+def test_an_animate_pool_killed_inside_the_second_clip_resumes_there(tmp_path: Path) -> None:
+    from tests.test_worker_animate import animate_command, write_src
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "animate")
+    inputs = write_src(tmp_path / "src", 9)  # clip_len 5, refert 1: two clips
+    steps = 20
+    command = animate_command("job-a", tmp_path, inputs)
+    command["params"]["sampling"]["steps"] = steps
+    command |= {"crf": LOSSLESS, "resume": {"dir": str(tmp_path / "resume"), "every_steps": 1}}
+
+    (tmp_path / "pool-1").mkdir()
+    sup = Supervisor(tmp_path / "pool-1", ckpt, nproc=1, model="animate-14B")
+    try:
+        hello, _ = sup.until(("hello",))
+        sup.until(("ready",))
+        sup.chan.send(command)
+        while not any(s >= steps + KILL_AFTER for s in sampling_steps([sup.recv()])):
+            pass
+        os.kill(next(d["pid"] for d in hello["devices"] if d["rank"] == 0), signal.SIGKILL)
+        sup.proc.wait(timeout=60)
+    finally:
+        sup.close()
+    header = decode((tmp_path / "resume" / FILE_NAME).read_bytes())[0]
+    assert header["clip"] == 1 and header["finished"] == 1
+
+    (tmp_path / "pool-2").mkdir()
+    sup = Supervisor(tmp_path / "pool-2", ckpt, nproc=1, model="animate-14B")
+    try:
+        sup.until(("ready",))
+        sup.chan.send(command)
+        done, seen = sup.until(("done", "error"))
+        assert done["type"] == "done", f"{done}\n{sup.logs()}"
+        assert done["stats"]["resumed_from"] == {"clip": 1, "step": header["step"], "expert": None,
+                                                 "layout_changed": []}
+        resumed_at = steps + header["step"]  # counted across clips
+        assert sampling_steps(seen) == list(range(resumed_at, 2 * steps + 1)), "progress resumes in clip 2"
+        plain_command = animate_command("job-p", tmp_path, inputs) | {"crf": LOSSLESS}
+        plain_command["params"]["sampling"]["steps"] = steps
+        sup.chan.send(plain_command)
+        plain, _ = sup.until(("done", "error"))
+        assert plain["type"] == "done", plain
+    finally:
+        sup.close()
+    assert np.array_equal(read_mp4(done["output"])[0], read_mp4(plain["output"])[0])
+
+
+# ---------------------------------------------------------------------------------------------- the seam, no pool
+
+
+def test_the_run_commands_resume_field_is_checked_and_kept(tmp_path: Path) -> None:
+    command = run_command("j", tmp_path) | {"resume": {"dir": str(tmp_path), "every_steps": 5, "every_seconds": 60.0}}
+    assert protocol.decode(protocol.encode(command))["resume"]["every_steps"] == 5
+    assert protocol.to_message(command).resume == command["resume"]
+    assert protocol.to_message(run_command("j", tmp_path)).resume is None  # absent: no checkpoints
+    protocol.encode(command | {"resume": None})
+    for resume, field in [({"every_steps": 5}, "run.resume.dir: missing"),
+                          ({"dir": "work/j"}, "run.resume.dir: got 'work/j', expected an absolute path"),
+                          ({"dir": "/w", "every_steps": 0}, "run.resume.every_steps: got 0"),
+                          ({"dir": "/w", "every_steps": True}, "run.resume.every_steps: got True"),
+                          ({"dir": "/w", "every_seconds": "60"}, "run.resume.every_seconds: got '60'"),
+                          ({"dir": "/w", "every_seconds": 0}, "run.resume.every_seconds: got 0"),
+                          ({"dir": "/w", "enabled": 1}, "run.resume.enabled: got 1")]:
+        with pytest.raises(protocol.ProtocolError, match=field.replace(".", r"\.")):
+            protocol.encode(command | {"resume": resume})
+
+
+def test_a_numerics_failure_reaches_the_supervisor_as_a_permanent_numerics_error() -> None:
+    exc = NonFiniteError("numerics: the latent became non-finite (NaN or Inf) at sampling step 4 of 6", where="latent",
+                         step=4)
+    msg = classify_failure("j", exc)
+    protocol.encode(msg)
+    assert (msg["kind"], msg["retryable"]) == ("numerics", False) and "step 4 of 6" in msg["message"]
+
+
+def test_the_job_fingerprint_follows_the_parameters_and_the_input_bytes_not_the_job_id(tmp_path: Path) -> None:
+    image = tmp_path / "image.png"
+    image.write_bytes(b"first bytes")
+    base = run_command("job-1", tmp_path, image=image)
+    same = job_fingerprint(base)
+    assert job_fingerprint(run_command("job-2", tmp_path / "elsewhere", image=image)) == same
+    assert job_fingerprint(run_command("job-1", tmp_path, image=image, seed=43)) != same
+    image.write_bytes(b"other bytes")  # a re-prepared input that differs is another job
+    assert job_fingerprint(base) != same
+    image.unlink()
+    assert job_fingerprint(base) != same  # a missing input does not crash here: the pipeline names it
