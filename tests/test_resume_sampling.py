@@ -429,3 +429,13 @@ def test_the_watch_syncs_at_its_cadence_but_names_the_first_bad_step() -> None:
     ok = FiniteWatch(1, sync_every=1)
     ok.observe(0, huge)
     assert ok.finite()
+
+
+def test_the_resume_bench_runs_tiny_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.bench_resume import main
+
+    assert main(["--tiny"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["resumed_bitwise"] is True and result["resumed_max_abs_diff"] == 0.0
+    assert result["checkpoint_bytes"] > 4 * 16 * 3 * 6 * 8 * 4 and result["checkpoint_write_s"] > 0
+    assert result["saved_s"] > 0 and 0 < result["saved_fraction"] < 1
