@@ -7,6 +7,7 @@ SIGKILL would leave the file; the resumed run is a new loop with a fresh solver 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -241,7 +242,8 @@ def rewrite(path: Path, header_change: dict | None = None, tensor_byte: int | No
     ("cut in the tensors", "unreadable (truncated: its tensors need"),
     ("garbage", "unreadable (not a sampling checkpoint"),
     ("empty", "unreadable (0 bytes, shorter than a safetensors header)"),
-    ("damaged", "damaged: its tensors do not match the checksum"),
+    ("damaged", "damaged: its contents do not match the checksum"),
+    ("header edited", "damaged: its contents do not match the checksum"),
     ("other format", "format 'wanbox-sampling-checkpoint/0', this build reads"),
     ("inconsistent", "inconsistent: clip 0, step 9"),
 ])
@@ -268,8 +270,14 @@ def test_a_checkpoint_that_does_not_belong_to_this_run_is_ignored_with_its_reaso
         rewrite(path, tensor_byte=1234)
     elif case == "other format":
         rewrite(path, {"format": "wanbox-sampling-checkpoint/0"})
-    elif case == "inconsistent":
-        rewrite(path, {"step": 9})
+    elif case == "header edited":
+        rewrite(path, {"step": 2})
+    elif case == "inconsistent":  # a whole, checksummed file whose step is beyond this run's schedule
+        from pipeline.i2v import i2v_loop_key
+
+        key = i2v_loop_key(fixture_inputs, make_solver("unipc", STEPS, 5.0), SWITCH)
+        state = to_state(*decode(path.read_bytes()))
+        path.write_bytes(encode(dataclasses.replace(state, step=9), FP, key))
     second, logged = store(tmp_path, fingerprint)
     latent, experts = sample(fixture_models, fixture_inputs, "unipc", steps, checkpoint=second)
     assert second.resumed_from is None and len(experts) == steps, "started from the first step"

@@ -164,7 +164,12 @@ class CheckpointStore:
             return None, f"unreadable ({exc})"
         assert self.fingerprint is not None
         reason = mismatch(header, tensors, self.fingerprint, self.loop)
-        return (None, reason) if reason else (to_state(header, tensors), None)
+        if reason:
+            return None, reason
+        try:
+            return to_state(header, tensors), None
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a header this build did not write
+            return None, f"inconsistent: {type(exc).__name__}: {exc}"
 
     def _resumed(self, state: SamplingState) -> None:
         changed = sorted(k for k in set(state.layout) | set(self.layout)
@@ -261,7 +266,8 @@ def encode(state: SamplingState, fingerprint: Fingerprint, loop: dict[str, Any])
     header = {"format": FORMAT, "job": fingerprint.job, "model": fingerprint.model, "loop": loop,
               "clip": state.clip, "step": state.step, "expert": state.expert, "layout": state.layout,
               "solver": solver_meta, "finished": len(state.finished), "rng": state.rng is not None,
-              "sha256": tensor_digest(tensors), "written_at": time.time()}
+              "written_at": time.time()}
+    header["sha256"] = content_digest(header, tensors)
     return save_tensors(tensors, metadata={HEADER_KEY: json.dumps(header)})
 
 
@@ -288,9 +294,9 @@ def decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return header, tensors
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (CPU tensors)."""
-    h = hashlib.sha256()
+def content_digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the header (without its own "sha256") and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
@@ -303,8 +309,8 @@ def mismatch(header: dict[str, Any], tensors: dict[str, torch.Tensor], fingerpri
     """Why this file may not continue this loop, or None if it may."""
     if header.get("format") != FORMAT:
         return f"format {header.get('format')!r}, this build reads {FORMAT!r}"
-    if header.get("sha256") != tensor_digest(tensors):
-        return "damaged: its tensors do not match the checksum in its header"
+    if header.get("sha256") != content_digest(header, tensors):
+        return "damaged: its contents do not match the checksum in its header"
     if header.get("job") != fingerprint.job:
         return (f"written for another job or other job parameters/inputs (job fingerprint {header.get('job')}, "
                 f"this job {fingerprint.job})")
