@@ -59,11 +59,15 @@ def model_fingerprint(family: Any) -> str:
 def pool_layout(family: Any) -> dict[str, Any]:
     """What the result's rounding depends on beyond the math: a resume on a different layout is allowed, but
     is bitwise equal to neither layout's uninterrupted run."""
+    from pipeline.models import attention
     from pipeline.parallel.families import dtype_of
 
     ranks, args = family.ranks, family.args
     layout = {**family.parallel, "device": ranks.device.type, "dtype": str(dtype_of(args)),
-              "compile": getattr(args, "compile", "auto"), "torch": torch.__version__}
+              "attention": attention.active_backend(), "compile": getattr(args, "compile", "auto"),
+              "torch": torch.__version__}
+    if ranks.device.type == "cuda":
+        layout["gpu"] = torch.cuda.get_device_name(ranks.device)
     if ranks.device.type == "cpu":  # CPU matmuls may split differently with another thread count
         layout["threads"] = torch.get_num_threads()
     return layout
