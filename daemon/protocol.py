@@ -91,6 +91,30 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """A run's sampling checkpoints: resume from the one in `dir` (the job's own folder) and write one there
+    after `every_steps` steps or `every_seconds` seconds, whichever comes first (None: not by that measure)."""
+
+    dir: str
+    every_steps: int | None = None
+    every_seconds: float | None = 120.0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not os.path.isabs(self.dir):
+            raise ProtocolError(f"run.resume.dir: got {self.dir!r}, expected an absolute path")
+        if self.every_steps is not None and self.every_steps < 1:
+            raise ProtocolError(f"run.resume.every_steps: got {self.every_steps!r}, expected an integer >= 1 or null")
+        if self.every_seconds is not None and not 0 < self.every_seconds < float("inf"):
+            raise ProtocolError(f"run.resume.every_seconds: got {self.every_seconds!r}, expected a number > 0 "
+                                "or null")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "run.resume") -> Resume:
+        return codec.read(cls, data, where, complete=False)  # an older supervisor may leave options out
+
+
+@dataclass(frozen=True)
 class Run:
     """One job for the pool: `params` is the resolved job, `inputs` the prepared files by role."""
 
@@ -101,6 +125,7 @@ class Run:
     output: str
     params: Job
     crf: int | None = None  # H.264 quality for the output mp4 (daemon config); None = the worker's default
+    resume: Resume | None = None  # sampling checkpoints: None = none written, none read
 
 
 @dataclass(frozen=True)

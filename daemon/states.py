@@ -50,6 +50,7 @@ class ErrorKind(str, Enum):
     POOL = "pool"  # the worker pool died or hung during the job, or could not start
     OUTPUT = "output"  # the video came back broken or could not be delivered
     INTERRUPTED = "interrupted"  # the supervisor stopped (crash, restart) while the job ran
+    NUMERICS = "numerics"  # a NaN/Inf appeared in the latents or frames (the step is named): not retried
 
     def __str__(self) -> str:
         return self.value

@@ -26,22 +26,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inbox_schema.defaults import DEFAULT_ANIMATE_PROMPT  # used when none is given
 from inbox_schema.kinds.animate import MODES, REFERT_NUMS, RELIGHTING_REFERENCE
+from pipeline.animate_conditioning import (
+    LATENT_CHANNELS,
+    ClipConditioning,
+    Job,
+    clip_conditioning,
+    pack_pixel_mask,
+    reference_conditioning,
+)
 from pipeline.animate_sources import (
     AnimateInputError,
-    AnimateSources,
     clip_starts,
     padded_length,
     ping_pong,
     read_sources,
 )
 from pipeline.i2v import DEFAULT_NEGATIVE_PROMPT, GenerationCancelled
-from pipeline.sampling import make_solver
+from pipeline.sampling import FlowSolver, make_solver
+from pipeline.sampling.checkpoint import CheckpointStore, SamplingState, loop_key
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
+from pipeline.sampling.numerics import FiniteWatch, check_finite_frames
 
 if TYPE_CHECKING:
     from pipeline.lora import BoundLora, LowRank
@@ -49,8 +57,6 @@ if TYPE_CHECKING:
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 LORA_FILE = "relighting_lora.ckpt"
-LATENT_CHANNELS = 16
-MASK_CHANNELS = 4  # pixel frames packed per latent frame
 FPS = 30  # the reference writes Animate videos at 30 fps whatever the source fps
 
 # on_progress(phase, step, total, clip_index), clip_index from 0: "encoding" after each clip's VAE-encoded
@@ -193,100 +199,6 @@ def check_sequence_parallel(tokens: int, grid: tuple[int, int, int], sp: Any | N
     )
 
 
-# ---------------------------------------------------------------------------------------------- pixels
-
-
-def _lut(divisor: float, offset: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # uint8 -> value computed in float64 then rounded once, as the reference's numpy arithmetic.
-    return (torch.arange(256, dtype=torch.float64) / divisor - offset).to(dtype).to(device)
-
-
-def video_pixels(frames: np.ndarray, indices: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """uint8 [N, H, W, 3] at `indices` -> [3, len, H, W] in [-1, 1] (x / 127.5 - 1), frame by frame."""
-    lut = _lut(127.5, 1.0, dtype, device)
-    out = [lut[torch.from_numpy(frames[i]).to(device).long()].permute(2, 0, 1) for i in indices]
-    return torch.stack(out, dim=1)
-
-
-def mask_pixels(mask: np.ndarray, indices: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """uint8 [N, H, W] (channel 0 of src_mask.mp4) -> [len, H, W] = value / 255 (fractions kept, not binarised)."""
-    lut = _lut(255.0, 0.0, dtype, device)
-    return torch.stack([lut[torch.from_numpy(mask[i]).to(device).long()] for i in indices])
-
-
-def pack_pixel_mask(pixel_mask: Tensor) -> Tensor:
-    """[F, h, w] per pixel frame (F = 4n+1) -> [4, n+1, h, w] as get_i2v_mask: latent frame 0 <- pixel frame 0
-    in all 4 channels; channel c of latent frame j >= 1 <- pixel frame 4(j-1)+1+c."""
-    h, w = pixel_mask.shape[1:]
-    frames = torch.cat([pixel_mask[:1].expand(MASK_CHANNELS, h, w), pixel_mask[1:]])
-    return frames.reshape(-1, MASK_CHANNELS, h, w).transpose(0, 1)
-
-
-# ---------------------------------------------------------------------------------------------- one clip
-
-
-@dataclass
-class ClipConditioning:
-    """What the DiT gets for one clip besides the latent: y [20, T+1, h, w], pose latents, face pixels."""
-
-    y: Tensor
-    pose_latents: Tensor
-    face: Tensor
-
-
-@dataclass
-class _Job:
-    models: AnimateModels
-    sources: AnimateSources
-    mode: str
-    clip_len: int
-    refert_num: int
-    indices: list[int]  # source frame of every padded frame
-    cond_dtype: torch.dtype  # pixels and y in the reference's dtype (bf16 on GPU)
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.sources.height // 8, self.sources.width // 8
-
-
-def reference_conditioning(job: _Job) -> tuple[Tensor, Tensor]:
-    """(y_ref [20, 1, h, w] = ones mask + VAE latent of the letterboxed reference, CLIP features [1, 257, c])."""
-    models = job.models
-    ref = video_pixels(job.sources.reference[None], [0], job.cond_dtype, models.device)  # [3, 1, H, W]
-    latent = models.vae.encode(ref)
-    ones = torch.ones(MASK_CHANNELS, 1, *latent.shape[2:], device=models.device)
-    clip_fea = models.clip(ref[:, 0]).to(job.cond_dtype)
-    return torch.cat([ones, latent]).to(job.cond_dtype), clip_fea
-
-
-def clip_conditioning(job: _Job, start: int, first: bool, y_ref: Tensor, tail: Tensor | None) -> ClipConditioning:
-    """Pose latents, face pixels and the temporal/background part of y for the clip starting at `start`.
-
-    tail: the last refert_num frames of the video decoded so far (None for the first clip)."""
-    models, src, dtype, device = job.models, job.sources, job.cond_dtype, job.models.device
-    frames = job.indices[start : start + job.clip_len]
-    known = 0 if first else job.refert_num  # pixel frames given by the previous clip
-    pose_latents = models.vae.encode(video_pixels(src.pose, frames, dtype, device))
-    face = video_pixels(src.face, frames, dtype, device)[None]
-    lat_h, lat_w = job.latent_hw
-    if job.mode == "animation":
-        video = torch.zeros(3, job.clip_len, src.height, src.width, dtype=dtype, device=device)
-        pixel_mask = torch.zeros(job.clip_len, lat_h, lat_w, dtype=dtype, device=device)
-    else:
-        assert src.background is not None and src.mask is not None
-        video = video_pixels(src.background, frames, dtype, device)
-        character = mask_pixels(src.mask, frames, dtype, device)
-        # 1 = keep the background, 0 = generate the character; nearest, as the reference downsamples it.
-        pixel_mask = F.interpolate((1 - character)[:, None], size=(lat_h, lat_w), mode="nearest")[:, 0]
-    if known:
-        assert tail is not None
-        # The reference bicubic-resizes the tail to (H, W) first: the same size, so an exact identity.
-        video[:, :known] = tail[:, -known:].to(dtype)
-        pixel_mask[:known] = 1
-    y_reft = torch.cat([pack_pixel_mask(pixel_mask).to(dtype), models.vae.encode(video).to(dtype)])
-    return ClipConditioning(torch.cat([y_ref, y_reft], dim=1), pose_latents, face)
-
-
 def _autocast(models: AnimateModels) -> Any:
     # bf16/fp16 weights run under autocast like the reference; float32 stays exact (tests, CPU).
     enabled = models.dtype != torch.float32 and models.device.type == "cuda"
@@ -339,6 +251,7 @@ def generate_animate(
     seed: int, relighting_lora: bool | str | None = None, on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
+    checkpoint: CheckpointStore | None = None,
 ) -> Tensor:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
 
@@ -350,7 +263,10 @@ def generate_animate(
     official generate.py, whose PEFT load drops every key of the LoRA: not applied (module docstring).
     timesteps: solver "euler" only, an explicit list (e.g. a distilled model's [1000, 750, 500, 250]), used for
     every clip.
-    Raises GenerationCancelled when should_cancel() answers True at a step boundary."""
+    checkpoint: resume from its state (the clip and step it holds; earlier clips are decoded again from their
+    saved latents) and save as its policy says; the caller clears it once the video is safe.
+    Raises GenerationCancelled when should_cancel() answers True at a step boundary, NonFiniteError when a
+    latent or a decoded frame holds a NaN/Inf (naming the clip and step)."""
     check_parameters(mode, clip_len, refert_num, guide_scale, seed)
     make_solver(solver, steps, shift, timesteps)  # parameter errors before any heavy work
     if relighting_lora not in (None, True, False, RELIGHTING_REFERENCE):
@@ -362,7 +278,7 @@ def generate_animate(
     sources = read_sources(src_dir, mode, models.face_size)
     target = padded_length(sources.frames, clip_len, refert_num)
     cond_dtype = models.dtype if models.device.type == "cuda" else torch.float32
-    job = _Job(models, sources, mode, clip_len, refert_num, ping_pong(sources.frames, target), cond_dtype)
+    job = Job(models, sources, mode, clip_len, refert_num, ping_pong(sources.frames, target), cond_dtype)
     lat_h, lat_w = job.latent_hw
     grid = ((clip_len - 1) // 4 + 2, lat_h // 2, lat_w // 2)  # + 1 latent frame for the reference
     check_sequence_parallel(grid[0] * grid[1] * grid[2], grid, sp, models.dit.config.num_heads)
@@ -371,7 +287,7 @@ def generate_animate(
     starts = clip_starts(target, clip_len, refert_num)
     _check_noise(noise, len(starts), (LATENT_CHANNELS, grid[0], lat_h, lat_w))
     loop = _ClipLoop(job, starts, steps, shift, solver, timesteps, guide_scale, context, context_null, generator,
-                     on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise)
+                     on_progress, should_cancel, sp, guidance or SequentialGuidance(), noise, checkpoint)
     use_lora = models.relighting is not None and relighting_applies(relighting_lora)
     lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
     with torch.no_grad(), lora:
@@ -407,10 +323,11 @@ def _with_clip_index(fn: Callable[..., None]) -> ProgressFn:
 class _ClipLoop:
     """Sample, decode and chain the clips; holds what stays fixed across clips."""
 
-    def __init__(self, job: _Job, starts: list[int], steps: int, shift: float, solver: str,
+    def __init__(self, job: Job, starts: list[int], steps: int, shift: float, solver: str,
                  timesteps: Sequence[int] | None, guide_scale: float, context: Tensor, context_null: Tensor,
                  generator: torch.Generator, on_progress: ProgressFn | None, should_cancel: CancelFn | None,
-                 sp: Any | None, guidance: Guidance, noise: Sequence[Tensor] | None = None) -> None:
+                 sp: Any | None, guidance: Guidance, noise: Sequence[Tensor] | None = None,
+                 checkpoint: CheckpointStore | None = None) -> None:
         self.job, self.starts, self.steps, self.shift, self.solver = job, starts, steps, shift, solver
         self.timesteps = timesteps
         self.scale = float(guide_scale) if guide_scale > 1 else 1.0  # the reference: CFG only when > 1
@@ -418,18 +335,27 @@ class _ClipLoop:
         self.on_progress = _with_clip_index(on_progress) if on_progress is not None else None
         self.should_cancel, self.sp, self.guidance = should_cancel, sp, guidance
         self.total = len(starts) * steps
-        self.noise = noise
+        self.noise, self.checkpoint = noise, checkpoint
+        self.finished: list[Tensor] = []  # final latent of each clip so far, for the checkpoints (writer only)
+        self.resumed_solver: FlowSolver | None = None
 
     def run(self) -> Tensor:
         models, job = self.job.models, self.job
         y_ref, clip_fea = reference_conditioning(job)
+        resume = self.resume()
         pieces: list[Tensor] = []
         tail: Tensor | None = None
         for index, start in enumerate(self.starts):
-            cond = clip_conditioning(job, start, index == 0, y_ref, tail)
-            self._report("encoding", index + 1, len(self.starts), index)
-            latent = self.sample(index, cond, clip_fea)
+            if resume is not None and index < resume.clip:  # sampled before the interruption: decode it again
+                latent = resume.finished[index].to(models.device)
+            else:
+                cond = clip_conditioning(job, start, index == 0, y_ref, tail)
+                self._report("encoding", index + 1, len(self.starts), index)
+                latent = self.sample(index, cond, clip_fea, resume if resume and resume.clip == index else None)
+            if self.checkpoint is not None and self.checkpoint.writer:
+                self.finished.append(latent.cpu())
             frames = models.vae.decode(latent[:, 1:]).clamp(-1, 1)  # drop the reference latent frame
+            check_finite_frames(frames, clip=index, clips=len(self.starts))
             if index:
                 frames = frames[:, job.refert_num :]  # these frames repeat the previous clip's tail
             # The next clip starts with the last refert_num frames of the video so far. That is this clip's
@@ -441,16 +367,38 @@ class _ClipLoop:
             self._report("decoding", index + 1, len(self.starts), index)
         return torch.cat(pieces, dim=1)
 
-    def sample(self, index: int, cond: ClipConditioning, clip_fea: Tensor) -> Tensor:
+    def resume(self) -> SamplingState | None:
+        """The checkpoint's state for this job (generator restored, solver loaded), or None: start at clip 1."""
+        if self.checkpoint is None:
+            return None
+        solver = self._new_solver()
+        lat_h, lat_w = self.job.latent_hw
+        key = loop_key("animate", solver, len(self.starts), (LATENT_CHANNELS, (self.job.clip_len - 1) // 4 + 2,
+                       lat_h, lat_w), starts=self.starts, guide_scale=self.scale, mode=self.job.mode,
+                       refert_num=self.job.refert_num, noise="given" if self.noise is not None else "drawn")
+        state = self.checkpoint.begin(key, solver, self.job.models.device)
+        if state is None:
+            return None
+        if state.rng is not None:  # saved after the draw for its clip: later clips draw what they would have
+            self.generator.set_state(state.rng)
+        self.resumed_solver = solver
+        self._report("sampling", state.clip * self.steps + state.step, self.total, state.clip)
+        return state
+
+    def sample(self, index: int, cond: ClipConditioning, clip_fea: Tensor,
+               resume: SamplingState | None = None) -> Tensor:
         models = self.job.models
         lat_h, lat_w = self.job.latent_hw
         shape = (LATENT_CHANNELS, cond.y.shape[1], lat_h, lat_w)
-        if self.noise is not None:
-            latent = self.noise[index].to(models.device, torch.float32)
-        else:  # the generator's stream continues from the previous clip's draw
-            latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+        if resume is not None and self.resumed_solver is not None:
+            latent, solver, first = resume.latent.to(models.device), self.resumed_solver, resume.step
+        else:
+            if self.noise is not None:
+                latent = self.noise[index].to(models.device, torch.float32)
+            else:  # the generator's stream continues from the previous clip's draw
+                latent = torch.randn(*shape, dtype=torch.float32, device=models.device, generator=self.generator)
+            solver, first = self._new_solver(), 0  # fresh per clip, as the reference
         seq_len = shape[1] * lat_h * lat_w // 4
-        solver = make_solver(self.solver, self.steps, self.shift, self.timesteps)  # fresh per clip, as the reference
 
         def denoise(x: Tensor, t: Tensor, *, context: Tensor, face_pixel_values: Tensor) -> Tensor:
             return models.dit(x, t, context, seq_len, cond.y, clip_fea=clip_fea, pose_latents=cond.pose_latents,
@@ -459,7 +407,8 @@ class _ClipLoop:
         branch = {"context": self.context, "face_pixel_values": cond.face}
         null = {"context": self.context_null, "face_pixel_values": torch.full_like(cond.face, -1.0)} \
             if self.scale != 1.0 else branch  # a black face removes the expression in the unconditional branch
-        for k in range(self.steps):
+        watch = FiniteWatch(self.steps, clip=index, clips=len(self.starts))
+        for k in range(first, self.steps):
             done = index * self.steps + k
             if self.should_cancel is not None and self.should_cancel():
                 raise GenerationCancelled(f"cancelled before sampling step {done + 1} of {self.total} "
@@ -468,8 +417,20 @@ class _ClipLoop:
             with _autocast(models):
                 v = self.guidance(denoise, latent, t, branch, null, self.scale)
             latent = solver.step(v.float(), k, latent)
+            watch.observe(k, latent)
+            self._save(index, k + 1, latent, solver, watch)
             self._report("sampling", done + 1, self.total, index)
+        watch.check()
         return latent
+
+    def _new_solver(self) -> FlowSolver:
+        return make_solver(self.solver, self.steps, self.shift, self.timesteps)
+
+    def _save(self, index: int, done: int, latent: Tensor, solver: FlowSolver, watch: FiniteWatch) -> None:
+        store = self.checkpoint  # never a state holding a NaN/Inf: the watch raises at its next check
+        if store is not None and store.tick(final=done == self.steps) and watch.finite():
+            store.save(SamplingState(index, done, latent, solver.state_dict(), rng=self.generator.get_state(),
+                                     finished=self.finished))
 
     def _report(self, phase: str, step: int, total: int, clip: int) -> None:
         if self.on_progress is not None:

@@ -22,8 +22,10 @@ from PIL import Image
 from inbox_schema.defaults import DEFAULT_NEGATIVE_PROMPT  # used when none is given
 from pipeline.preprocess.image import latent_size, load_image
 from pipeline.sampling import FlowSolver, make_solver
+from pipeline.sampling.checkpoint import CheckpointStore, SamplingState, loop_key
 from pipeline.sampling.guidance import Guidance, SequentialGuidance
 from pipeline.sampling.moe import HIGH_NOISE, LOW_NOISE, ExpertSwitch
+from pipeline.sampling.numerics import FiniteWatch, check_finite_frames
 
 LATENT_CHANNELS = 16
 TEMPORAL_STRIDE = 4
@@ -211,13 +213,23 @@ def prepare_i2v(models: I2VModels, image: ImageLike, prompt: str | torch.Tensor,
 def sample_i2v(models: I2VModels, inputs: I2VInputs, solver: FlowSolver, switch: ExpertSwitch, *,
                guidance: Guidance | None = None, sp: Any | None = None,
                on_progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
-               on_latent: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               on_latent: Callable[[int, torch.Tensor], None] | None = None,
+               checkpoint: CheckpointStore | None = None) -> torch.Tensor:
     """The denoising loop: per step choose the expert and its scale, guided velocity, solver step.
 
-    on_latent(step_index, latent) sees the latent after every step (checks, previews)."""
+    on_latent(step_index, latent) sees the latent after every step (checks, previews). checkpoint: continue
+    from its state if it holds one for this job, and save the state as its policy says (default: none, the
+    loop starts at step 0). Raises NonFiniteError naming the first step whose latent holds a NaN/Inf."""
     guide = guidance or SequentialGuidance()
-    latent, total = inputs.noise, solver.num_steps
-    for index in range(total):
+    latent, total, start = inputs.noise, solver.num_steps, 0
+    if checkpoint is not None:
+        state = checkpoint.begin(i2v_loop_key(inputs, solver, switch), solver, models.device)
+        if state is not None:
+            latent, start = state.latent.to(models.device), state.step
+            if on_progress is not None:
+                on_progress("sampling", start, total)
+    watch = FiniteWatch(total, expert_of=lambda k: switch.expert(int(solver.timesteps[k])))
+    for index in range(start, total):
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled(f"cancelled before sampling step {index + 1} of {total}")
         step_t = int(solver.timesteps[index])  # decisions on the host copy: no device sync
@@ -228,11 +240,22 @@ def sample_i2v(models: I2VModels, inputs: I2VInputs, solver: FlowSolver, switch:
             v = guide(denoise, latent, t, {"context": inputs.context}, {"context": inputs.context_null},
                       switch.scale(step_t))
         latent = solver.step(v.float(), index, latent)
+        watch.observe(index, latent)
+        # never save a state holding a NaN/Inf: the watch raises at its next check, on every rank alike
+        if checkpoint is not None and checkpoint.tick(final=index + 1 == total) and watch.finite():
+            checkpoint.save(SamplingState(0, index + 1, latent, solver.state_dict(), expert=name))
         if on_latent is not None:
             on_latent(index, latent)
         if on_progress is not None:
             on_progress("sampling", index + 1, total)
+    watch.check()
     return latent
+
+
+def i2v_loop_key(inputs: I2VInputs, solver: FlowSolver, switch: ExpertSwitch) -> dict[str, Any]:
+    """What a checkpoint must agree with besides the job's fingerprint: the schedule, the switch, the shape."""
+    return loop_key("i2v", solver, 1, inputs.noise.shape, boundary=switch.boundary,
+                    guide_scale=list(switch.guide_scale))
 
 
 def _denoiser(models: I2VModels, name: str, inputs: I2VInputs, sp: Any | None) -> Callable[..., torch.Tensor]:
@@ -251,9 +274,11 @@ def _autocast(models: I2VModels) -> Any:
 
 
 def decode_video(models: I2VModels, latent: torch.Tensor) -> torch.Tensor:
-    """VAE decode -> [3, F, H, W] clamped to [-1, 1]."""
+    """VAE decode -> [3, F, H, W] clamped to [-1, 1]; NonFiniteError if a frame holds a NaN/Inf."""
     with torch.no_grad():
-        return models.vae.decode(latent).clamp(-1, 1)
+        video = models.vae.decode(latent).clamp(-1, 1)
+    check_finite_frames(video)
+    return video
 
 
 def generate_i2v(models: I2VModels, image: ImageLike, prompt: str | torch.Tensor,
@@ -261,11 +286,14 @@ def generate_i2v(models: I2VModels, image: ImageLike, prompt: str | torch.Tensor
                  shift: float, guide_scale: float | tuple[float, float], solver: str, seed: int,
                  boundary: float = 0.9, on_progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None, sp: Any | None = None, guidance: Guidance | None = None,
-                 noise: torch.Tensor | None = None, timesteps: Sequence[int] | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, timesteps: Sequence[int] | None = None,
+                 checkpoint: CheckpointStore | None = None) -> torch.Tensor:
     """Image + prompt (text or embedding [L, text_dim]) -> video [3, F, H, W] in [-1, 1] on models.device.
 
     guide_scale is one number or (low-noise, high-noise); boundary is the fraction of 1000 at and above
-    which the high-noise expert runs; timesteps is an explicit list for solver 'euler' (distilled presets).
+    which the high-noise expert runs; timesteps is an explicit list for solver 'euler' (distilled presets);
+    checkpoint: resume from / save the sampling state (see sample_i2v); the caller clears it once the video
+    is safe.
     """
     switch = ExpertSwitch(boundary=boundary, guide_scale=guide_scale)
     sampler = make_solver(solver, steps, shift, timesteps)
@@ -274,7 +302,7 @@ def generate_i2v(models: I2VModels, image: ImageLike, prompt: str | torch.Tensor
     if on_progress is not None:
         on_progress("encoding", 1, 1)
     latent = sample_i2v(models, inputs, sampler, switch, guidance=guidance, sp=sp,
-                        on_progress=on_progress, should_cancel=should_cancel)
+                        on_progress=on_progress, should_cancel=should_cancel, checkpoint=checkpoint)
     video = decode_video(models, latent)
     if on_progress is not None:
         on_progress("decoding", 1, 1)

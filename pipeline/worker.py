@@ -29,12 +29,12 @@ from daemon.states import ErrorKind
 from inbox_schema import model_ids
 from pipeline.families.base import (
     JobCancelled,
-    JobFailure,
     JobInputError,
     PoolShutdown,
     fingerprint,
     open_family,
 )
+from pipeline.families.resume import checkpoint_store
 from pipeline.models import attention as attention_mod
 from pipeline.models.fp8 import PRECISIONS
 from pipeline.rank_failures import FailureWatch
@@ -265,8 +265,9 @@ def attempt(family: Any, run: protocol.Run, ranks: Ranks, report: JobReport, lin
         if run.params.kind != family.kind:
             raise JobInputError(f"kind: got {run.params.kind!r}, but this pool runs {args.model} "
                                 f"({family.kind} jobs); the supervisor must relaunch the pool for it")
+        store = checkpoint_store(run, family)  # resume: None unless the run asks for sampling checkpoints
         result = family.run(run.params, run.inputs, report=report,
-                            should_cancel=lambda: link.cancel_requested(run.job))
+                            should_cancel=lambda: link.cancel_requested(run.job), checkpoint=store)
         if ranks.master:
             report.progress("write", 0, 1)
             write_mp4(result["video"], run.output, fps=result["fps"], crf=run.crf if run.crf is not None else args.crf)
@@ -291,6 +292,7 @@ def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, o
         "attention": attention_mod.active_backend(),  # the kernel that ran (after its self-test): fa3, cudnn, ...
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
+        **result.get("stats", {}),  # the family's own: resumed_from, checkpoint
     }
     if first_job:
         stats["load_seconds"] = round(load_seconds, 3)
@@ -306,8 +308,9 @@ def error_message(job: str | None, kind: ErrorKind, message: str, retryable: boo
 def classify_failure(job: str, exc: BaseException) -> protocol.Error:
     """An exception as an `error` message a person can act on (OOM says what to change)."""
     traceback.print_exception(exc, file=sys.stderr)
-    if isinstance(exc, JobFailure):  # it knows what it is
-        return error_message(job, ErrorKind(exc.kind), first_line(exc), bool(exc.retryable))
+    known = getattr(exc, "kind", None)  # families' JobFailure, sampling's NonFiniteError: they know what they are
+    if known in {k.value for k in ErrorKind} and hasattr(exc, "retryable"):
+        return error_message(job, ErrorKind(known), first_line(exc), bool(exc.retryable))
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return error_message(job, ErrorKind.OOM, f"out of memory: {first_line(exc)}; use fewer frames or a smaller "
                              "size, or give the pool more GPUs (pool.nproc) or shard the weights (worker "

@@ -23,7 +23,9 @@ from pipeline.families.base import (
     seed_of,
     speed_up,
 )
+from pipeline.families.resume import run_stats
 from pipeline.parallel.cfg import plan_parallel
+from pipeline.sampling.checkpoint import CheckpointStore
 
 
 class AnimateFamily:
@@ -60,8 +62,8 @@ class AnimateFamily:
         speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
         self.sp, self.guidance = parallel_groups(self.plan)
 
-    def run(self, job: Job, inputs: dict[str, str], report: Reporter,
-            should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
+            checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
         from pipeline.animate import encode_prompts, generate_animate
         from pipeline.i2v import GenerationCancelled
 
@@ -80,11 +82,12 @@ class AnimateFamily:
                 clip_len=options.clip_len, refert_num=options.refert_num, steps=sampling.steps,
                 shift=sampling.shift, guide_scale=float(sampling.guide_scale), solver=sampling.solver,
                 timesteps=sampling.timesteps, seed=seed, relighting_lora=options.relighting_lora,
-                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance)
+                on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance,
+                checkpoint=checkpoint)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
         return {"video": video, "fps": output_fps(job, inputs), "frames": int(video.shape[1]),
-                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed}
+                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed, **run_stats(checkpoint)}
 
 
 def src_dir(inputs: dict[str, str]) -> Path:

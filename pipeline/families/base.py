@@ -123,8 +123,8 @@ class Family(Protocol):
 
     def load(self) -> None: ...
 
-    def run(self, job: Job, inputs: dict[str, str], report: Reporter,
-            should_cancel: Callable[[], bool]) -> dict[str, Any]: ...
+    def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
+            checkpoint: Any = None) -> dict[str, Any]: ...
 
 
 def open_family(args: argparse.Namespace, ranks: Any) -> Family:

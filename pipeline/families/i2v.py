@@ -23,9 +23,11 @@ from pipeline.families.base import (
     seed_of,
     speed_up,
 )
+from pipeline.families.resume import run_stats
 from pipeline.parallel.cfg import ParallelPlan, plan_parallel
 from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.vae_decode import decode_pipelined
+from pipeline.sampling.checkpoint import CheckpointStore
 
 
 class I2VFamily:
@@ -60,11 +62,12 @@ class I2VFamily:
         speed_up([self.models.high_noise, self.models.low_noise], self.args, fuse_qkv=self.sharding != "fsdp")
         self.sp, self.guidance = parallel_groups(self.plan)
 
-    def run(self, job: Job, inputs: dict[str, str], report: Reporter,
-            should_cancel: Callable[[], bool]) -> dict[str, Any]:
+    def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
+            checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
         from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
         from pipeline.sampling import make_solver
         from pipeline.sampling.moe import ExpertSwitch
+        from pipeline.sampling.numerics import check_finite_frames
 
         image, seed = prepared_image(inputs), seed_of(job)
         sampling, video = job.sampling, job.video
@@ -80,17 +83,18 @@ class I2VFamily:
         try:
             latent = sample_i2v(self.models, prepared, solver, switch, guidance=self.guidance, sp=self.sp,
                                 on_progress=lambda _phase, step, total: report.progress("sampling", step, total),
-                                should_cancel=should_cancel)
+                                should_cancel=should_cancel, checkpoint=checkpoint)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
         report.progress("decode", 0, 1)
         if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
             frames = decode_pipelined(self.models.vae, latent)
+            check_finite_frames(frames)  # rank 0's frames (decode_video checks its own)
         else:
             frames = decode_video(self.models, latent)
         report.progress("decode", 1, 1)
         return {"video": frames, "fps": float(video.fps), "frames": video.frames,
-                "width": prepared.width, "height": prepared.height, "seed": seed}
+                "width": prepared.width, "height": prepared.height, "seed": seed, **run_stats(checkpoint)}
 
     def _encode_prompts(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         from pipeline.i2v import encode_prompts

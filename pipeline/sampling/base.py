@@ -5,7 +5,12 @@ A solver object belongs to exactly one sampling run; it must not be shared betwe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+# What a solver's state_dict() holds: tensors (device ones included), lists of tensors, ints, strings, None.
+SolverState = dict[str, Any]
 
 
 class SolverError(ValueError):
@@ -49,6 +54,51 @@ class FlowSolver:
 
     def _update(self, k: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- state: everything `step` depends on besides the schedule, to continue a run exactly elsewhere
+
+    def state_dict(self) -> SolverState:
+        """The step index and the history (references to the live tensors, not copies); with the current
+        latent, enough for a fresh solver of the same name and schedule to continue bitwise."""
+        return {"solver": self.name, "num_steps": self.num_steps, "step_index": self.step_index,
+                **self._history()}
+
+    def load_state_dict(self, state: SolverState, device: torch.device | str | None = None) -> None:
+        """Continue from `state` (tensors moved to `device`); SolverError, with nothing changed, if it does not
+        belong to this solver or is inconsistent."""
+        for key, expected in (("solver", self.name), ("num_steps", self.num_steps)):
+            if state.get(key) != expected:
+                raise SolverError(f"solver state: {key} is {state.get(key)!r}, this solver has {expected!r}")
+        index = state.get("step_index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= self.num_steps:
+            raise SolverError(f"solver state: step_index {index!r}, expected an integer in [0, {self.num_steps}]")
+        history = self._check_history(state, index)
+        self.step_index = index
+        self._restore(history, device)
+
+    def _history(self) -> SolverState:
+        return {}
+
+    def _check_history(self, state: SolverState, index: int) -> SolverState:
+        """The subclass's history entries of `state`, validated; SolverError if any is missing or wrong."""
+        return {}
+
+    def _restore(self, history: SolverState, device: torch.device | str | None) -> None:
+        pass
+
+
+def tensor_list(state: SolverState, key: str, most: int) -> list[torch.Tensor]:
+    """state[key] as a list of at most `most` tensors of one shape, or SolverError naming the key."""
+    value = state.get(key)
+    if not isinstance(value, list) or len(value) > most or not all(isinstance(t, torch.Tensor) for t in value):
+        raise SolverError(f"solver state: {key} must be a list of at most {most} tensors, got {type(value).__name__}")
+    if len({tuple(t.shape) for t in value}) > 1:
+        raise SolverError(f"solver state: {key} holds tensors of different shapes")
+    return value
+
+
+def moved(tensor: torch.Tensor | None, device: torch.device | str | None) -> torch.Tensor | None:
+    return tensor if tensor is None or device is None else tensor.to(device)
 
 
 def alpha_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

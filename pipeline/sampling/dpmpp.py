@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sampling.base import FlowSolver, alpha_lambda
+from pipeline.sampling.base import FlowSolver, SolverError, SolverState, alpha_lambda, moved, tensor_list
 from pipeline.sampling.schedule import dpm_sigmas, to_schedule
 
 
@@ -27,6 +27,19 @@ class DPMSolverPP(FlowSolver):
         if k == 0 or last_step:
             return self._first_order(k, x, m_k).to(v.dtype)
         return self._second_order(k, x).to(v.dtype)
+
+    def _history(self) -> SolverState:
+        return {"x0_history": list(self.x0_history)}
+
+    def _check_history(self, state: SolverState, index: int) -> SolverState:
+        history = tensor_list(state, "x0_history", 2)
+        if len(history) != min(index, 2):
+            raise SolverError(f"solver state: dpm++ holds {len(history)} predictions at step_index {index}, "
+                              f"expected {min(index, 2)}")
+        return {"x0_history": history}
+
+    def _restore(self, history: SolverState, device: torch.device | str | None) -> None:
+        self.x0_history = [moved(t, device) for t in history["x0_history"]]
 
     def _first_order(self, k: int, x: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
         sigma_t, sigma_s = self.sigmas[k + 1], self.sigmas[k]

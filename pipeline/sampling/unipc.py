@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.sampling.base import FlowSolver, alpha_lambda
+from pipeline.sampling.base import FlowSolver, SolverError, SolverState, alpha_lambda, moved, tensor_list
 from pipeline.sampling.schedule import to_schedule, unipc_sigmas
 
 
@@ -39,6 +39,27 @@ class UniPCSolver(FlowSolver):
         x_next = self._predict(k, x, self.this_order)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.order)
         return x_next
+
+    def _history(self) -> SolverState:
+        return {"x0_history": list(self.x0_history), "last_sample": self.last_sample,
+                "this_order": self.this_order, "lower_order_nums": self.lower_order_nums}
+
+    def _check_history(self, state: SolverState, index: int) -> SolverState:
+        history = tensor_list(state, "x0_history", self.order)
+        last, this_order, lower = state.get("last_sample"), state.get("this_order"), state.get("lower_order_nums")
+        # after k steps: min(k, order) predictions, the last corrected sample from step k-1 on
+        consistent = (len(history) == min(index, self.order) and (last is None) == (index == 0)
+                      and (last is None or isinstance(last, torch.Tensor))
+                      and this_order in range(self.order + 1) and lower == min(index, self.order))
+        if not consistent:
+            raise SolverError(f"solver state: unipc history does not match step_index {index} "
+                              f"({len(history)} predictions, this_order {this_order!r}, lower_order_nums {lower!r})")
+        return {"x0_history": history, "last_sample": last, "this_order": this_order, "lower_order_nums": lower}
+
+    def _restore(self, history: SolverState, device: torch.device | str | None) -> None:
+        self.x0_history = [moved(t, device) for t in history["x0_history"]]
+        self.last_sample = moved(history["last_sample"], device)
+        self.this_order, self.lower_order_nums = history["this_order"], history["lower_order_nums"]
 
     def _coefficients(self, sigma_t: torch.Tensor, sigma_s0: torch.Tensor):
         alpha_t, lambda_t = alpha_lambda(sigma_t)

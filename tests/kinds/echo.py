@@ -56,7 +56,8 @@ class EchoFamily:
     def load(self) -> None:
         pass
 
-    def run(self, job: Job, inputs: dict[str, str], report: Any, should_cancel: Any) -> dict[str, Any]:
+    def run(self, job: Job, inputs: dict[str, str], report: Any, should_cancel: Any,
+            checkpoint: Any = None) -> dict[str, Any]:
         import numpy as np
         import torch
         from PIL import Image
