@@ -63,6 +63,9 @@ class JobSettings:
     backoff_cap_seconds: float = 3600.0  # ... but never later than this
     tick_seconds: float = 0.5  # the supervisor loop's pace when idle
     prune_after_days: float = 0.0  # delete a delivered job's work folder (inputs, intermediates) after this (0 = keep)
+    resume: bool = True  # checkpoint the denoising loop in work/<id>/resume/: a retried job resumes there
+    checkpoint_every_seconds: float = 120.0  # ... at most this long apart (0 = not by time)
+    checkpoint_every_steps: int = 0  # ... or every this many steps (0 = not by count)
 
 
 @dataclass(frozen=True)

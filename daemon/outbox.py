@@ -57,6 +57,8 @@ def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], chec
         "peak_memory": stats.get("peak_memory"),
         "model_load": stats.get("model_load"),
         "attention": stats.get("attention"),
+        "resumed_from": stats.get("resumed_from"),  # the sampling checkpoint a retried attempt continued from
+        "checkpoint": stats.get("checkpoint"),
         "pool": pool,
         "attempts": record.attempts_made,
         "created_at": record.created_at.isoformat(),

@@ -8,6 +8,7 @@ WarmPool's public methods (the pool process itself is daemon/pool.py's).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from datetime import datetime, timezone
@@ -27,6 +28,18 @@ from daemon.states import ErrorKind, JobState, PoolState
 from inbox_schema import JobDataError
 
 S = JobState
+RESUME_DIR = "resume"  # work/<id>/resume/: the pool's sampling checkpoint of the job
+
+
+def resumed(stats: dict[str, Any]) -> str:
+    """ " (resumed at step 31 of clip 1 ...)" for the timeline when the pool resumed from a checkpoint."""
+    where = stats.get("resumed_from")
+    if not isinstance(where, dict):
+        return ""
+    text = f" (resumed from its checkpoint after step {where.get('step')}"
+    text += f" of clip {where['clip'] + 1}" if where.get("clip") else ""
+    changed = where.get("layout_changed")
+    return text + (f"; on another layout: {', '.join(changed)}" if changed else "") + ")"
 
 
 def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime,
@@ -128,13 +141,22 @@ class PoolDriver:
         output = Path(record.work_dir) / jobfiles.OUTPUT_FILE
         output.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not be delivered
         run = protocol.Run(job=record.id, kind=record.kind, params=job, inputs=inputs, output=str(output),
-                           crf=self.cfg.outbox.crf)
+                           crf=self.cfg.outbox.crf, resume=self._resume(record))
         self.cancel_sent = None
         self.run_started[record.id] = time.monotonic()
         jlog(logging.INFO, record.id, "sampling on the %s pool", self.pool.model)
         if not self.pool.run(run):
             for event in self.pool.died("could not send the job to the worker pool"):
                 self.on_event(event)
+
+    def _resume(self, record: JobRecord) -> protocol.Resume | None:
+        """Where the pool checkpoints this job's denoising loop (and resumes it after a crash), per [jobs]."""
+        jobs = self.cfg.jobs
+        if not jobs.resume:
+            return None
+        return protocol.Resume(dir=str(Path(record.work_dir) / RESUME_DIR),
+                               every_steps=jobs.checkpoint_every_steps or None,
+                               every_seconds=jobs.checkpoint_every_seconds or None)
 
     # --- what the pool says ----------------------------------------------------------------------------
 
@@ -193,7 +215,8 @@ class PoolDriver:
         fields: dict[str, Any] = {}
         if isinstance(gpu_seconds, (int, float)):
             fields["gpu_seconds"] = float(gpu_seconds)
-        if not self.ledger.transition(job_id, S.SAMPLING, S.FINALIZING, "the worker reported done", **fields):
+        if not self.ledger.transition(job_id, S.SAMPLING, S.FINALIZING, f"the worker reported done{resumed(stats)}",
+                                      **fields):
             jlog(logging.INFO, job_id, "output ignored: the job was cancelled meanwhile")
             return
         if started is not None:
@@ -215,6 +238,7 @@ class PoolDriver:
         outputs = {**(record.outputs_json or {}), **outputs}
         self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs)
         video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
+        shutil.rmtree(Path(record.work_dir) / RESUME_DIR, ignore_errors=True)  # delivered: nothing to resume
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])
 
     # --- stopping and status -----------------------------------------------------------------------------
