@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
+import daemon.deliveries  # noqa: F401 - registers the notification tables on Base.metadata
 from daemon.ledger import Base
 
 config = context.config
