@@ -137,14 +137,17 @@ def render_status(jobs: list[Any], counts: dict[str, int]) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    from daemon.notifications import notification_lines
+
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
         events = ledger.events(job.id)
+        notifications = notification_lines(ledger, job.id)
     if args.json:
         _print_json({**job_summary(job), "parameters": job.params_json, "timings": job.timings_json,
                      "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
                      "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
-                                for e in events]})  # fmt: skip
+                                for e in events], "notifications": notifications})  # fmt: skip
         return EXIT_OK
     print(f"job {job.id}  {job.name}  ({job.kind}, {job.model_id or '?'})  state: {job.state.value}")
     print(f"  manifest: {job.manifest_path}")
@@ -166,6 +169,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     for e in events:
         frm = e.from_state.value if e.from_state else "-"
         print(f"    {e.at:%Y-%m-%d %H:%M:%S}  {frm:>13} -> {e.to_state.value:<13} {e.message}")
+    if notifications:
+        print("  notifications:")
+        for line in notifications:
+            print(f"    {line}")
     return EXIT_OK
 
 
@@ -288,7 +295,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=argparse.SUPPRESS,
                         help="data root holding inbox/, outbox/, failed/, work/, state/")
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                        help="config file (default /etc/wanbox/config.toml when present)")
+                        help="config file (default: <root>/config.toml with --root or WANBOX_ROOT, else "
+                             "/etc/wanbox/config.toml, else the built-in defaults)")
 
 
 def _preprocess_parser(sub: Any, full: bool) -> None:

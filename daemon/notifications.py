@@ -60,8 +60,9 @@ class Notifications:
     """
 
     def __init__(self, ledger: Ledger, settings: NotifySettings, *, senders: int = 4, poll_seconds: float = 5.0,
-                 agent: str = "wanbox") -> None:  # fmt: skip
+                 agent: str = "wanbox", lease_margin: timedelta = LEASE_MARGIN) -> None:  # fmt: skip
         self.settings = settings
+        self.lease_margin = lease_margin
         self.store = DeliveryStore(ledger)
         self.agent = agent
         self.poll_seconds = poll_seconds  # also picks up what another host sharing the ledger added
@@ -141,9 +142,9 @@ class Notifications:
             free, busy = self._senders - len(self._in_flight), frozenset(self._in_flight)
         if free <= 0:
             return
-        lease = {WEBHOOK: timedelta(seconds=self.settings.timeout_seconds) + LEASE_MARGIN,
+        lease = {WEBHOOK: timedelta(seconds=self.settings.timeout_seconds) + self.lease_margin,
                  COMMAND: timedelta(seconds=self.settings.command_timeout_seconds + hooks.TERM_GRACE_SECONDS)
-                 + LEASE_MARGIN}  # fmt: skip
+                 + self.lease_margin}  # fmt: skip
         for row in self.store.claim_due(utcnow(), lease, free, busy):
             with self._lock:
                 self._in_flight.add(row.id)

@@ -96,12 +96,15 @@ class WarmPool:
             "crf": str(self.crf),
         }
         try:
-            return [part.format(**values) for part in self.settings.command]
+            argv = [part.format(**values) for part in self.settings.command]
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"pool.command {list(self.settings.command)!r}: bad placeholder {exc}; "
                 f"expected only {', '.join('{' + k + '}' for k in values)}"
             ) from None
+        # [pool] max_area is a setting, not a command edit: appended, so it also caps a custom command
+        # (argparse keeps the last --max-area when the command carries one too).
+        return argv + (["--max-area", str(self.settings.max_area)] if self.settings.max_area else [])
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -114,6 +117,9 @@ class WarmPool:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.settings.env)
+        if self.settings.threads:
+            # torch sizes its intra-op pool from OMP_NUM_THREADS; torchrun leaves a value it finds alone.
+            env["OMP_NUM_THREADS"] = str(self.settings.threads)
         return env
 
     def can_launch(self, now: float | None = None) -> bool:
@@ -142,6 +148,13 @@ class WarmPool:
         except (OSError, ValueError) as exc:
             return self._died(f"the worker command could not be started: {exc}")
         return []
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """The loaded pool's torch and CUDA versions (cuda None on a CPU build), intra-op threads and pixel-area
+        cap (None = none), as its hello reported them; {} before the hello or from an older worker."""
+        found = self.hello.get("runtime")
+        return dict(found) if isinstance(found, dict) else {}
 
     @property
     def pid(self) -> int | None:

@@ -22,6 +22,7 @@ from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
+from daemon import deliveries  # noqa: F401 - its tables are part of Base.metadata, as in the migrations
 from daemon import ledger as ledger_module
 from daemon.ledger import (
     AmbiguousJobId,
@@ -69,8 +70,8 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
         tables = set(inspect(conn).get_table_names())
         claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
     assert diff == []
-    assert revision == "0001"
-    assert tables == {"jobs", "events", "alembic_version"}
+    assert revision == "0003"
+    assert tables == {"jobs", "events", "notifications", "notification_attempts", "alembic_version"}
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 
 
@@ -111,7 +112,7 @@ def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> No
         assert second.get(job_id).state == S.QUEUED
         assert [e.to_state for e in third.events(job_id)] == [S.STAGED, S.QUEUED]
         with third.engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0001"
+            assert MigrationContext.configure(conn).get_current_revision() == "0003"
             assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
 
 
