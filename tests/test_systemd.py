@@ -249,3 +249,17 @@ def test_readme_installs_each_file_where_its_own_comment_says() -> None:
         folder = target if target.endswith("/") else target.rsplit("/", 1)[0] + "/"
         installs = [line for line in readme.splitlines() if f"systemd/{name}" in line]
         assert installs and any(target in line or folder in line for line in installs), (name, target)
+
+
+def test_the_gpu_hardening_check_applies_every_sandboxing_line_of_the_unit() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import unit_hardening_gpu
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    lines = unit_hardening_gpu.sandboxing(SYSTEMD / "wanbox.service")
+    keys = {line.split("=", 1)[0] for line in lines}
+    assert {"SystemCallFilter", "RestrictAddressFamilies", "CapabilityBoundingSet", "DeviceAllow", "ProtectProc",
+            "DevicePolicy", "UMask", "PrivateTmp"} <= keys  # fmt: skip
+    assert not keys & {"ExecStart", "User", "Type", "Restart", "RemoveIPC"}
+    assert lines.count("SystemCallFilter=~@privileged") == 1
