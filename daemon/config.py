@@ -301,7 +301,7 @@ def _ledger_location(root: Path, state: Path, value: str | None) -> Path | str:
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | None = None) -> Config:
-    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox)."""
+    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox, notify)."""
     allowed = ["paths", *_SECTIONS]
     for key in data:
         if key not in allowed:

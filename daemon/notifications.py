@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from daemon import hooks, webhooks
-from daemon.config import NOTIFY_EVENTS, NotifySettings
+from daemon.config import NOTIFY_EVENTS, NotifySettings, webhook_url_problem
 from daemon.deliveries import COMMAND, DELIVERED, FAILED, PENDING, WEBHOOK, DeliveryStore, Notification, Owed
 from daemon.ledger import Ledger, utcnow
 
@@ -198,6 +198,9 @@ class Notifications:
         """Delivered on a 2xx; otherwise retried after base * 2**(n-1) s (at most cap), until the deadline."""
         if outcome.ok:
             return DELIVERED, f"HTTP {outcome.status}", None
+        problem = webhook_url_problem(row.target)
+        if problem:  # a manifest's bad URL: no retry can fix it
+            return FAILED, f"not sent: {problem}", None
         s, tries = self.settings, row.attempts + 1
         deadline = row.created_at + timedelta(seconds=s.give_up_after_seconds)
         now = at + timedelta(seconds=outcome.seconds)

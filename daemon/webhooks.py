@@ -79,6 +79,8 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 def post(url: str, data: bytes, header_values: dict[str, str], timeout: float) -> Outcome:
     """POST `data` to `url`; never raises for network or HTTP trouble (the Outcome says what happened)."""
     started = time.monotonic()
+    if _scheme(url) not in ("http", "https"):  # urllib would also open file:, ftp: and data: URLs
+        return Outcome(False, None, f"not an http(s) URL: {display_url(url)}", 0.0)
     request = urllib.request.Request(url, data=data, headers=header_values, method="POST")
     try:
         with _OPENER.open(request, timeout=timeout) as reply:
@@ -91,6 +93,13 @@ def post(url: str, data: bytes, header_values: dict[str, str], timeout: float) -
         return Outcome(False, exc.code, detail, time.monotonic() - started)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return Outcome(False, None, _network_error(exc, timeout), time.monotonic() - started)
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlsplit(url).scheme
+    except ValueError:
+        return ""
 
 
 def _read_error(exc: urllib.error.HTTPError) -> str:

@@ -388,3 +388,23 @@ def test_wanbox_show_lists_the_notifications(tmp_path: Path) -> None:
     text = show.stdout
     assert "  notifications:\n" in text
     assert f"    notified (rejected, server) http://127.0.0.1:{receiver.port}/hooks/wanbox?…: HTTP 200\n" in text
+
+
+def test_a_jobs_malformed_url_fails_at_once_with_the_reason(ledger: Ledger) -> None:
+    notes = Notifications(ledger, FAST, poll_seconds=0.05)
+    notes.start()
+    try:
+        job_id, payload = rejected_job(ledger)
+        notes.job_ended(job_id, "rejected", payload, JobTargets(urls=("file:///etc/passwd",)))
+        wait_for(lambda: rows(ledger, job_id)[0][0].state != "pending", what="the refusal")
+    finally:
+        notes.stop()
+    note, tries = rows(ledger, job_id)[0]
+    assert note.state == "failed" and len(tries) == 1 and note.last_result.startswith("not sent: expected an http")
+
+
+def test_post_never_opens_anything_but_http(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not send me")
+    outcome = webhooks.post(secret.as_uri(), b"{}", {}, 2.0)
+    assert not outcome.ok and outcome.detail.startswith("not an http(s) URL") and "do not send" not in outcome.detail
