@@ -147,17 +147,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     from daemon.liveness import job_daemon_events
 
     cfg = _config(args)
+    from daemon.notifications import notification_lines
+
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
         note = namesakes_note(ledger, job, args.job)
         events = ledger.events(job.id)
         daemon_events = job_daemon_events(ledger.engine, cfg.paths.root, cfg.paths.state, job, events)
+        notifications = notification_lines(ledger, job.id)
     if args.json:
         _print_json({**job_summary(job), "parameters": job.params_json, "timings": job.timings_json,
                      "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
                      "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
                                 for e in events],
-                     "daemon_events": [{"at": at, "message": text} for at, text in daemon_events]})  # fmt: skip
+                     "daemon_events": [{"at": at, "message": text} for at, text in daemon_events],
+                     "notifications": notifications})  # fmt: skip
         return EXIT_OK
     print(f"job {job.id}  {job.name}  ({job.kind}, {job.model_id or '?'})  state: {job.state.value}")
     if note:
@@ -181,6 +185,10 @@ def cmd_show(args: argparse.Namespace) -> int:
              for e in events] + [(at, f"{'(daemon)':>13}    {text}") for at, text in daemon_events]
     for at, text in sorted(lines, key=lambda line: line[0]):
         print(f"    {at:%Y-%m-%d %H:%M:%S}  {text}")
+    if notifications:
+        print("  notifications:")
+        for line in notifications:
+            print(f"    {line}")
     return EXIT_OK
 
 
@@ -342,7 +350,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=argparse.SUPPRESS,
                         help="data root holding inbox/, outbox/, failed/, work/, state/")
     parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                        help="config file (default /etc/wanbox/config.toml when present)")
+                        help="config file (default: <root>/config.toml with --root or WANBOX_ROOT, else "
+                             "/etc/wanbox/config.toml, else the built-in defaults)")
 
 
 def _preprocess_parser(sub: Any, full: bool) -> None:

@@ -84,6 +84,10 @@ class PoolSettings:
     stop_grace_seconds: float = 60.0  # on shutdown/switch, wait this long before SIGTERM, then SIGKILL
     max_switch_wait_seconds: float = 1800.0  # a job of another model waits at most this long
     preload: str = ""  # a model to load at start-up (systemd READY=1 then waits for it); "" = on demand
+    max_area: int = 0  # cap on every job's pixel area, passed as the worker's --max-area (0 = no cap); CPU, demos
+    threads: int = 0  # torch intra-op threads per worker process, as OMP_NUM_THREADS (0 = torch's default)
+    precision: str = "bf16"  # "fp8": the DiT blocks' Linears in float8 (Ada/Hopper+; lossy, bench/RESULTS.md)
+    fp8_attention: bool = False  # with fp8, FlashAttention-3's FP8 attention too (faster, lossier still)
 
     def checkpoint_dir(self, model: str) -> Path:
         return self.checkpoint_dirs.get(model, self.models_dir / model_folders().get(model, model))
@@ -102,6 +106,24 @@ class PreprocessSettings:
 class OutboxSettings:
     poster: bool = True  # write <name>.jpg, the first frame
     crf: int = 18  # H.264 quality of the delivered mp4 (lower = better, bigger)
+
+
+NOTIFY_EVENTS = ("done", "failed", "rejected")  # the end states a notification can be sent for
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    urls: tuple[str, ...] = ()  # webhooks POSTed a signed JSON body when a job ends (every job)
+    events: tuple[str, ...] = NOTIFY_EVENTS  # which end states the server's webhooks are sent for
+    secret: str = ""  # HMAC-SHA256 key signing every webhook body (X-Wanbox-Signature); "" = unsigned
+    job_urls: bool = True  # honour the webhook URLs a manifest's [notify] names (false: server URLs only)
+    timeout_seconds: float = 10.0  # one webhook request may take this long
+    retry_base_seconds: float = 30.0  # a failed delivery is retried after base * 2**(attempt-1) ...
+    retry_cap_seconds: float = 3600.0  # ... but never later than this
+    give_up_after_seconds: float = 86400.0  # stop retrying this long after the job ended (reason recorded)
+    command: tuple[str, ...] = ()  # post-job command (argv, no shell), the job's facts in WANBOX_* variables
+    command_events: tuple[str, ...] = NOTIFY_EVENTS  # which end states run the command
+    command_timeout_seconds: float = 60.0  # the command (and its children) is killed after this
 
 
 @dataclass(frozen=True)
@@ -123,7 +145,9 @@ class Config:
     preprocess: PreprocessSettings = PreprocessSettings()
     outbox: OutboxSettings = OutboxSettings()
     web: WebSettings = WebSettings()
+    notify: NotifySettings = NotifySettings()
     source: Path | None = None  # the file it came from, for messages
+    found: str = ""  # how that file was found (find_config), for `wanbox doctor`
 
     @property
     def all_dirs(self) -> list[Path]:
@@ -138,6 +162,7 @@ _SECTIONS: dict[str, type] = {
     "preprocess": PreprocessSettings,
     "outbox": OutboxSettings,
     "web": WebSettings,
+    "notify": NotifySettings,
 }
 _PATH_KEYS = ("root", "inbox", "outbox", "failed", "work", "state", "ledger", "socket")
 
@@ -223,8 +248,41 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"{_where(where, 'web.port')} = {cfg.web.port}: expected a TCP port 1..65535 (0: any free one)")
     if not cfg.web.bind.strip():
         raise ConfigError(f"{_where(where, 'web.bind')} = {cfg.web.bind!r}: expected an address such as \"127.0.0.1\"")
+    if cfg.pool.precision not in ("bf16", "fp8"):
+        raise ConfigError(f"{_where(where, 'pool.precision')} = {cfg.pool.precision!r}: expected \"bf16\" or \"fp8\"")
+    if cfg.pool.fp8_attention and cfg.pool.precision != "fp8":
+        raise ConfigError(f"{_where(where, 'pool.fp8_attention')} = true: expected false unless "
+                          "pool.precision = \"fp8\"")
     if not cfg.pool.command:
         raise ConfigError(f"{_where(where, 'pool.command')}: expected a non-empty list of strings")
+    _check_notify(cfg.notify, where)
+
+
+def _check_notify(notify: NotifySettings, where: Path | None) -> None:
+    for key in ("events", "command_events"):
+        for event in getattr(notify, key):
+            if event not in NOTIFY_EVENTS:
+                raise ConfigError(f"{_where(where, 'notify.' + key)}: {event!r} is not an end state; expected "
+                                  f"some of {', '.join(NOTIFY_EVENTS)}")
+    for url in notify.urls:
+        problem = webhook_url_problem(url)
+        if problem:
+            raise ConfigError(f"{_where(where, 'notify.urls')}: {url!r}: {problem}")
+    if notify.timeout_seconds <= 0 or notify.command_timeout_seconds <= 0:
+        raise ConfigError(f"{_where(where, 'notify')}: timeout_seconds and command_timeout_seconds must be > 0")
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What is wrong with a webhook URL (None when it is an http(s) URL with a host); also for manifests."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected an http:// or https:// URL with a host, e.g. https://example.org/hooks/wanbox"
+    return None
 
 
 def _paths(source: Path | None, table: Any, root_override: Path | None) -> Paths:
@@ -269,7 +327,7 @@ def _ledger_location(root: Path, state: Path, value: str | None) -> Path | str:
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | None = None) -> Config:
-    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox, web)."""
+    """A Config from a parsed TOML document (tables: paths, inbox, jobs, pool, preprocess, outbox, web, notify)."""
     allowed = ["paths", *_SECTIONS]
     for key in data:
         if key not in allowed:
@@ -290,22 +348,46 @@ def parse_config(data: dict[str, Any], source: Path | None = None, root: Path | 
     return cfg
 
 
-def load_config(path: Path | None = None, root: Path | None = None) -> Config:
-    """The config from `path` (or /etc/wanbox/config.toml when it exists), with `root` overriding paths.root.
+ROOT_CONFIG = "config.toml"  # <root>/config.toml, read when the root is known and no --config is given
+LOOKUP_ORDER = f"--config FILE, else <root>/{ROOT_CONFIG} (--root or WANBOX_ROOT), else {SYSTEM_CONFIG}"
 
-    With neither a file nor a root, WANBOX_ROOT or /var/lib/wanbox is the root.
+
+def find_config(path: Path | None = None, root: Path | None = None) -> tuple[Path | None, str]:
+    """The config file `load_config` reads (None: built-in defaults) and how it was found, in LOOKUP_ORDER.
+
+    A known root never falls back to the system file: that one may name another root's ledger.
     """
-    if path is None and root is None and SYSTEM_CONFIG.is_file():
-        path = SYSTEM_CONFIG
-    if path is None:
-        env_root = os.environ.get("WANBOX_ROOT")
-        return parse_config({}, None, root or (Path(env_root) if env_root else DEFAULT_ROOT))
+    if path is not None:
+        return Path(path), "given with --config"
+    env_root = os.environ.get("WANBOX_ROOT")
+    known_root = root or (Path(env_root) if env_root else None)
+    if known_root is not None:
+        candidate = known_root / ROOT_CONFIG
+        if candidate.is_file():
+            return candidate, f"the root's {ROOT_CONFIG}"
+        return None, f"built-in defaults (no {candidate})"
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG, "the system config"
+    return None, f"built-in defaults (no {SYSTEM_CONFIG})"
+
+
+def load_config(path: Path | None = None, root: Path | None = None) -> Config:
+    """The config found by `find_config`, with `root` overriding paths.root.
+
+    With no file, the root is `root`, else WANBOX_ROOT, else /var/lib/wanbox. Config.found says how.
+    """
+    env_root = os.environ.get("WANBOX_ROOT")
+    if path is None and root is None and env_root:
+        root = Path(env_root)  # the root's own config.toml takes the root it was found in
+    file, found = find_config(path, root)
+    if file is None:
+        return replace(parse_config({}, None, root or DEFAULT_ROOT), found=found)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+        raise ConfigError(f"{file}: cannot read the config file ({exc.strerror})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, Path(path).resolve(), root.resolve() if root else None)
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return replace(parse_config(data, file.resolve(), root.resolve() if root else None), found=found)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.config import DEFAULT_WORKER_COMMAND, Config, parse_config
+from daemon.config import Config, parse_config
 
 # NOTICE: demo_cat.jpg is a downscaled copy of examples/i2v_input.jpg from the public Wan2.2 repository
 # (Apache License 2.0); see pipeline/assets/NOTICE.
@@ -77,13 +77,11 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
 
 def demo_config(root: Path, ckpt: Path, nproc: int) -> Config:
     """A config for a throwaway root: fast inbox settling, a CPU pool on the tiny model."""
-    command = [*DEFAULT_WORKER_COMMAND, "--max-area", str(DEMO_MAX_AREA)]
     return parse_config({
         "inbox": {"settle_seconds": 0.5, "rescan_seconds": 1.0},
         "jobs": {"tick_seconds": 0.2, "max_attempts": 1},
-        "pool": {"nproc": nproc, "device": "cpu", "command": command,
-                 "checkpoint_dirs": {"i2v-A14B": str(ckpt)},
-                 "env": {"OMP_NUM_THREADS": "1"}, "load_deadline_seconds": 300.0,
+        "pool": {"nproc": nproc, "device": "cpu", "max_area": DEMO_MAX_AREA, "threads": 1,
+                 "checkpoint_dirs": {"i2v-A14B": str(ckpt)}, "load_deadline_seconds": 300.0,
                  "heartbeat_seconds": 120.0, "stop_grace_seconds": 30.0},
         "preprocess": {"workers": 1},
     }, None, root)

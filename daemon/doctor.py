@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import protocol
-from daemon.config import Config
+from daemon.config import LOOKUP_ORDER, Config
 from inbox_schema import model_ids
 
 MIN_FREE_GIB = 20  # one 720p job's intermediates plus room for outputs; below it, warn
@@ -208,7 +208,8 @@ def check_worker(cfg: Config) -> list[Check]:
 
 
 def run_checks(cfg: Config) -> list[Check]:
-    source = str(cfg.source) if cfg.source else "built-in defaults"
+    source = f"{cfg.source} ({cfg.found})" if cfg.source else (cfg.found or "built-in defaults")
+    source += f"; looked for: {LOOKUP_ORDER}"
     gpus = check_gpus(cfg)
     return [
         Check("config", "ok", source),

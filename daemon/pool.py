@@ -100,12 +100,21 @@ class WarmPool:
             "crf": str(self.crf),
         }
         try:
-            return [part.format(**values) for part in self.settings.command]
+            argv = [part.format(**values) for part in self.settings.command]
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"pool.command {list(self.settings.command)!r}: bad placeholder {exc}; "
                 f"expected only {', '.join('{' + k + '}' for k in values)}"
             ) from None
+        # [pool] max_area and precision are settings, not command edits: appended, so they also reach a custom
+        # command (argparse keeps the last value when the command carries one too).
+        return argv + self._setting_flags()
+
+    def _setting_flags(self) -> list[str]:
+        flags = ["--max-area", str(self.settings.max_area)] if self.settings.max_area else []
+        if self.settings.precision != "bf16":
+            flags += ["--precision", self.settings.precision]
+        return flags + (["--fp8-attention"] if self.settings.fp8_attention else [])
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -118,6 +127,9 @@ class WarmPool:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.settings.env)
+        if self.settings.threads:
+            # torch sizes its intra-op pool from OMP_NUM_THREADS; torchrun leaves a value it finds alone.
+            env["OMP_NUM_THREADS"] = str(self.settings.threads)
         return env
 
     def can_launch(self, now: float | None = None) -> bool:
@@ -147,6 +159,12 @@ class WarmPool:
         except (OSError, ValueError) as exc:
             return self._died(f"the worker command could not be started: {exc}")
         return []
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """The loaded pool's torch and CUDA versions (cuda None on a CPU build), intra-op threads and pixel-area
+        cap (None = none), as its hello reported them; {} before the hello or from an older worker."""
+        return dict(self.hello.runtime) if self.hello is not None else {}
 
     @property
     def pid(self) -> int | None:

@@ -48,6 +48,7 @@ class Hello:
     pid: int
     devices: list[dict[str, Any]] = field(default_factory=list)
     parallel: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)  # torch and CUDA versions, threads, area cap
 
 
 @dataclass(frozen=True)

@@ -350,6 +350,12 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """What made the videos beyond the weights, for the sidecar (the supervisor never imports torch)."""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+            "max_area": args.max_area}
+
+
 # --- 4. the pool: set up, load, loop over jobs, report ------------------------------------------
 
 
@@ -363,7 +369,7 @@ def load(args: argparse.Namespace, ranks: Ranks, link: Link, devices: list[dict[
     try:
         family = open_family(args, ranks)
         link.say(protocol.Hello(model=args.model, world_size=ranks.world_size, pid=os.getpid(), devices=devices,
-                                parallel=family.parallel))
+                                parallel=family.parallel, runtime=runtime(args)))
         family.load()
         family.checkpoints = fingerprint(Path(args.checkpoint_dir)) if ranks.master else {}
     except Exception as exc:

@@ -56,3 +56,14 @@ def test_demo_delivers_a_video_from_the_real_photo(tmp_path, capfd) -> None:
 def test_demo_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         demo.main(["--nproc", "3"])
+
+
+def test_the_demo_config_caps_the_area_and_threads_by_settings_not_a_copied_command(tmp_path) -> None:
+    from daemon.config import DEFAULT_WORKER_COMMAND
+    from daemon.pool import WarmPool
+
+    cfg = demo.demo_config(tmp_path, tmp_path / "ckpt", 1)
+    assert cfg.pool.command == DEFAULT_WORKER_COMMAND
+    pool = WarmPool(cfg.pool, cfg.paths.socket)
+    assert pool.command("i2v-A14B")[-2:] == ["--max-area", str(demo.DEMO_MAX_AREA)]
+    assert pool.environment()["OMP_NUM_THREADS"] == "1"

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
 import daemon.hosts  # noqa: F401 - registers the liveness tables on Base.metadata, as the migrations create them
+from daemon import deliveries  # noqa: F401 - its tables are part of Base.metadata, as in the migrations
 from daemon import ledger as ledger_module
 from daemon.ledger import (
     SCHEMA_HEAD,
@@ -71,8 +72,9 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
         tables = set(inspect(conn).get_table_names())
         claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
     assert diff == []
-    assert revision == SCHEMA_HEAD == "0002"
-    assert tables == {"jobs", "events", "hosts", "daemon_runs", "alembic_version"}
+    assert revision == SCHEMA_HEAD == "0003"
+    assert tables == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts",
+                      "alembic_version"}
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 
 

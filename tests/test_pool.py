@@ -6,6 +6,7 @@ No mocks: real Unix sockets, real subprocesses speaking the protocol.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -290,3 +291,24 @@ def test_a_worker_command_that_cannot_start_is_a_death_not_a_crash(tmp_path: Pat
         assert pool.state == "stopped" and pool.failures == 1
     finally:
         pool.close()
+
+
+def test_max_area_and_threads_are_settings_passed_to_the_worker(tmp_path: Path) -> None:
+    """[pool] max_area becomes the worker's --max-area (after the command, also a custom one) and [pool] threads
+    its OMP_NUM_THREADS, which torch sizes its intra-op pool from; unset, neither is passed."""
+    plain = make_pool(tmp_path)
+    assert "--max-area" not in plain.command("i2v-A14B")
+    assert plain.environment().get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+    capped = make_pool(tmp_path, max_area=4096, threads=3, env={"OMP_NUM_THREADS": "8", "X": "1"})
+    argv = capped.command("i2v-A14B")
+    assert argv[:2] == [sys.executable, str(FAKE_WORKER)] and argv[-2:] == ["--max-area", "4096"]
+    env = capped.environment()
+    assert env["OMP_NUM_THREADS"] == "3" and env["X"] == "1"  # the setting wins over a [pool.env] copy
+
+
+def test_runtime_comes_from_the_workers_hello() -> None:
+    pool = WarmPool(PoolSettings(), Path("/nonexistent/pool.sock"))
+    assert pool.runtime == {}
+    pool.hello = protocol.Hello(model="i2v-A14B", world_size=1, pid=1,
+                                runtime={"torch": "2.13.0", "cuda": "13.0", "threads": 4, "max_area": None})
+    assert pool.runtime == {"torch": "2.13.0", "cuda": "13.0", "threads": 4, "max_area": None}

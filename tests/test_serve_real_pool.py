@@ -27,15 +27,16 @@ from mediapipe_models import mediapipe_models_dir  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str) -> dict:
+def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str, max_area: int = 0) -> dict:
+    """The default worker command on the CPU: the area cap and one thread per rank are settings, not flags."""
     return {"command": [*DEFAULT_WORKER_COMMAND, *worker_args], "nproc": nproc, "checkpoint_dirs": {model: str(ckpt)},
-            "env": {"OMP_NUM_THREADS": "1"}, "heartbeat_seconds": 90, "load_deadline_seconds": 240,
+            "env": {}, "threads": 1, "max_area": max_area, "heartbeat_seconds": 90, "load_deadline_seconds": 240,
             "stop_grace_seconds": 30}
 
 
 def faulty_pool(ckpt: Path, marker: Path, where: str, *worker_args: str) -> dict:
     """A real 2-process pool whose rank 1 raises once (`where`: attention or load; tests/workers)."""
-    pool = real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096", "--failure-grace", "2", *worker_args)
+    pool = real_pool("i2v-A14B", ckpt, 2, "--failure-grace", "2", *worker_args, max_area=4096)
     pool["command"] = [part if part != "pipeline.worker" else "tests.workers.faulty_rank_worker"
                        for part in pool["command"]]  # fmt: skip
     pool["env"].update(WANBOX_TEST_FAULT=where, WANBOX_TEST_FAULT_MARKER=str(marker))
@@ -72,7 +73,7 @@ def wait_sampling_step(root: Root, name: str, step: int, timeout: float = 240) -
 
 def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_path: Path) -> None:
     ckpt = write_tiny_checkpoint(tmp_path / "tiny-i2v", "i2v")
-    root = Root(tmp_path, pool=real_pool("i2v-A14B", ckpt, 2, "--max-area", "4096"), jobs={"max_attempts": 3})
+    root = Root(tmp_path, pool=real_pool("i2v-A14B", ckpt, 2, max_area=4096), jobs={"max_attempts": 3})
     try:
         root.serve()
         # 1. a job, delivered as a decodable mp4 with a complete sidecar

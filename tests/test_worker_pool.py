@@ -111,6 +111,11 @@ def test_hello_and_ready(pool) -> None:
     assert [d["rank"] for d in hello["devices"]] == [0, 1]
     assert hello["parallel"] == {"world_size": 2, "cfg": 1, "ulysses": 2, "sharding": "replicate",
                                  "text_encoder": "rank0"}
+    import torch
+
+    # the sidecar's versions and resolution cap, reported by the worker (the supervisor never imports torch)
+    assert hello["runtime"] == {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": 1,
+                                "max_area": MAX_AREA}
     ready = pool.recv()
     assert ready["type"] == "ready" and ready["load_seconds"] > 0
 

@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
+import daemon.deliveries  # noqa: F401 - registers the notification tables on Base.metadata
 import daemon.hosts  # noqa: F401 - its tables join Base.metadata (autogenerate compares against all of them)
 from daemon.ledger import Base
 

@@ -118,6 +118,8 @@ class Family(Protocol):
     """A model family as the worker drives it: planned by the constructor, loaded once, then one job per `run`."""
 
     kind: str
+    args: argparse.Namespace  # the worker's flags
+    ranks: Any  # pipeline.worker.Ranks
     parallel: dict[str, Any]
     checkpoints: dict[str, str]
 

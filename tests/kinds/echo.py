@@ -50,6 +50,7 @@ class EchoFamily:
     kind = "echo"
 
     def __init__(self, args: Any, ranks: Any) -> None:
+        self.args, self.ranks = args, ranks
         self.parallel = {"world_size": ranks.world_size}
         self.checkpoints: dict[str, str] = {}
 
