@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from inbox_schema import model_folders
+from inbox_schema.notify import NOTIFY_EVENTS, webhook_url_problem
 
 SYSTEM_CONFIG = Path("/etc/wanbox/config.toml")
 DEFAULT_ROOT = Path("/var/lib/wanbox")
@@ -108,7 +109,6 @@ class OutboxSettings:
     crf: int = 18  # H.264 quality of the delivered mp4 (lower = better, bigger)
 
 
-NOTIFY_EVENTS = ("done", "failed", "rejected")  # the end states a notification can be sent for
 
 
 @dataclass(frozen=True)
@@ -270,19 +270,6 @@ def _check_notify(notify: NotifySettings, where: Path | None) -> None:
             raise ConfigError(f"{_where(where, 'notify.urls')}: {url!r}: {problem}")
     if notify.timeout_seconds <= 0 or notify.command_timeout_seconds <= 0:
         raise ConfigError(f"{_where(where, 'notify')}: timeout_seconds and command_timeout_seconds must be > 0")
-
-
-def webhook_url_problem(url: str) -> str | None:
-    """What is wrong with a webhook URL (None when it is an http(s) URL with a host); also for manifests."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        return f"not a URL ({exc})"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "expected an http:// or https:// URL with a host, e.g. https://example.org/hooks/wanbox"
-    return None
 
 
 def _paths(source: Path | None, table: Any, root_override: Path | None) -> Paths:

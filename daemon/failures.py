@@ -1,5 +1,6 @@
 """The one place a job fails: count the attempt in the ledger and, when it gives up, move its files to
-failed/<name>/ with error.txt saying why and how to run it again.
+failed/<name>/ with error.txt saying why and how to run it again; and where every end (done, failed, rejected)
+is announced to whoever listens (notifications).
 
 It must not decide whether an error is retryable (the caller knows) nor delete any input.
 """
@@ -7,10 +8,11 @@ It must not decide whether an error is retryable (the caller knows) nor delete a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from daemon import jobfiles
-from daemon.journal import jlog
+from daemon.journal import jlog, log
 from daemon.ledger import Ledger
 from daemon.states import ErrorKind, JobState
 
@@ -37,8 +39,19 @@ def failed_text(job_id: str, name: str, why: str, kind: ErrorKind | None = None)
 class Failures:
     """Fails jobs for the supervisor's parts: the ledger's attempt count, then failed/<name>/ when it gives up."""
 
-    def __init__(self, ledger: Ledger, work: Path, failed: Path) -> None:
+    def __init__(self, ledger: Ledger, work: Path, failed: Path,
+                 on_end: Callable[[str], None] | None = None) -> None:
         self.ledger, self.work, self.failed = ledger, work, failed
+        self.on_end = on_end  # told each job id that reached done, failed or rejected
+
+    def ended(self, job_id: str) -> None:
+        """A job reached an end state (done, failed, rejected): tell the listener; its trouble is not the job's."""
+        if self.on_end is None:
+            return
+        try:
+            self.on_end(job_id)
+        except Exception:  # a notification must never undo or block the job's own outcome
+            log.exception("job %s: telling about its end failed", job_id)
 
     def fail(self, job_id: str, frm: JobState, error: str, kind: ErrorKind | str, retryable: bool) -> JobState | None:
         """Count a failed attempt: back in line after a backoff, or failed for good with its files in failed/.
@@ -53,6 +66,7 @@ class Failures:
         if to == S.FAILED:
             record = self.ledger.get(job_id)
             self.move_inputs(job_id, record.name, record.last_error or error, kind)
+            self.ended(job_id)
         return to
 
     def give_up(self, job_id: str, frm: JobState, why: str, kind: ErrorKind) -> bool:
@@ -61,6 +75,7 @@ class Failures:
             return False
         jlog(logging.ERROR, job_id, "failed: %s", why)
         self.move_inputs(job_id, self.ledger.get(job_id).name, why, kind)
+        self.ended(job_id)
         return True
 
     def move_inputs(self, job_id: str, name: str, why: str, kind: ErrorKind | None = None) -> None:

@@ -114,8 +114,9 @@ class Intake:
         if not taken.exists():
             if not os.path.lexists(record.manifest_path):
                 why = "the manifest was removed from the inbox (while the daemon was stopped) before it was accepted"
-                self.ledger.transition(record.id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
-                                       error_kind=ErrorKind.INPUT)
+                if self.ledger.transition(record.id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
+                                          error_kind=ErrorKind.INPUT):
+                    self.failures.ended(record.id)
                 jlog(logging.WARNING, record.id, "rejected: %s", why)
             return
         manifest = Path(record.manifest_path)
@@ -336,7 +337,8 @@ class Intake:
         fields = {"last_error": summary, "error_kind": ErrorKind.INPUT, "outputs_json": {"failed_dir": str(dest)}}
         if content_hash:
             fields["input_hash"] = content_hash
-        self.ledger.transition(job_id, S.STAGED, S.REJECTED, f"rejected: {summary}", **fields)
+        if self.ledger.transition(job_id, S.STAGED, S.REJECTED, f"rejected: {summary}", **fields):
+            self.failures.ended(job_id)
         self._forget(str(candidate.manifest), files)
         jlog(logging.WARNING, job_id, "rejected (%s): %s -> %s", candidate.key, summary, dest)
 
@@ -355,8 +357,9 @@ class Intake:
         for key, entry in list(self.staging.items()):
             if key not in seen:
                 self.staging.pop(key)
-                self.ledger.transition(entry.job_id, S.STAGED, S.REJECTED, f"rejected: {why}", last_error=why,
-                                       error_kind=ErrorKind.INPUT)
+                if self.ledger.transition(entry.job_id, S.STAGED, S.REJECTED, f"rejected: {why}",
+                                          last_error=why, error_kind=ErrorKind.INPUT):
+                    self.failures.ended(entry.job_id)
 
     def _reject_overdue(self) -> None:
         for record in self.ledger.staged_past_deadline():

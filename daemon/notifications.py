@@ -13,29 +13,18 @@ import queue
 import shlex
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from daemon import hooks, webhooks
-from daemon.config import NOTIFY_EVENTS, NotifySettings, webhook_url_problem
+from daemon.config import NotifySettings
 from daemon.deliveries import COMMAND, DELIVERED, FAILED, PENDING, WEBHOOK, DeliveryStore, Notification, Owed
 from daemon.ledger import Ledger, utcnow
+from inbox_schema.notify import NotifyTargets as JobTargets
+from inbox_schema.notify import webhook_url_problem
 
 log = logging.getLogger("wanbox.notifications")
 LEASE_MARGIN = timedelta(seconds=30)  # an attempt in flight stays claimed this much longer than its timeout
-
-
-@dataclass(frozen=True)
-class JobTargets:
-    """A job's own wishes (a manifest's [notify]): webhook URLs and the end states they are sent for.
-
-    The post-job command and the signing secret are the server's alone: an uploaded manifest must not be
-    able to run commands on the host or choose how its notifications are signed.
-    """
-
-    urls: tuple[str, ...] = ()
-    events: tuple[str, ...] = NOTIFY_EVENTS
 
 
 def job_payload(job: Any) -> dict[str, Any]:

@@ -236,7 +236,8 @@ class PoolDriver:
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
         outputs = {**(record.outputs_json or {}), **outputs}
-        self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs)
+        if self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs):
+            self.failures.ended(job_id)
         video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
         shutil.rmtree(Path(record.work_dir) / RESUME_DIR, ignore_errors=True)  # delivered: nothing to resume
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])

@@ -110,10 +110,6 @@ class Resume:
             raise ProtocolError(f"run.resume.every_seconds: got {self.every_seconds!r}, expected a number > 0 "
                                 "or null")
 
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "run.resume") -> Resume:
-        return codec.read(cls, data, where, complete=False)  # an older supervisor may leave options out
-
 
 @dataclass(frozen=True)
 class Run:
@@ -163,8 +159,7 @@ def _checked(obj: Any) -> Message:
     if msg_type == "run" and obj.get("kind") not in kinds():
         raise ProtocolError(f"run.kind: got {obj.get('kind')!r}, expected one of {', '.join(kinds())}")
     try:
-        # A message's optional fields may be left out (either side may be older); the job inside a run may not.
-        msg = codec.read(MESSAGE_TYPES[msg_type], _known_fields(obj), msg_type, complete=False)
+        msg = codec.read(MESSAGE_TYPES[msg_type], _known_fields(obj), msg_type)
     except JobDataError as exc:
         raise ProtocolError(str(exc)) from None
     if isinstance(msg, Run) and msg.params.kind != msg.kind:

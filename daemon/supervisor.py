@@ -23,12 +23,14 @@ from daemon.heartbeat import Heartbeat
 from daemon.intake import Intake
 from daemon.journal import jlog, log
 from daemon.ledger import Backoff, Ledger, LedgerError
+from daemon.notifications import Notifications, job_payload
 from daemon.notify import Notifier
 from daemon.outbox import software_version
 from daemon.pool_driver import PoolDriver, choose_next
 from daemon.preparation import Preparation
 from daemon.preprocessing import prepared_inputs
 from daemon.prune import prune_done
+from daemon.states import JobState
 from daemon.web import WebServer
 
 __all__ = ["AlreadyRunning", "Supervisor", "choose_next", "serve"]
@@ -53,6 +55,8 @@ class Supervisor:
         self.intake: Intake | None = None
         self.preparation: Preparation | None = None
         self.driver: PoolDriver | None = None
+        self.notifications: Notifications | None = None
+        self.failures: Failures | None = None
         self._pruned_at = -PRUNE_EVERY_SECONDS  # monotonic time of the last prune: the first tick prunes
         self._lock_file: Any = None
         self.heartbeat = Heartbeat(self.paths.root, software_version())  # liveness: this daemon's hosts row
@@ -68,7 +72,9 @@ class Supervisor:
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
         self.heartbeat.web_url = self.web.start()  # None when [web] is off (or its port is taken: logged)
         self.heartbeat.start(self.ledger.engine)
-        failures = Failures(self.ledger, self.paths.work, self.paths.failed)
+        self.notifications = Notifications(self.ledger, self.cfg.notify)  # webhooks, the post-job command
+        self.notifications.start()
+        self.failures = failures = Failures(self.ledger, self.paths.work, self.paths.failed, on_end=self.job_ended)
         self.intake = Intake(self.cfg, self.ledger, failures, self.stopping)
         self.preparation = Preparation(self.cfg, self.ledger, failures, self.stopping)
         self.driver = PoolDriver(self.cfg, self.ledger, failures, self.notifier, self.stopping)
@@ -106,12 +112,16 @@ class Supervisor:
 
     def recover(self) -> None:
         """After a crash: running jobs back in line, and files in work/ consistent with the ledger."""
-        assert self.ledger is not None and self.intake is not None
+        assert self.ledger is not None and self.intake is not None and self.failures is not None
         moved = self.ledger.recover_interrupted(
             has_prepared_inputs=lambda job: prepared_inputs(Path(job.work_dir or "/nonexistent")) is not None
         )
         for job_id, frm, to in moved:
             jlog(logging.WARNING, job_id, "recovered after an interruption: %s -> %s", frm, to)
+            if to == JobState.FAILED:  # out of attempts: its files and the reason go to failed/<name>/ too
+                record = self.ledger.get(job_id)
+                self.failures.move_inputs(job_id, record.name, record.last_error or "interrupted", record.error_kind)
+                self.failures.ended(job_id)
         self.intake.recover()
 
     def install_signal_handlers(self) -> None:
@@ -173,6 +183,8 @@ class Supervisor:
         if self.driver is not None:
             self.driver.close()
         self.web.stop()
+        if self.notifications is not None:
+            self.notifications.stop()
         self.heartbeat.stop(self.driver.pool if self.driver is not None else None)
         if self.ledger is not None:
             self.ledger.close()
@@ -180,6 +192,13 @@ class Supervisor:
             self._lock_file.close()  # releases the root for the next supervisor
             self._lock_file = None
         log.info("stopped")
+
+    def job_ended(self, job_id: str) -> None:
+        """Owe the job's notifications (server's and its own), written to the ledger and sent by their threads."""
+        assert self.ledger is not None and self.notifications is not None
+        record = self.ledger.get(job_id)
+        own = record.job.notify if record.params_json else None
+        self.notifications.job_ended(job_id, record.state.value, job_payload(record), own)
 
     # --- status ------------------------------------------------------------------------------------------
 

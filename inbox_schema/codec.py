@@ -39,15 +39,16 @@ def write(obj: Any) -> Any:
     return obj
 
 
-def read(cls: type[T], data: Any, where: str = "job", complete: bool = True) -> T:
+def read(cls: type[T], data: Any, where: str = "job") -> T:
     """`data` (JSON values) as an instance of the dataclass `cls` (its own fields; nested dataclasses with a
     `from_dict(data, where)` are read by it); JobDataError names the first wrong field.
 
-    With `complete`, every field must be present, defaults or not: what `write` made has them all, so a
-    missing one was dropped on the way. Keys that name a property of the class (derived values a `to_dict`
-    adds, such as video.width) are skipped; any other unknown key is an error.
+    A field without a default must be present (what `write` made has it, so a missing one was dropped on the
+    way); a field with a default may be absent: it was added later, and data written before reads as it did.
+    Keys that name a property of the class (derived values a `to_dict` adds, such as video.width) are
+    skipped; any other unknown key is an error.
     """
-    return _dataclass(cls, data, where, complete)
+    return _dataclass(cls, data, where)
 
 
 @cache
@@ -55,7 +56,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _dataclass(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
+def _dataclass(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, dict):
         raise JobDataError(f"{where}: got {data!r}, expected an object of {cls.__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
@@ -67,8 +68,7 @@ def _dataclass(cls: type[T], data: Any, where: str, complete: bool = True) -> T:
     values = {}
     for name, field in fields.items():
         if name not in data:
-            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-            if complete or required:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise JobDataError(f"{where}.{name}: missing")
             continue
         values[name] = _value(hints[name], data[name], f"{where}.{name}")

@@ -37,7 +37,7 @@ def manifest_hash(manifest_bytes: bytes, input_sha256s: dict[str, str]) -> str:
         raise ManifestInvalid([error]) from exc
     job = parse_manifest_text(text, "manifest.toml", Path("."), None, check_inputs=False)
     canonical = job.to_dict()
-    for volatile in ("name", "priority"):
+    for volatile in ("name", "priority", "notify"):  # who is told about the video does not change it
         del canonical[volatile]
     canonical["inputs"] = _input_hashes(set(job.inputs), input_sha256s)
     # v1's canonical form had an "animate" entry for every kind (null for the others): kept, so that the

@@ -12,6 +12,7 @@ from typing import Any
 
 from inbox_schema import codec
 from inbox_schema.kinds import Kind, get_kind
+from inbox_schema.notify import NotifyTargets
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,8 @@ class InputFile:
     role: str
     path: Path
     relpath: str
-    sha256: str | None = None
-    size: int | None = None
+    sha256: str | None
+    size: int | None
 
     def to_dict(self) -> dict[str, object]:
         return {"role": self.role, "path": str(self.path), "relpath": self.relpath,
@@ -35,7 +36,7 @@ class VideoSettings:
 
     size: str
     fps: int | None  # None only for animate with preprocess_fps = -1: the driving video's own fps
-    frames: int | None = None  # i2v only; animate's length comes from the driving video
+    frames: int | None  # i2v only; animate's length comes from the driving video
 
     @property
     def width(self) -> int:
@@ -62,9 +63,9 @@ class SamplingSettings:
     shift: float
     guide_scale: float | tuple[float, float]
     solver: str
-    seed: int | None = None
-    boundary: float | None = None  # i2v only: fraction of 1000 at which the high-noise expert hands over
-    timesteps: tuple[int, ...] | None = None  # only with solver "euler"
+    seed: int | None  # None until acceptance draws one
+    boundary: float | None  # i2v only: fraction of 1000 at which the high-noise expert hands over
+    timesteps: tuple[int, ...] | None  # only with solver "euler"
 
     def to_dict(self) -> dict[str, object]:
         guide = list(self.guide_scale) if isinstance(self.guide_scale, tuple) else self.guide_scale
@@ -91,6 +92,8 @@ class Job:
     video: VideoSettings
     sampling: SamplingSettings
     options: Any = None
+    # Fields added after the first release have defaults: a job stored by an earlier version reads as before.
+    notify: NotifyTargets = NotifyTargets()
 
     @property
     def spec(self) -> Kind:
@@ -121,7 +124,7 @@ class Job:
             "schema": self.schema, "kind": self.kind, "model_id": self.model_id, "name": self.name,
             "priority": self.priority, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "inputs": {role: item.to_dict() for role, item in self.inputs.items()},
-            "video": self.video.to_dict(), "sampling": self.sampling.to_dict(),
+            "video": self.video.to_dict(), "sampling": self.sampling.to_dict(), "notify": self.notify.to_dict(),
         }
         table = self.spec.options
         if table is not None:
@@ -142,7 +145,7 @@ class Job:
         except KeyError as exc:
             raise codec.JobDataError(f"{where}.kind: {exc.args[0]}") from None
         raw_options = fields.pop(table.table, None) if table is not None else None
-        job = codec.read(cls, {**fields, "options": None}, where)  # the kind's table is read below, by its class
+        job = codec.read(cls, {**fields, "options": None}, where)  # the kind's own table is read below
         if table is not None:
             job = replace(job, options=codec.read(table.settings, raw_options, f"{where}.{table.table}"))
         for role, item in job.inputs.items():

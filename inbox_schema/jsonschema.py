@@ -10,6 +10,7 @@ import json
 
 from inbox_schema import defaults as d
 from inbox_schema.kinds import Kind, kinds
+from inbox_schema.notify import MAX_JOB_URLS, NOTIFY_EVENTS
 from inbox_schema.vocabulary import vocabulary
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -124,6 +125,11 @@ def json_schema() -> dict:
                 "fps": {"type": "integer", "minimum": d.FPS_RANGE[0], "maximum": d.FPS_RANGE[1]},
             }},
             "sampling": _sampling(),
+            "notify": {"type": "object", "additionalProperties": False, "properties": {
+                "urls": {"type": "array", "maxItems": MAX_JOB_URLS,
+                         "items": {"type": "string", "pattern": "^https?://[^/?#]+"}},
+                "events": {"type": "array", "minItems": 1, "items": {"enum": list(NOTIFY_EVENTS)}},
+            }},
             **tables,
         },
         "allOf": _kind_rules(list(media), list(tables)),

@@ -17,6 +17,7 @@ from inbox_schema.errors import MISSING, ManifestError, ManifestInvalid
 from inbox_schema.job import InputFile, Job, SamplingSettings, VideoSettings
 from inbox_schema.kinds import InputRole, Kind, kinds
 from inbox_schema.lines import KeyLines
+from inbox_schema.notify import read_notify
 from inbox_schema.paths import on_disk_problem, relative_base, relpath_problem
 from inbox_schema.reader import Reader, is_int, is_number
 from inbox_schema.vocabulary import INPUT_TABLE_KEYS, Vocabulary, vocabulary
@@ -110,11 +111,15 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
     inputs = _inputs(r, data, kind, words, reasons, base_dir, inbox_root, check_inputs)
     video = _video(r, r.table(data, "video", "video"), kind, words, reasons, options)
     sampling = _sampling(r, r.table(data, "sampling", "sampling"), kind, words, reasons)
+    notify_table = r.table(data, "notify", "notify")
+    r.unknown_keys(notify_table, "notify.", words.keys("notify."), kind.name, words.table_hints, reasons)
+    notify = read_notify(r, notify_table)
     prompt = r.text(data, "prompt", "prompt", kind.default_prompt, d.PROMPT_MAX_CHARS)
     negative = r.text(data, "negative_prompt", "negative_prompt", d.DEFAULT_NEGATIVE_PROMPT,
                       d.PROMPT_MAX_CHARS, " (leave the key out to use the reference's default)")
     return Job(schema=d.SCHEMA_VERSION, kind=kind.name, name=name, priority=priority, prompt=prompt or "",
-               negative_prompt=negative or "", inputs=inputs, video=video, sampling=sampling, options=options)
+               negative_prompt=negative or "", inputs=inputs, video=video, sampling=sampling, options=options,
+               notify=notify)
 
 
 def _options(r: Reader, data: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str]) -> object:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from inbox_schema.kinds import Kind, kinds
 
 COMMON_TOP_KEYS = ("schema", "kind", "name", "priority", "prompt", "negative_prompt", "inputs", "video",
-                   "sampling")
+                   "sampling", "notify")
+NOTIFY_KEYS = ("urls", "events")
 VIDEO_KEYS = ("size", "frames", "fps")
 SAMPLING_KEYS = ("steps", "shift", "guide_scale", "solver", "seed", "boundary", "timesteps")
 INPUT_TABLE_KEYS = ("path", "sha256", "size")
@@ -64,7 +65,8 @@ def vocabulary() -> Vocabulary:
             owned = option_tables.setdefault(kind.options.table + ".", {})
             for key in kind.options.keys:
                 owned[key] = (*owned.get(key, ()), kind.name)
-    tables = {"": top, "video.": video, "sampling.": sampling, **option_tables, "inputs.": inputs}
+    notify: Owners = {key: every for key in NOTIFY_KEYS}
+    tables = {"": top, "video.": video, "sampling.": sampling, **option_tables, "notify.": notify, "inputs.": inputs}
     return Vocabulary(tables, *_hints(tables))
 
 

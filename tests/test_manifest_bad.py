@@ -17,7 +17,7 @@ from inbox_schema import MISSING, ManifestError, ManifestInvalid, load_manifest,
 I2V = 'schema = 1\nkind = "i2v"\nprompt = "a cat"\n\n[inputs]\nimage = "cat.jpg"\n'
 # Lines: 1 schema, 2 kind, 3 blank, 4 [inputs], 5 character, 6 video. Cases append from line 7.
 ANIMATE = 'schema = 1\nkind = "animate"\n\n[inputs]\ncharacter = "hero.png"\nvideo = "dance.mp4"\n'
-TOP_KEYS = "schema, kind, name, priority, prompt, negative_prompt, inputs, video, sampling, animate"
+TOP_KEYS = "schema, kind, name, priority, prompt, negative_prompt, inputs, video, sampling, notify, animate"
 PATH_RULE = 'a path relative to the manifest, with "/" between folders, e.g. "cat.jpg" or "media/cat.jpg"'
 NAME_RULE = ('a name of at most 100 characters: letters, digits, ".", "_" and "-", '
              "starting with a letter or digit")
