@@ -59,13 +59,15 @@ def _age(when: datetime | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def job_summary(job: Any) -> dict[str, Any]:
+def job_summary(job: Any, eta: Any = None) -> dict[str, Any]:
     return {
         "id": job.id, "name": job.name, "kind": job.kind, "model_id": job.model_id, "state": job.state.value,
         "priority": job.priority, "attempts": job.attempts_made, "max_attempts": job.max_attempts,
         "phase": job.phase, "step": job.step, "total_steps": job.total_steps,
         "last_error": job.last_error, "error_kind": job.error_kind, "created_at": job.created_at,
         "updated_at": job.updated_at, "retry_after": job.retry_after, "outputs": job.outputs_json,
+        "eta_seconds": eta.remaining_s if eta else None, "job_seconds_estimate": eta.total_s if eta else None,
+        "queue_position": eta.queue_position if eta else None,
     }  # fmt: skip
 
 
@@ -76,16 +78,13 @@ def progress_bar(step: int | None, total: int | None, width: int = 20) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
 
 
-def eta(job: Any) -> str:
-    """Remaining time from the pace so far in this phase (a rough guide, shown as such)."""
-    if not job.total_steps or not job.step or job.progress_at is None or job.phase != "sampling":
+def eta_text(eta: Any) -> str:
+    """The ETA column: until delivery, from measured phase times of earlier jobs like this one."""
+    if eta is None:
         return ""
-    started = job.updated_at  # the transition into sampling
-    elapsed = (job.progress_at - started).total_seconds()
-    if elapsed <= 0:
-        return ""
-    remaining = elapsed / job.step * (job.total_steps - job.step)
-    return f"ETA ~{remaining:.0f}s"
+    if eta.remaining_s is None:
+        return "no estimate yet"
+    return f"done in ~{eta.remaining_s:.0f}s"
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -98,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.estimates import job_etas
     from daemon.liveness import read_liveness
 
     cfg = _config(args)
@@ -106,11 +106,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             jobs = ledger.list(limit=args.limit)
             counts = {s.value: n for s, n in ledger.counts_by_state().items()}
             alive = read_liveness(ledger.engine, cfg.paths.root, cfg.paths.state)  # the daemon's and pool's heartbeat
+            etas = job_etas(ledger)
             if args.json:
-                _print_json({"counts": counts, "jobs": [{**job_summary(j), "stale": alive.stale(j)} for j in jobs],
-                             **alive.to_json()})  # fmt: skip
+                _print_json({"counts": counts, **alive.to_json(), "jobs": [
+                    {**job_summary(j, etas.get(j.id)), "stale": alive.stale(j)} for j in jobs]})  # fmt: skip
                 return EXIT_OK
-            text = alive.render() + "\n\n" + render_status(jobs, counts, alive.stale)
+            text = alive.render() + "\n\n" + render_status(jobs, counts, alive.stale, etas)
             if not args.watch:
                 print(text)
                 return EXIT_OK
@@ -119,8 +120,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
-def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None) -> str:
-    """The job table; `stale(job)` marks in-flight jobs that no live daemon runs."""
+def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None, etas: dict[str, Any] | None = None
+                  ) -> str:
+    """The job table; `stale(job)` marks in-flight jobs that no live daemon runs; `etas` (daemon.estimates)
+    gives each active job's time left and queue position."""
+    etas = etas or {}
     header = f"{'JOB':<22} {'NAME':<24} {'KIND':<8} {'STATE':<13} {'AGE':>5}  PROGRESS"
     lines = [header]
     for job in jobs:
@@ -128,7 +132,7 @@ def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None) ->
         if stale is not None and stale(job):  # where it stopped, but no ETA: nothing is running it
             progress = f"STALE, the daemon is gone; last: {job.phase or '-'} {progress_bar(job.step, job.total_steps)}"
         elif job.phase and job.state.value in ("preprocessing", "sampling", "finalizing"):
-            progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}".strip()
+            progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta_text(etas.get(job.id))}".strip()
         elif job.state.value in ("failed", "rejected") and job.last_error:
             progress = job.last_error.splitlines()[0][:80]
         elif job.state.value == "done":
@@ -136,6 +140,9 @@ def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None) ->
         elif (job.retry_after is not None and job.state.value in ("queued", "ready")
               and job.retry_after > datetime.now(timezone.utc)):
             progress = f"retry after {job.retry_after:%H:%M:%S} UTC (attempt {job.attempts + 1})"
+        elif job.state.value in ("queued", "ready") and job.id in etas:
+            e = etas[job.id]
+            progress = f"#{e.queue_position} in line (priority {job.priority}), {eta_text(e)}"
         lines.append(f"{job.id:<22} {job.name[:24]:<24} {job.kind:<8} {job.state.value:<13} "
                      f"{_age(job.created_at):>5}  {progress}")
     lines.append("")
@@ -144,6 +151,7 @@ def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None) ->
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from daemon.estimates import job_etas
     from daemon.liveness import job_daemon_events
 
     cfg = _config(args)
@@ -151,12 +159,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     with _open_ledger(cfg) as ledger:
         job = ledger.get(args.job)
+        eta = job_etas(ledger).get(job.id)
         note = namesakes_note(ledger, job, args.job)
         events = ledger.events(job.id)
         daemon_events = job_daemon_events(ledger.engine, cfg.paths.root, cfg.paths.state, job, events)
         notifications = notification_lines(ledger, job.id)
     if args.json:
-        _print_json({**job_summary(job), "parameters": job.params_json, "timings": job.timings_json,
+        _print_json({**job_summary(job, eta), "parameters": job.params_json, "timings": job.timings_json,
                      "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
                      "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
                                 for e in events],
@@ -169,7 +178,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  manifest: {manifest_location(job, cfg)}")
     print(f"  attempts: {job.attempts_made} of {job.max_attempts}   priority: {job.priority}")
     if job.phase:
-        print(f"  progress: {job.phase} {progress_bar(job.step, job.total_steps)} {eta(job)}")
+        print(f"  progress: {job.phase} {progress_bar(job.step, job.total_steps)} {eta_text(eta)}")
     if job.last_error:
         print(f"  last error ({job.error_kind}): {job.last_error}")
     for key, value in (job.outputs_json or {}).items():

@@ -40,8 +40,8 @@ def software_version() -> str:
 def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
     """The sidecar's content for a delivered job: what was asked (the resolved job), how it ran, what made it.
 
-    `pool` holds the pool's world_size, devices and parallel layout (from its hello)."""
-    job = record.job
+    `pool` holds the pool's world_size, devices, parallel layout and runtime versions (from its hello)."""
+    job, runtime = record.job, pool.get("runtime") or {}
     return {
         "job_id": record.id,
         "name": record.name,
@@ -63,7 +63,9 @@ def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], chec
         "attempts": record.attempts_made,
         "created_at": record.created_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "software": {"wanbox": software_version()},
+        "software": {"wanbox": software_version(), **{k: runtime.get(k) for k in ("torch", "cuda")}},
+        "precision": stats.get("precision", "bf16"),
+        "resolution_cap": runtime.get("max_area"),  # the pool's [pool] max_area, when it capped the job's size
     }
 
 

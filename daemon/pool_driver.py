@@ -227,14 +227,16 @@ class PoolDriver:
         record = self.ledger.get(job_id)
         video = Path(msg.output)
         hello = self.pool.hello
-        pool = {"world_size": hello.world_size, "devices": hello.devices, "parallel": hello.parallel} if hello \
-            else dict.fromkeys(("world_size", "devices", "parallel"))
+        pool = {"world_size": hello.world_size, "devices": hello.devices, "parallel": hello.parallel,
+                "runtime": hello.runtime} if hello else dict.fromkeys(("world_size", "devices", "parallel", "runtime"))
         document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
+        delivering = time.monotonic()
         try:
             outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
         except (OutputInvalid, OSError) as exc:
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
+        self.ledger.record_timing(job_id, "deliver", time.monotonic() - delivering)  # for the next jobs' ETAs
         outputs = {**(record.outputs_json or {}), **outputs}
         if self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs):
             self.failures.ended(job_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from daemon.estimates import JobEta, claim_order, job_etas
 from daemon.liveness import Liveness, job_daemon_events, read_liveness
 from daemon.states import RUNNING, JobState
 
@@ -28,17 +29,16 @@ def file_url(path: str | None, outbox: Path) -> str | None:
 
 
 def phase_eta_seconds(job: Any) -> float | None:
-    """Seconds left in the sampling phase at the pace so far (as `wanbox status` estimates); None otherwise.
-
-    A stand-in for the measured whole-job estimates (issue 13, item 2), which fill `job_eta_seconds`."""
+    """Seconds left in the sampling phase at the pace so far; None otherwise (the job's own: `job_eta_seconds`)."""
     if job.phase != "sampling" or not job.step or not job.total_steps or job.progress_at is None:
         return None
     elapsed = (job.progress_at - job.updated_at).total_seconds()
     return round(elapsed / job.step * (job.total_steps - job.step), 1) if elapsed > 0 else None
 
 
-def job_json(job: Any, outbox: Path, liveness: Liveness | None = None) -> dict[str, Any]:
-    """One job as the page shows it; fields not known yet are null (ETAs, why a staged job waits)."""
+def job_json(job: Any, outbox: Path, liveness: Liveness | None = None, eta: JobEta | None = None) -> dict[str, Any]:
+    """One job as the page shows it; fields not known yet are null (ETAs without history, why a staged job
+    waits). `eta` (daemon.estimates): seconds until delivered, the whole job's, the place in the queue."""
     total, step = job.total_steps, job.step
     outputs = job.outputs_json or {}
     return {
@@ -48,7 +48,8 @@ def job_json(job: Any, outbox: Path, liveness: Liveness | None = None) -> dict[s
         "progress": {"phase": job.phase, "step": step, "total": total, "updated_at": job.progress_at,
                      "fraction": round(min(step, total) / total, 4) if total and step is not None else None},
         "eta_seconds": phase_eta_seconds(job) if job.state in RUNNING else None,
-        "job_eta_seconds": None, "queue_position": None, "waiting": None,
+        "job_eta_seconds": eta.remaining_s if eta else None, "job_seconds_estimate": eta.total_s if eta else None,
+        "queue_position": eta.queue_position if eta else None, "waiting": None,
         "stale": bool(liveness and liveness.stale(job)),
         "error": job.last_error, "error_kind": job.error_kind,
         "gpu_seconds": job.gpu_seconds, "timings": job.timings_json or {},
@@ -56,18 +57,10 @@ def job_json(job: Any, outbox: Path, liveness: Liveness | None = None) -> dict[s
     }  # fmt: skip
 
 
-def queue_json(jobs: list[Any], outbox: Path) -> list[dict[str, Any]]:
+def queue_json(jobs: list[Any], outbox: Path, etas: dict[str, JobEta]) -> list[dict[str, Any]]:
     """Waiting jobs in the order the pool takes them (priority, then age); staged ones have no position yet."""
-    order = sorted(jobs, key=lambda j: (j.state == S.STAGED, -j.priority, j.created_at, j.id))
-    shown = []
-    position = 0
-    for job in order[:QUEUE_SHOWN]:
-        item = job_json(job, outbox)
-        if job.state != S.STAGED:
-            position += 1
-            item["queue_position"] = position
-        shown.append(item)
-    return shown
+    order = sorted(jobs, key=lambda j: (j.state == S.STAGED, *claim_order(j)))
+    return [job_json(job, outbox, eta=etas.get(job.id)) for job in order[:QUEUE_SHOWN]]
 
 
 def status_json(ledger: Any, root: Path, state_dir: Path, outbox: Path, recent: int,
@@ -76,12 +69,13 @@ def status_json(ledger: Any, root: Path, state_dir: Path, outbox: Path, recent: 
     now = datetime.now(timezone.utc)
     liveness = read_liveness(ledger.engine, root, state_dir, now)
     running = ledger.list(states=list(RUNNING), limit=None, newest_first=False)
+    etas = job_etas(ledger, now)
     return {
         "generated_at": now,
         **liveness.to_json(),
         "counts": {s.value: n for s, n in ledger.counts_by_state().items()},
-        "running": [job_json(j, outbox, liveness) for j in running],
-        "queue": queue_json(ledger.list(states=list(QUEUE_STATES), limit=None), outbox),
+        "running": [job_json(j, outbox, liveness, etas.get(j.id)) for j in running],
+        "queue": queue_json(ledger.list(states=list(QUEUE_STATES), limit=None), outbox, etas),
         "recent": [job_json(j, outbox) for j in ledger.list(states=[S.DONE], limit=recent)],
         "failures": [job_json(j, outbox) for j in ledger.list(states=[S.FAILED, S.REJECTED], limit=recent)],
         "controls": controls,
@@ -91,10 +85,11 @@ def status_json(ledger: Any, root: Path, state_dir: Path, outbox: Path, recent: 
 def job_detail_json(ledger: Any, job_id: str, root: Path, state_dir: Path, outbox: Path) -> dict[str, Any]:
     """GET /api/jobs/<id>: one job with its parameters, events and the daemon's starts, stops and deaths."""
     job = ledger.get(job_id)
+    eta = job_etas(ledger).get(job.id)
     events = ledger.events(job.id)
     daemon_events = job_daemon_events(ledger.engine, root, state_dir, job, events)
     return {
-        **job_json(job, outbox, read_liveness(ledger.engine, root, state_dir)),
+        **job_json(job, outbox, read_liveness(ledger.engine, root, state_dir), eta),
         "parameters": job.params_json,
         "events": [{"at": e.at, "from": e.from_state.value if e.from_state else None, "to": e.to_state.value,
                     "message": e.message} for e in events],

@@ -292,6 +292,7 @@ def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, o
         "attention": attention_mod.active_backend(),  # the kernel that ran (after its self-test): fa3, cudnn, ...
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
+        "precision": "fp8+fp8-attention" if family.args.fp8_attention else family.args.precision,
         **result.get("stats", {}),  # the family's own: resumed_from, checkpoint
     }
     if first_job:

@@ -82,7 +82,7 @@ function renderRunning(jobs) {
         !p.phase || p.phase === j.state ? j.state : `${j.state} · ${p.phase}`),
       el("progress", { max: p.total || 1, value: p.step || 0 }),
       el("span", { class: "steps" }, el("span", { class: "step" }, p.step ?? 0), "/", el("span", { class: "total" }, p.total ?? "?")),
-      el("span", { class: "eta" }, j.stale ? "" : `phase ETA ${seconds(j.eta_seconds)} · job ETA ${seconds(j.job_eta_seconds)}`),
+      el("span", { class: "eta" }, j.stale ? "" : `phase ETA ${seconds(j.eta_seconds)} · done in ${seconds(j.job_eta_seconds)}`),
       " ", action("cancel", j.id));
   });
   $("#running").replaceChildren(...(cards.length ? cards : [el("p", { class: "none" }, "nothing is running")]));
