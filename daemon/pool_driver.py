@@ -231,6 +231,7 @@ class PoolDriver:
                 "runtime": hello.runtime} if hello else dict.fromkeys(("world_size", "devices", "parallel", "runtime"))
         document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
         delivering = time.monotonic()
+        self.ledger.record_progress(job_id, "deliver", 0, 1)  # checking the mp4, writing poster and sidecar
         try:
             outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
         except (OutputInvalid, OSError) as exc:

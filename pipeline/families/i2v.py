@@ -72,13 +72,14 @@ class I2VFamily:
         image, seed = prepared_image(inputs), seed_of(job)
         sampling, video = job.sampling, job.video
         max_area = video.max_area if self.args.max_area is None else min(video.max_area, self.args.max_area)
-        report.progress("encode", 0, 1)
+        report.progress("encode", 0, 2)  # 1 of 2: the text encoder, 2 of 2: the image's VAE encode
         context, context_null = self._encode_prompts(job)
+        report.progress("encode", 1, 2)
         prepared = prepare_i2v(self.models, image, context, context_null, max_area=max_area,
                                frames=video.frames, seed=seed, sp=self.sp)
         switch = ExpertSwitch(boundary=sampling.boundary, guide_scale=sampling.guide_scale)
         solver = make_solver(sampling.solver, sampling.steps, sampling.shift, sampling.timesteps)
-        report.progress("encode", 1, 1)
+        report.progress("encode", 2, 2)
         report.progress("sampling", 0, solver.num_steps)
         try:
             latent = sample_i2v(self.models, prepared, solver, switch, guidance=self.guidance, sp=self.sp,
