@@ -118,35 +118,6 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return (st.st_size, st.st_mtime_ns)
 
 
-def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime,
-                loaded_since: datetime | None = None, fresh: bool = False) -> Any | None:
-    """The ready job to run next: the loaded model's jobs first, unless another model's job waited too long.
-
-    A job of another model is overdue when it has waited more than `max_wait` seconds since it was
-    created and since the loaded model was loaded (so each model holds the pool at most that long while
-    others wait). A freshly loaded pool first runs a job of its own model: it was loaded for one.
-    Within a group: highest priority, then oldest. A job whose retry_after lies ahead is not due.
-    """
-    due = [j for j in ready if j.retry_after is None or j.retry_after <= now]
-    if not due:
-        return None
-    order = sorted(due, key=lambda j: (-j.priority, j.created_at, j.id))
-    same = [j for j in order if j.model_id == loaded]
-    if same and fresh:
-        return same[0]
-
-    def waited(j: Any) -> float:
-        since = max(j.created_at, loaded_since) if loaded_since is not None else j.created_at
-        return (now - since).total_seconds()
-
-    overdue = [j for j in order if j.model_id != loaded and waited(j) > max_wait]
-    if same and not overdue:
-        return same[0]
-    if overdue:
-        return min(overdue, key=lambda j: j.created_at)  # the longest-waiting one breaks the streak
-    return order[0]
-
-
 class Supervisor:
     """Owns the loop; `serve()` runs until SIGTERM/SIGINT, then stops gracefully."""
 
@@ -736,14 +707,15 @@ class Supervisor:
     def dispatch(self) -> None:
         if self.stopping.is_set() or self.pool.state in ("busy", "loading"):
             return
-        ready = self.ledger.list(states=[S.READY], limit=None, newest_first=False)
         idle = self.pool.state == "idle"
-        job = choose_next(ready, self.pool.model if idle else None, self.cfg.pool.max_switch_wait_seconds,
-                          utcnow(), self.pool.ready_at if idle else None, idle and self.pool.jobs_run == 0)
+        turn = {"model_id": self.pool.model if idle else None, "now": utcnow(),
+                "max_wait": timedelta(seconds=self.cfg.pool.max_switch_wait_seconds),
+                "loaded_since": self.pool.ready_at if idle else None, "fresh": idle and self.pool.jobs_run == 0}
+        job = self.ledger.peek_next(S.READY, **turn)  # the ledger's rule: ledger.next_query
         if job is None:
             return
         if self.pool.state == "idle" and self.pool.model == job.model_id:
-            self._run(job)
+            self._run(turn)
             return
         if self.pool.state == "idle":
             jlog(logging.INFO, job.id, "switching the pool from %s to %s", self.pool.model, job.model_id)
@@ -752,12 +724,14 @@ class Supervisor:
             for event in self.pool.launch(job.model_id):
                 self.on_pool_event(event)
 
-    def _run(self, job: Any) -> None:
+    def _run(self, turn: dict[str, Any]) -> None:
+        job = self.ledger.claim_next(S.READY, S.SAMPLING, **turn, if_model=self.pool.model,
+                                     message=f"sent to the {self.pool.model} pool")
+        if job is None:
+            return  # the queue changed since the peek (a cancel, another host): the next tick looks again
         inputs = prepared_inputs(Path(job.work_dir))
         if inputs is None:
-            self.ledger.transition(job.id, S.READY, S.QUEUED, "its prepared inputs are gone: prepare again")
-            return
-        if not self.ledger.transition(job.id, S.READY, S.SAMPLING, f"sent to the {self.pool.model} pool"):
+            self.ledger.transition(job.id, S.SAMPLING, S.QUEUED, "its prepared inputs are gone: prepare again")
             return
         output = Path(job.work_dir) / jobfiles.OUTPUT_FILE
         output.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not be delivered
