@@ -114,8 +114,10 @@ def sent_order(sup: Supervisor, ids: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize(("max_wait", "expected"), [(3600, ["a1", "a2", "a3", "b1"]),
                                                     (0, ["a1", "b1", "a2", "a3"])])
-def test_model_switch_order_with_a_real_pool(tmp_path: Path, max_wait: float, expected: list[str]) -> None:
-    root = Root(tmp_path, pool={"max_switch_wait_seconds": max_wait})
+def test_model_switch_order_with_a_real_pool(tmp_path: Path, ledger_url: str, max_wait: float,
+                                             expected: list[str]) -> None:
+    # The production dispatch on either backend: `[paths] ledger` names an SQLite file or a PostgreSQL URL.
+    root = Root(tmp_path, pool={"max_switch_wait_seconds": max_wait}, paths={"ledger": ledger_url})
     sup = Supervisor(load_config(root.config))
     sup.start()
     try:
