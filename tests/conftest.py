@@ -79,11 +79,20 @@ def pg_cluster() -> Iterator[pg.Cluster]:
             pytest.fail(f"CI is set but PostgreSQL cannot run: {why}", pytrace=False)
         pytest.skip(why)
     cluster, seconds = pg.timed_start()
-    print(f"\nPostgreSQL test cluster on port {cluster.port}: initdb + start {seconds:.2f} s")
+    STARTED.append((cluster, seconds))
     try:
         yield cluster
     finally:
         cluster.destroy()
+
+
+STARTED: list[tuple[pg.Cluster, float]] = []  # the session's cluster, for the summary line
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for cluster, seconds in STARTED:
+        terminalreporter.write_line(f"PostgreSQL test cluster ({cluster.version()}): initdb + start "
+                                    f"{seconds:.1f} s, {cluster.databases} databases made")
 
 
 @pytest.fixture(params=BACKENDS)

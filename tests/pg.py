@@ -19,7 +19,6 @@ from pathlib import Path
 
 SUPERUSER = "wanbox"  # the cluster's superuser (trust authentication: it is reachable from this host only)
 SERVER_USER = "postgres"  # who runs the server when the tests run as root (the package creates this user)
-INSTALL_HINT = "apt-get install -y postgresql (Debian/Ubuntu), and pip install 'psycopg[binary]'"
 
 
 def find_bin_dir() -> Path | None:
@@ -39,11 +38,12 @@ def find_bin_dir() -> Path | None:
 def unavailable() -> str | None:
     """Why no cluster can be started here (None when one can): server binaries or the driver missing."""
     if find_bin_dir() is None:
-        return f"PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql; {INSTALL_HINT}"
+        return ("PostgreSQL's server binaries (initdb, pg_ctl) are not on PATH nor in /usr/lib/postgresql/N/bin: "
+                "apt-get install postgresql (Debian/Ubuntu)")
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        return f"the psycopg driver is not installed; {INSTALL_HINT}"
+        return "the psycopg driver is not installed: pip install -e '.[postgres]'"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam(SERVER_USER)
@@ -106,6 +106,11 @@ class Cluster:
         status = subprocess.run([*prefix, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "status"],
                                 capture_output=True, text=True, cwd=self.folder)  # fmt: skip
         return status.returncode == 0
+
+    def version(self) -> str:
+        """e.g. "PostgreSQL 15.18" (the server binaries' own words)."""
+        out = subprocess.run([str(self.bin_dir / "postgres"), "--version"], capture_output=True, text=True).stdout
+        return out.replace("postgres (PostgreSQL)", "PostgreSQL").strip() or str(self.bin_dir)
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"

@@ -623,3 +623,18 @@ def test_a_claim_passes_over_a_job_another_host_holds_instead_of_waiting(ledger_
             assert time.monotonic() - began < 5  # well under the 30 s lock timeout: nothing waited
         other_host.dispose()
         assert ledger.claim_next(S.READY, S.SAMPLING, now=T0).id == first  # released: next in line again
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_ledger_outlives_a_database_restart_and_a_crash(ledger_url: str, pg_cluster) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        before = add(ledger, "before", S.QUEUED)
+        for mode in ("fast", "immediate"):  # a clean shutdown, then one like a power cut (no checkpoint)
+            pg_cluster.stop(mode)
+            pg_cluster.start()
+            # The same Ledger object: its pooled connections died with the server and are replaced unasked.
+            assert ledger.claim_next(S.QUEUED, S.PREPROCESSING, now=T0).id == before
+            assert ledger.transition(before, S.PREPROCESSING, S.QUEUED, f"put back after the {mode} restart")
+        assert [e.message for e in ledger.events(before)][-1] == "put back after the immediate restart"
+        assert ledger.audit() == []
