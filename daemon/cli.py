@@ -305,6 +305,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r.status == "fail" for r in results) else EXIT_OK
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from daemon import ledger_admin
+
+    cfg = _config(args)
+    if args.action == "migrate":
+        before, after = ledger_admin.migrate(cfg.paths.ledger)
+        where = ledger_admin.shown(cfg.paths.ledger)
+        print(f"ledger {where}: " + (f"already at {after}, nothing to do" if before == after else
+                                     f"migrated from {before or 'an empty database'} to {after}"))
+        return EXIT_OK
+    info = ledger_admin.inspect_ledger(cfg.paths.ledger)
+    if args.json:
+        _print_json({**info.__dict__, "up_to_date": info.up_to_date})
+    else:
+        print("\n".join(ledger_admin.describe(info)))
+    return EXIT_OK
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     try:
         from pipeline.weights import hub
@@ -438,6 +456,12 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("ledger", help="the job database: migrate its schema (Alembic), or show its status")
+    _common(p)
+    p.add_argument("action", choices=("migrate", "status"))
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.set_defaults(func=cmd_ledger)
+
     p = sub.add_parser("models", help="download, verify or list model checkpoints")
     _common(p)
     p.add_argument("action", choices=("pull", "verify", "list"))
@@ -484,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models" and args.action != "list" and args.family is None:
         parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(model_ids())}")
     _setup_logging(args.verbose)
-    from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound
+    from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound, LedgerError
     from daemon.submit import SubmitError
     from inbox_schema import ManifestInvalid
 
@@ -498,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NOT_FOUND
     except IllegalTransition as exc:
         print(f"wanbox: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except LedgerError as exc:  # unreachable database, a schema from a newer wanbox, ...
+        print(f"wanbox {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "status" else EXIT_FAILURE

@@ -1,4 +1,4 @@
-"""`wanbox doctor`: checks that a host can run the daemon (paths, permissions, disk, GPUs, models, RAM).
+"""`wanbox doctor`: checks that a host can run the daemon (paths, permissions, disk, GPUs, models, RAM, ledger).
 
 Read-only: it creates, moves and deletes nothing, and must not import torch (GPUs via nvidia-smi).
 """
@@ -9,6 +9,8 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +209,36 @@ def check_worker(cfg: Config) -> list[Check]:
     return found
 
 
+def check_ledger(cfg: Config, clock: Callable[[], float] = time.time) -> list[Check]:
+    """The database: reachable, at this wanbox's schema revision, and (PostgreSQL) with a clock that agrees
+    with this host's, since leases and retry times written by one host are read by the others."""
+    from daemon.ledger import LedgerError
+    from daemon.ledger_admin import CLOCK_SKEW_WARN_S, inspect_ledger, missing_sqlite_file
+
+    if (path := missing_sqlite_file(cfg.paths.ledger)) is not None:
+        return [Check("ledger", "warn", f"{path} does not exist yet (serve creates it)")]
+    try:
+        info = inspect_ledger(cfg.paths.ledger, clock)
+    except LedgerError as exc:
+        return [Check("ledger", "fail", str(exc))]
+    found = [Check("ledger", "ok", f"{info.url} ({info.server_version})")]
+    if info.revision is None:
+        found.append(Check("ledger schema", "warn", f"empty database: serve or `wanbox ledger migrate` "
+                                                    f"creates the schema ({info.head})"))  # fmt: skip
+    elif not info.up_to_date:
+        found.append(Check("ledger schema", "fail", f"revision {info.revision}, this wanbox writes {info.head}: "
+                                                    "run `wanbox ledger migrate` (or the wanbox that wrote it)"))
+    else:
+        found.append(Check("ledger schema", "ok", f"revision {info.revision} (up to date)"))
+    if info.clock_skew_s is not None:
+        skew = info.clock_skew_s
+        detail = f"the database server's clock is {skew:+.3f} s from this host's (±{info.clock_uncertainty_s:.3f} s)"
+        if abs(skew) > CLOCK_SKEW_WARN_S:
+            detail += f": over {CLOCK_SKEW_WARN_S:g} s, leases and retry times drift; synchronise both (NTP)"
+        found.append(Check("ledger clock", "warn" if abs(skew) > CLOCK_SKEW_WARN_S else "ok", detail))
+    return found
+
+
 def run_checks(cfg: Config) -> list[Check]:
     source = f"{cfg.source} ({cfg.found})" if cfg.source else (cfg.found or "built-in defaults")
     source += f"; looked for: {LOOKUP_ORDER}"
@@ -222,4 +254,5 @@ def run_checks(cfg: Config) -> list[Check]:
         *check_models(cfg),
         *check_model_load(cfg),
         *check_worker(cfg),
+        *check_ledger(cfg),
     ]

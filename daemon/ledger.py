@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    and_,
     case,
     create_engine,
     event,
@@ -166,7 +167,7 @@ class JobRecord(Base):
     staged_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
-        # claim_next: WHERE state = ? AND retry_after <= ? ORDER BY priority DESC, created_at
+        # next_query: WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?) ORDER BY ..., priority DESC, created_at
         Index("ix_jobs_claim", "state", "priority", "created_at", "retry_after"),
     )
 
@@ -272,8 +273,14 @@ def _check_sqlite_folder(url: str) -> None:
 
 
 def _make_engine(url: str, busy_timeout_s: float) -> Engine:
-    if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        # The same patience as SQLite's busy timeout: a statement waiting longer for a lock held by another
+        # host fails instead of hanging; and an unreachable server is reported instead of waited on forever.
+        args: dict[str, Any] = {"options": f"-c lock_timeout={int(busy_timeout_s * 1000)}"}
+        if "connect_timeout" not in parsed.query:
+            args["connect_timeout"] = 10
+        return create_engine(url, pool_pre_ping=True, connect_args=args)
     engine = create_engine(url, connect_args={"timeout": busy_timeout_s})
     event.listen(engine, "connect", _sqlite_on_connect(busy_timeout_s))
     event.listen(engine, "begin", _sqlite_begin)
@@ -323,6 +330,8 @@ class Ledger:
         migrate: bool = True,
     ) -> None:
         self.url = database_url(path_or_url)
+        self.shown_url = make_url(self.url).render_as_string(hide_password=True)  # for messages and logs
+        self.backend = make_url(self.url).get_backend_name()  # "sqlite" or "postgresql"
         _check_sqlite_folder(self.url)
         self.backoff = backoff or Backoff()
         self.engine = _make_engine(self.url, busy_timeout_s)
@@ -364,14 +373,22 @@ class Ledger:
         if current == set(ScriptDirectory.from_config(config).get_heads()):
             return
         with self.engine.execution_options(sqlite_begin="IMMEDIATE").begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # PostgreSQL's counterpart of SQLite's BEGIN IMMEDIATE: hosts opening a new database at once
+                # migrate one after the other (the later ones then find it at head and do nothing).
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
             config.attributes["connection"] = conn
             try:
                 command.upgrade(config, "head")
             except CommandError as err:
                 raise LedgerError(
-                    f"cannot upgrade the ledger at {self.url}: {err}. If it was written by a newer wanbox, "
+                    f"cannot upgrade the ledger at {self.shown_url}: {err}. If it was written by a newer wanbox, "
                     "run that version (or restore a backup of the database)"
                 ) from err
+
+    def revision(self) -> str | None:
+        """The schema revision this database is at (None for an empty one); SCHEMA_HEAD when up to date."""
+        return ",".join(sorted(self._revisions())) or None
 
     def _revisions(self) -> set[str]:
         """The schema revisions Alembic recorded in this database (empty for a new or foreign one)."""
@@ -458,6 +475,27 @@ class Ledger:
         with self._writing() as session:
             return _move(session, job_id, from_state, to_state, message, now, fields)
 
+    def peek_next(
+        self,
+        from_state: JobState,
+        kinds: Iterable[str] | None = None,
+        model_id: str | None = None,
+        now: datetime | None = None,
+        *,
+        max_wait: timedelta | None = None,
+        loaded_since: datetime | None = None,
+        fresh: bool = False,
+    ) -> JobRecord | None:
+        """The job `claim_next` would take now (the same query), without moving or locking anything.
+
+        The supervisor asks this first: it may have to load another model before it can claim the job.
+        """
+        now = now or utcnow()
+        stmt = next_query(JobState(from_state), kinds, now, model_id=model_id, max_wait=max_wait,
+                          loaded_since=loaded_since, fresh=fresh, lock=False)  # fmt: skip
+        with self._reading() as session:
+            return session.scalars(stmt).first()
+
     def claim_next(
         self,
         from_state: JobState,
@@ -467,22 +505,29 @@ class Ledger:
         now: datetime | None = None,
         *,
         max_wait: timedelta | None = None,
+        loaded_since: datetime | None = None,
+        fresh: bool = False,
+        if_model: str | None = None,
         message: str | None = None,
         **fields: Any,
     ) -> JobRecord | None:
-        """Take the next job waiting in `from_state` and move it to `to_state`; None if none is due.
+        """Take the next job waiting in `from_state` (see `next_query` for the rule) and move it to
+        `to_state`, in one transaction; None if none is due.
 
-        Order: highest priority, then (if `model_id` is given) jobs for that model, then oldest first;
-        jobs whose retry_after is in the future are skipped. With `max_wait`, a job of another model that
-        has waited longer than that goes first, so a busy model cannot starve the others.
+        `model_id` is the model the pool has loaded, `loaded_since` when it became ready, `fresh` whether
+        it has run no job yet; `max_wait` bounds how long a job of another model waits. With `if_model`, the
+        job is taken only if it is one for that model (else nothing moves and None is returned): what the
+        queue wants next may have changed since `peek_next`, and a pool can only run its own model's jobs.
         """
         from_state, to_state = JobState(from_state), JobState(to_state)
         _check_edge("(next)", from_state, to_state)
         _check_fields(fields)
         now = now or utcnow()
+        stmt = next_query(from_state, kinds, now, model_id=model_id, max_wait=max_wait,
+                          loaded_since=loaded_since, fresh=fresh, lock=True)  # fmt: skip
         with self._writing() as session:
-            job = _pick(session, from_state, kinds, model_id, max_wait, now)
-            if job is None:
+            job = session.scalars(stmt).first()
+            if job is None or (if_model is not None and job.model_id != if_model):
                 return None
             text = message or f"taken for {to_state.value}"
             if not _move(session, job.id, from_state, to_state, text, now, fields):
@@ -747,53 +792,57 @@ def _move(
     return True
 
 
-def _pick(
-    session: Session,
-    from_state: JobState,
-    kinds: Iterable[str] | None,
-    model_id: str | None,
-    max_wait: timedelta | None,
-    now: datetime,
-) -> JobRecord | None:
-    if model_id is not None and max_wait is not None:
-        job = _first(session, starved_query(from_state, kinds, model_id, now, max_wait))
-        if job is not None:
-            return job
-    return _first(session, claim_query(from_state, kinds, model_id, now))
-
-
 def _due(from_state: JobState, kinds: Iterable[str] | None, now: datetime) -> Select[tuple[JobRecord]]:
     due = select(JobRecord).where(JobRecord.state == from_state, or_(JobRecord.retry_after.is_(None), JobRecord.retry_after <= now))
     return due if kinds is None else due.where(JobRecord.kind.in_(list(kinds)))
 
 
-def claim_query(
-    from_state: JobState, kinds: Iterable[str] | None, model_id: str | None, now: datetime
+def next_query(
+    from_state: JobState,
+    kinds: Iterable[str] | None,
+    now: datetime,
+    *,
+    model_id: str | None = None,
+    max_wait: timedelta | None = None,
+    loaded_since: datetime | None = None,
+    fresh: bool = False,
+    lock: bool = True,
 ) -> Select[tuple[JobRecord]]:
-    """The next due job: highest priority, then the loaded model's, then oldest; locked, skipping locked rows."""
-    order = [JobRecord.priority.desc()]
-    if model_id is not None:
-        order.append(case((JobRecord.model_id == model_id, 0), else_=1))
-    return _locked(_due(from_state, kinds, now).order_by(*order, JobRecord.created_at, JobRecord.id))
+    """The scheduling rule, as one query on every backend: the next due job in `from_state`.
+
+    Due: retry_after is null or has come. Then, first match wins:
+    1. a freshly loaded pool (`fresh`: it has run no job yet) takes its own model's best job (by 3):
+       it was loaded for one, and switching straight back would only ping-pong;
+    2. a job of another model that has waited longer than `max_wait`, counted from the later of its
+       creation and `loaded_since` (so each model holds the pool at most that long while others wait):
+       the longest-waiting one (oldest created_at);
+    3. highest priority, then the loaded model's jobs, then oldest (created_at, id).
+    With `lock`, the row is locked FOR UPDATE SKIP LOCKED (PostgreSQL: claimers on several hosts pass over
+    each other's rows instead of queueing; SQLite has no row locks and renders nothing: its IMMEDIATE
+    write transaction already serialises claimers).
+    """
+    mine = JobRecord.model_id == model_id if model_id is not None else None
+    order: list[Any] = []
+    if fresh and mine is not None:
+        order.append(case((mine, 0), else_=1))
+    overdue = _overdue(model_id, now, max_wait, loaded_since)
+    if overdue is not None:
+        order += [case((overdue, 0), else_=1), case((overdue, JobRecord.created_at), else_=None)]
+    order.append(JobRecord.priority.desc())
+    if mine is not None:
+        order.append(case((mine, 0), else_=1))
+    stmt = _due(from_state, kinds, now).order_by(*order, JobRecord.created_at, JobRecord.id).limit(1)
+    return stmt.with_for_update(skip_locked=True) if lock else stmt
 
 
-def starved_query(
-    from_state: JobState, kinds: Iterable[str] | None, model_id: str, now: datetime, max_wait: timedelta
-) -> Select[tuple[JobRecord]]:
-    """A due job of another model that has waited in `from_state` for `max_wait` or longer."""
-    other = or_(JobRecord.model_id.is_(None), JobRecord.model_id != model_id)
-    stmt = _due(from_state, kinds, now).where(other, JobRecord.updated_at <= now - max_wait)
-    return _locked(stmt.order_by(JobRecord.priority.desc(), JobRecord.updated_at, JobRecord.id))
-
-
-def _locked(stmt: Select[tuple[JobRecord]]) -> Select[tuple[JobRecord]]:
-    # FOR UPDATE SKIP LOCKED lets several PostgreSQL hosts claim from one queue; SQLite ignores it
-    # (there the IMMEDIATE write transaction already serialises claimers).
-    return stmt.limit(1).with_for_update(skip_locked=True)
-
-
-def _first(session: Session, stmt: Select[tuple[JobRecord]]) -> JobRecord | None:
-    return session.scalars(stmt).first()
+def _overdue(model_id: str | None, now: datetime, max_wait: timedelta | None, loaded_since: datetime | None) -> Any:
+    """SQL for "a job of another model that waited more than max_wait"; None when none can be."""
+    if model_id is None or max_wait is None:
+        return None  # nothing loaded: no model holds the pool, so nobody waits for it
+    cutoff = now - max_wait
+    if loaded_since is not None and loaded_since >= cutoff:
+        return None  # the loaded model has not had its max_wait yet: every job's wait counts from its load
+    return and_(or_(JobRecord.model_id.is_(None), JobRecord.model_id != model_id), JobRecord.created_at < cutoff)
 
 
 def _get_for_update(session: Session, job_id: str) -> JobRecord:
@@ -869,6 +918,7 @@ def _audit_job(job_id: str, state: JobState, chain: list[tuple[JobState | None, 
 
 
 SCHEMA_HEAD = "0003"  # the newest revision in migrations/versions (a test keeps them equal)
+UPGRADE_LOCK_KEY = 0x77616E626F78  # "wanbox": the PostgreSQL advisory lock that serialises schema upgrades
 
 
 def alembic_config(url: str) -> Any:

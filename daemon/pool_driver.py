@@ -11,7 +11,7 @@ import logging
 import shutil
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,35 +40,6 @@ def resumed(stats: dict[str, Any]) -> str:
     text += f" of clip {where['clip'] + 1}" if where.get("clip") else ""
     changed = where.get("layout_changed")
     return text + (f"; on another layout: {', '.join(changed)}" if changed else "") + ")"
-
-
-def choose_next(ready: list[Any], loaded: str | None, max_wait: float, now: datetime,
-                loaded_since: datetime | None = None, fresh: bool = False) -> Any | None:
-    """The ready job to run next: the loaded model's jobs first, unless another model's job waited too long.
-
-    A job of another model is overdue when it has waited more than `max_wait` seconds since it was
-    created and since the loaded model was loaded (so each model holds the pool at most that long while
-    others wait). A freshly loaded pool first runs a job of its own model: it was loaded for one.
-    Within a group: highest priority, then oldest. A job whose retry_after lies ahead is not due.
-    """
-    due = [j for j in ready if j.retry_after is None or j.retry_after <= now]
-    if not due:
-        return None
-    order = sorted(due, key=lambda j: (-j.priority, j.created_at, j.id))
-    same = [j for j in order if j.model_id == loaded]
-    if same and fresh:
-        return same[0]
-
-    def waited(j: Any) -> float:
-        since = max(j.created_at, loaded_since) if loaded_since is not None else j.created_at
-        return (now - since).total_seconds()
-
-    overdue = [j for j in order if j.model_id != loaded and waited(j) > max_wait]
-    if same and not overdue:
-        return same[0]
-    if overdue:
-        return min(overdue, key=lambda j: j.created_at)  # the longest-waiting one breaks the streak
-    return order[0]
 
 
 class PoolDriver:
@@ -106,17 +77,18 @@ class PoolDriver:
             self.cancel_sent = job_id
 
     def dispatch(self) -> None:
+        """The ledger's rule (ledger.next_query) picks the next ready job; run it, or load its model first."""
         if self.stopping.is_set() or self.pool.state in (PoolState.BUSY, PoolState.LOADING):
             return
-        ready = self.ledger.list(states=[S.READY], limit=None, newest_first=False)
         idle = self.pool.state == PoolState.IDLE
-        record = choose_next(ready, self.pool.model if idle else None, self.cfg.pool.max_switch_wait_seconds,
-                             datetime.now(timezone.utc), self.pool.ready_at if idle else None,
-                             idle and self.pool.jobs_run == 0)
+        turn = {"model_id": self.pool.model if idle else None, "now": datetime.now(timezone.utc),
+                "max_wait": timedelta(seconds=self.cfg.pool.max_switch_wait_seconds),
+                "loaded_since": self.pool.ready_at if idle else None, "fresh": idle and self.pool.jobs_run == 0}
+        record = self.ledger.peek_next(S.READY, **turn)
         if record is None:
             return
         if idle and self.pool.model == record.model_id:
-            self._run(record)
+            self._run(turn)
             return
         if idle:
             jlog(logging.INFO, record.id, "switching the pool from %s to %s", self.pool.model, record.model_id)
@@ -125,18 +97,20 @@ class PoolDriver:
             for event in self.pool.launch(record.model_id):
                 self.on_event(event)
 
-    def _run(self, record: JobRecord) -> None:
+    def _run(self, turn: dict[str, Any]) -> None:
+        record = self.ledger.claim_next(S.READY, S.SAMPLING, **turn, if_model=self.pool.model,
+                                        message=f"sent to the {self.pool.model} pool")
+        if record is None:
+            return  # the queue changed since the peek (a cancel, another host): the next tick looks again
         try:
             job = record.job
         except JobDataError as exc:  # a ledger written by hand or by a broken version: say so, do not loop on it
-            self.failures.give_up(record.id, S.READY, f"its stored job cannot be read ({exc}); submit it again",
+            self.failures.give_up(record.id, S.SAMPLING, f"its stored job cannot be read ({exc}); submit it again",
                                   ErrorKind.INTERNAL)
             return
         inputs = prepared_inputs(Path(record.work_dir))
         if inputs is None:
-            self.ledger.transition(record.id, S.READY, S.QUEUED, "its prepared inputs are gone: prepare again")
-            return
-        if not self.ledger.transition(record.id, S.READY, S.SAMPLING, f"sent to the {self.pool.model} pool"):
+            self.ledger.transition(record.id, S.SAMPLING, S.QUEUED, "its prepared inputs are gone: prepare again")
             return
         output = Path(record.work_dir) / jobfiles.OUTPUT_FILE
         output.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not be delivered
@@ -231,7 +205,6 @@ class PoolDriver:
                 "runtime": hello.runtime} if hello else dict.fromkeys(("world_size", "devices", "parallel", "runtime"))
         document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
         delivering = time.monotonic()
-        self.ledger.record_progress(job_id, "deliver", 0, 1)  # checking the mp4, writing poster and sidecar
         try:
             outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
         except (OutputInvalid, OSError) as exc:

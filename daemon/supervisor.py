@@ -26,14 +26,14 @@ from daemon.ledger import Backoff, Ledger, LedgerError
 from daemon.notifications import Notifications, job_payload
 from daemon.notify import Notifier
 from daemon.outbox import software_version
-from daemon.pool_driver import PoolDriver, choose_next
+from daemon.pool_driver import PoolDriver
 from daemon.preparation import Preparation
 from daemon.preprocessing import prepared_inputs
 from daemon.prune import prune_done
 from daemon.states import JobState
 from daemon.web import WebServer
 
-__all__ = ["AlreadyRunning", "Supervisor", "choose_next", "serve"]
+__all__ = ["AlreadyRunning", "Supervisor", "serve"]
 
 PRUNE_EVERY_SECONDS = 3600.0
 LOCK_FILE = "serve.lock"  # state/serve.lock: flock held by the running supervisor, with its pid

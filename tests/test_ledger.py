@@ -1,5 +1,6 @@
-"""The ledger on real SQLite files: schema and migrations, connection settings, ids and look-ups, claim
-order, dedupe, progress, cancel/retry, and two processes sharing one database file.
+"""The ledger on real databases, SQLite and PostgreSQL (conftest's `backend`): schema and migrations,
+connection settings, ids and look-ups, claim order, dedupe, progress, cancel/retry, and two processes
+sharing one new database. Tests of SQLite's own files and locking run on SQLite only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 import daemon.hosts  # noqa: F401 - registers the liveness tables on Base.metadata, as the migrations create them
@@ -34,10 +37,9 @@ from daemon.ledger import (
     Ledger,
     LedgerError,
     alembic_config,
-    claim_query,
     database_url,
     network_filesystem,
-    starved_query,
+    next_query,
 )
 from daemon.states import JobState, shortest_path
 
@@ -47,9 +49,17 @@ T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def ledger(tmp_path: Path):
-    with Ledger.open(tmp_path / "wanbox.db") as opened:
+def ledger(ledger_url: str):
+    with Ledger.open(ledger_url) as opened:
         yield opened
+
+
+def execute(url: str, sql: str) -> None:
+    """One statement on the database itself, past the ledger (as a person with a SQL shell would)."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql)
+    engine.dispose()
 
 
 def add(ledger: Ledger, name: str = "cat", state: JobState = S.STAGED, at: datetime = T0, **options) -> str:
@@ -78,31 +88,30 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 
 
-def test_the_quick_open_check_knows_the_newest_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_quick_open_check_knows_the_newest_revision(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from alembic.script import ScriptDirectory
 
     from daemon.ledger import SCHEMA_HEAD
 
     assert {SCHEMA_HEAD} == set(ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads())
-    path = tmp_path / "wanbox.db"
-    Ledger.open(path).close()
+    Ledger.open(ledger_url).close()
     # An up-to-date ledger opens without Alembic at all (the ~0.3 s import every CLI call used to pay).
     monkeypatch.setitem(sys.modules, "alembic", None)
-    with Ledger.open(path) as again:
+    with Ledger.open(ledger_url) as again:
         assert again.counts_by_state()[S.QUEUED] == 0
 
 
-def test_the_first_revision_downgrades_cleanly_and_upgrades_again(tmp_path: Path) -> None:
-    path = tmp_path / "wanbox.db"
-    Ledger.open(path).close()
-    config = alembic_config(database_url(path))
+def test_the_first_revision_downgrades_cleanly_and_upgrades_again(ledger_url: str) -> None:
+    Ledger.open(ledger_url).close()
+    config = alembic_config(ledger_url)
     command.downgrade(config, "base")
-    with sqlite3.connect(path) as raw:
-        left = {
-            row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")
-        }
+    engine = create_engine(ledger_url)
+    with engine.connect() as conn:  # tables and their indexes (not the primary keys' own)
+        seen = inspect(conn)
+        left = {*seen.get_table_names(), *(i["name"] for t in seen.get_table_names() for i in seen.get_indexes(t))}
+    engine.dispose()
     assert {name for name in left if not name.startswith("sqlite_autoindex")} == {"alembic_version"}
-    with Ledger.open(path) as again:
+    with Ledger.open(ledger_url) as again:
         assert again.get(add(again)).name == "cat"
 
 
@@ -121,12 +130,13 @@ def test_a_first_revision_ledger_with_jobs_upgrades_to_the_liveness_tables(tmp_p
         assert MigrationContext.configure(conn).get_current_revision() == SCHEMA_HEAD
 
 
-def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> None:
+def test_opening_an_existing_ledger_again_keeps_everything(backend: str, new_database, tmp_path: Path) -> None:
     path = tmp_path / "state" / "wanbox.db"
     path.parent.mkdir()
-    with Ledger.open(path) as first:
+    url = database_url(path) if backend == "sqlite" else new_database()
+    with Ledger.open(path if backend == "sqlite" else url) as first:
         job_id = add(first, state=S.QUEUED)
-    with Ledger.open(path) as second, Ledger.open(str(path)) as third:
+    with Ledger.open(url) as second, Ledger.open(str(path) if backend == "sqlite" else url) as third:
         assert second.get(job_id).state == S.QUEUED
         assert [e.to_state for e in third.events(job_id)] == [S.STAGED, S.QUEUED]
         with third.engine.connect() as conn:
@@ -134,15 +144,23 @@ def test_opening_an_existing_ledger_again_keeps_everything(tmp_path: Path) -> No
             assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
 
 
-def test_a_ledger_from_a_newer_wanbox_is_refused_with_a_reason(tmp_path: Path) -> None:
-    path = tmp_path / "wanbox.db"
-    Ledger.open(path).close()
-    with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE alembic_version SET version_num = '0999'")
-    with pytest.raises(
-        LedgerError, match=r"cannot upgrade the ledger at sqlite:///.*wanbox\.db.*0999.*newer wanbox"
-    ):
-        Ledger.open(path)
+def test_a_ledger_from_a_newer_wanbox_is_refused_with_a_reason(ledger_url: str) -> None:
+    Ledger.open(ledger_url).close()
+    execute(ledger_url, "UPDATE alembic_version SET version_num = '0999'")
+    shown = r"sqlite:///.*wanbox\.db" if ledger_url.startswith("sqlite") else re.escape(ledger_url)
+    with pytest.raises(LedgerError, match=f"cannot upgrade the ledger at {shown}.*0999.*newer wanbox"):
+        Ledger.open(ledger_url)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])  # SQLite URLs carry no password
+def test_a_password_in_the_url_is_never_shown(ledger_url: str) -> None:
+    Ledger.open(ledger_url).close()
+    execute(ledger_url, "UPDATE alembic_version SET version_num = '0999'")
+    secret = make_url(ledger_url).set(password="s3cret-pw")  # the test cluster trusts local users: any password
+    with pytest.raises(LedgerError) as refused:
+        Ledger.open(secret.render_as_string(hide_password=False))
+    assert "s3cret-pw" not in str(refused.value) and "0999" in str(refused.value)
 
 
 def test_paths_and_urls_name_the_same_database(tmp_path: Path) -> None:
@@ -189,15 +207,17 @@ def test_the_schema_and_the_claim_query_are_portable_to_postgresql() -> None:
     assert "retry_after TIMESTAMP WITH TIME ZONE" in ddl and "params_json JSON" in ddl
     assert "state VARCHAR(16) NOT NULL" in ddl and "PRAGMA" not in ddl
 
-    for query in (claim_query(S.READY, ["i2v"], "i2v-A14B", T0),
-                  starved_query(S.READY, None, "i2v-A14B", T0, timedelta(minutes=5))):  # fmt: skip
+    for query in (next_query(S.READY, ["i2v"], T0, model_id="i2v-A14B"),
+                  next_query(S.READY, None, T0, model_id="i2v-A14B", max_wait=timedelta(minutes=5), fresh=True)):  # fmt: skip
         on_postgres = str(query.compile(dialect=postgresql.dialect()))
         assert on_postgres.rstrip().endswith("FOR UPDATE SKIP LOCKED")
         assert "FOR UPDATE" not in str(query.compile(dialect=sqlite.dialect()))
+    peek = next_query(S.READY, None, T0, model_id="i2v-A14B", lock=False)  # peek_next locks nothing
+    assert "FOR UPDATE" not in str(peek.compile(dialect=postgresql.dialect()))
 
 
-def test_migrations_command_reports_the_schema_up_to_date(tmp_path: Path) -> None:
-    path = tmp_path / "wanbox.db"
+def test_migrations_command_reports_the_schema_up_to_date(backend: str, ledger_url: str) -> None:
+    path = make_url(ledger_url).database if backend == "sqlite" else ledger_url  # a file path is enough
     run = [sys.executable, "-m", "daemon.migrations"]
     upgraded = subprocess.run([*run, "upgrade", "--db", str(path)], cwd=REPO, capture_output=True, text=True)
     assert upgraded.returncode == 0, upgraded.stderr
@@ -225,8 +245,9 @@ def test_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
             conn.close()
 
 
-def test_foreign_keys_are_enforced(ledger: Ledger) -> None:
-    with ledger.engine.connect() as conn, pytest.raises(Exception, match="FOREIGN KEY constraint failed"):
+def test_foreign_keys_are_enforced(ledger: Ledger, backend: str) -> None:
+    refusal = {"sqlite": "FOREIGN KEY constraint failed", "postgresql": "violates foreign key constraint"}[backend]
+    with ledger.engine.connect() as conn, pytest.raises(Exception, match=refusal):
         conn.exec_driver_sql(
             "INSERT INTO events (job_id, at, to_state, message) VALUES ('nope', '2026-01-01 00:00:00', 'queued', '')"
         )
@@ -408,10 +429,32 @@ def test_claim_with_max_wait_lets_a_starved_model_go_first(ledger: Ledger) -> No
     soon = T0 + timedelta(minutes=10)
     job = ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", max_wait=patience, now=soon)
     assert job.id == mine
-    assert ledger.transition(mine, S.SAMPLING, S.READY, "put back")  # updated_at: now it waits afresh
+    assert ledger.transition(mine, S.SAMPLING, S.READY, "put back")
     late = T0 + timedelta(minutes=45)
     job = ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", max_wait=patience, now=late)
     assert job.id == starved
+
+
+def test_a_claim_for_one_model_moves_nothing_when_the_queue_wants_another(ledger: Ledger) -> None:
+    other = add(ledger, "other", S.READY, at=T0, model_id="animate-14B", priority=3)
+    mine = add(ledger, "mine", S.READY, at=T0, model_id="i2v-A14B")
+    turn = {"model_id": "i2v-A14B", "now": T0 + timedelta(minutes=1)}
+    assert ledger.peek_next(S.READY, **turn).id == other  # priority first: the pool must switch
+    assert ledger.claim_next(S.READY, S.SAMPLING, **turn, if_model="i2v-A14B") is None
+    assert [ledger.get(j).state for j in (other, mine)] == [S.READY, S.READY]
+    assert len(ledger.events(other)) == len(ledger.events(mine)) == 4  # staged, queued, preprocessing, ready
+    assert ledger.claim_next(S.READY, S.SAMPLING, **turn, if_model="animate-14B").id == other
+    assert ledger.claim_next(S.READY, S.SAMPLING, **turn, if_model="i2v-A14B").id == mine
+
+
+def test_the_peek_sees_what_the_claim_takes_and_moves_nothing(ledger: Ledger) -> None:
+    ids = [add(ledger, f"j{i}", S.READY, at=T0 + timedelta(minutes=i), model_id="i2v-A14B") for i in range(3)]
+    now = T0 + timedelta(hours=1)
+    for expected in ids:
+        peeked = ledger.peek_next(S.READY, model_id="i2v-A14B", now=now)
+        assert peeked.id == expected and ledger.get(expected).state == S.READY
+        assert ledger.claim_next(S.READY, S.SAMPLING, model_id="i2v-A14B", now=now).id == expected
+    assert ledger.peek_next(S.READY, now=now) is None
 
 
 def test_claim_filters_by_kind_and_checks_the_edge(ledger: Ledger) -> None:
@@ -537,8 +580,8 @@ CLAIMER = textwrap.dedent(
     import sys
     from daemon.ledger import Ledger
     from daemon.states import JobState as S
-    path, name = sys.argv[1], sys.argv[2]
-    ledger = Ledger.open(path, busy_timeout_s=20)  # both processes create/upgrade the new file at once
+    url, name = sys.argv[1], sys.argv[2]
+    ledger = Ledger.open(url, busy_timeout_s=20)  # both processes create/upgrade the new database at once
     for i in range(15):
         job = ledger.add_staged(f"{name}-{i}", "i2v", f"inbox/{name}-{i}.toml", None)
         assert ledger.transition(job.id, S.STAGED, S.QUEUED, "accepted")
@@ -554,11 +597,10 @@ CLAIMER = textwrap.dedent(
 )
 
 
-def test_two_processes_share_one_new_file_without_locking_errors_or_double_claims(tmp_path: Path) -> None:
-    path = tmp_path / "wanbox.db"
+def test_two_processes_share_one_new_database_without_locking_errors_or_double_claims(ledger_url: str) -> None:
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", CLAIMER, str(path), name],
+            [sys.executable, "-c", CLAIMER, ledger_url, name],
             cwd=REPO,
             text=True,
             stdin=subprocess.PIPE,
@@ -576,9 +618,42 @@ def test_two_processes_share_one_new_file_without_locking_errors_or_double_claim
     for worker, (_, err) in zip(workers, results, strict=True):
         assert worker.returncode == 0, err
     taken = [out.split() for out, _ in results]
-    with Ledger.open(path) as ledger:
+    with Ledger.open(ledger_url) as ledger:
         ids = [job.id for job in ledger.list(limit=None)]
         assert len(ids) == 30
         assert sorted(taken[0] + taken[1]) == sorted(ids)  # every job exactly once
         assert ledger.counts_by_state()[S.READY] == 30
+        assert ledger.audit() == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])  # SQLite has no row locks: its claimers queue for the file
+def test_a_claim_passes_over_a_job_another_host_holds_instead_of_waiting(ledger_url: str) -> None:
+    with Ledger.open(ledger_url, busy_timeout_s=30) as ledger:
+        first = add(ledger, "first", S.READY, at=T0)
+        second = add(ledger, "second", S.READY, at=T0 + timedelta(seconds=1))
+        other_host = create_engine(ledger_url)
+        with other_host.begin() as conn:  # another claimer's open transaction holds the first job's row
+            conn.exec_driver_sql(f"SELECT id FROM jobs WHERE id = '{first}' FOR UPDATE")
+            began = time.monotonic()
+            assert ledger.peek_next(S.READY, now=T0).id == first  # a peek locks nothing and waits for nothing
+            assert ledger.claim_next(S.READY, S.SAMPLING, now=T0).id == second  # SKIP LOCKED
+            assert ledger.claim_next(S.READY, S.SAMPLING, now=T0) is None  # the held one is not waited for
+            assert time.monotonic() - began < 5  # well under the 30 s lock timeout: nothing waited
+        other_host.dispose()
+        assert ledger.claim_next(S.READY, S.SAMPLING, now=T0).id == first  # released: next in line again
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_ledger_outlives_a_database_restart_and_a_crash(ledger_url: str, pg_cluster) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        before = add(ledger, "before", S.QUEUED)
+        for mode in ("fast", "immediate"):  # a clean shutdown, then one like a power cut (no checkpoint)
+            pg_cluster.stop(mode)
+            pg_cluster.start()
+            # The same Ledger object: its pooled connections died with the server and are replaced unasked.
+            assert ledger.claim_next(S.QUEUED, S.PREPROCESSING, now=T0).id == before
+            assert ledger.transition(before, S.PREPROCESSING, S.QUEUED, f"put back after the {mode} restart")
+        assert [e.message for e in ledger.events(before)][-1] == "put back after the immediate restart"
         assert ledger.audit() == []

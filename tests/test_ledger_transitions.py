@@ -1,20 +1,16 @@
 """The transition table on a real ledger: every legal move works and logs one event, every other move is
 refused without writing anything, and ledgers racing for one move or one job produce one winner.
 
-SQLite always; also PostgreSQL when WANBOX_TEST_POSTGRES_URL names a throwaway database (it is wiped), e.g.
-postgresql+psycopg://wanbox@/wanbox_test?host=/run/postgresql (needs the psycopg driver installed).
+Each database test runs on SQLite and on PostgreSQL (conftest's `backend`), each on a new database.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from sqlalchemy import MetaData, create_engine
 
 from daemon.ledger import IllegalTransition, JobNotFound, Ledger, utcnow
 from daemon.states import ALLOWED, EDGES, RETRY_STATE, RUNNING, TERMINAL, JobState, shortest_path
@@ -24,26 +20,9 @@ LEGAL = sorted(EDGES, key=lambda e: (e[0].value, e[1].value))
 ILLEGAL = [(a, b) for a, b in itertools.product(JobState, JobState) if (a, b) not in EDGES]
 
 
-POSTGRES_URL = os.environ.get("WANBOX_TEST_POSTGRES_URL")
-BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
-
-
-def fresh_database(backend: str, folder: Path) -> str:
-    """The URL of an empty database for `backend`."""
-    if backend == "sqlite":
-        return f"sqlite:///{folder / 'wanbox.db'}"
-    assert POSTGRES_URL
-    engine = create_engine(POSTGRES_URL)
-    tables = MetaData()
-    tables.reflect(engine)
-    tables.drop_all(engine)
-    engine.dispose()
-    return POSTGRES_URL
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
-    with Ledger.open(fresh_database(request.param, tmp_path_factory.mktemp("ledger"))) as opened:
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    with Ledger.open(ledger_url) as opened:
         yield opened
 
 
@@ -174,9 +153,8 @@ def test_fields_the_ledger_owns_cannot_be_set(ledger: Ledger) -> None:
     assert ledger.get(job_id).state == S.STAGED
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(backend: str, tmp_path: Path) -> None:
-    url = fresh_database(backend, tmp_path)
+def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(ledger_url: str) -> None:
+    url = ledger_url
     with Ledger.open(url) as first, Ledger.open(url) as second:
         job_id = job_in(first, S.READY)
         wins = [
@@ -190,9 +168,8 @@ def test_two_ledgers_racing_for_one_move_have_exactly_one_winner(backend: str, t
         assert moves == [(S.READY, S.SAMPLING, "pool A took it"), (S.SAMPLING, S.CANCELLED, "stop")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_concurrent_claimers_take_each_job_exactly_once(backend: str, tmp_path: Path) -> None:
-    url = fresh_database(backend, tmp_path)
+def test_concurrent_claimers_take_each_job_exactly_once(ledger_url: str) -> None:
+    url = ledger_url
     with Ledger.open(url) as setup:
         ids = {job_in(setup, S.QUEUED) for _ in range(16)}
     ledgers = [Ledger.open(url) for _ in range(3)]  # separate engines: separate connections and locks

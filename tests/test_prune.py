@@ -1,6 +1,6 @@
 """Pruning the work folders of delivered jobs: `wanbox prune` and the daemon's [jobs] prune_after_days.
 
-A real ledger file and real folders. Only `done` jobs older than the cut-off lose work/<id>/; failed jobs keep
+A real ledger (SQLite and PostgreSQL) and real folders. Only `done` jobs older than the cut-off lose work/<id>/; failed jobs keep
 it for `wanbox retry`; a link planted as a work folder is never followed.
 """
 
@@ -41,8 +41,8 @@ def add_job(ledger: Ledger, work: Path, name: str, days_ago: float, path: tuple[
 
 
 @pytest.fixture
-def ledger(tmp_path: Path):
-    ledger = Ledger.open(tmp_path / "ledger.db")
+def ledger(ledger_url: str):  # SQLite and PostgreSQL (conftest)
+    ledger = Ledger.open(ledger_url)
     yield ledger
     ledger.close()
 

@@ -22,7 +22,7 @@ from daemon.failures import Failures
 from daemon.ledger import Ledger
 from daemon.preparation import Preparation, Preparing
 from daemon.states import JobState
-from daemon.supervisor import Supervisor, choose_next
+from daemon.supervisor import Supervisor
 from tests.jobs import resolved_job
 from tests.workers.harness import Root, manifest_text, write_image
 
@@ -36,24 +36,54 @@ def job(id: str, model: str, minute: int, priority: int = 0, retry_after: dateti
                            retry_after=retry_after)
 
 
-def test_choose_next_prefers_the_loaded_model_until_another_waited_too_long() -> None:
+def choose_next(ledger_url: str, ready: list[SimpleNamespace], loaded: str | None, max_wait: float,
+                now: datetime, loaded_since: datetime | None = None, fresh: bool = False) -> SimpleNamespace | None:
+    """What the supervisor's dispatch picks from these ready jobs: real rows in a new ledger, the ledger's query.
+
+    The peek (which model to load) and the claim (the move to sampling) must agree on it.
+    """
+    with Ledger.open(ledger_url) as ledger:
+        names = {}
+        for spec in ready:
+            row = ledger.add_staged(spec.id, "i2v", f"inbox/{spec.id}.toml", None, model_id=spec.model_id,
+                                    priority=spec.priority, now=spec.created_at)  # fmt: skip
+            for frm, to in ((S.STAGED, S.QUEUED), (S.QUEUED, S.PREPROCESSING), (S.PREPROCESSING, S.READY)):
+                assert ledger.transition(row.id, frm, to, "to ready", now=spec.created_at)
+            if spec.retry_after is not None:  # an attempt failed: it waits for its backoff
+                assert ledger.transition(row.id, S.READY, S.SAMPLING, "tried", now=spec.created_at)
+                assert ledger.transition(row.id, S.SAMPLING, S.READY, "backing off", retry_after=spec.retry_after,
+                                         now=spec.created_at)  # fmt: skip
+            names[row.id] = spec
+        turn = {"model_id": loaded, "now": now, "max_wait": timedelta(seconds=max_wait),
+                "loaded_since": loaded_since, "fresh": fresh}  # what Supervisor.dispatch passes
+        peeked = ledger.peek_next(S.READY, **turn)
+        claimed = ledger.claim_next(S.READY, S.SAMPLING, **turn)
+    assert (peeked and peeked.id) == (claimed and claimed.id), "peek and claim disagree"
+    return names[peeked.id] if peeked else None
+
+
+def test_choose_next_prefers_the_loaded_model_until_another_waited_too_long(new_database) -> None:
+    def choose(*args, **kwargs):
+        return choose_next(new_database(), *args, **kwargs)
+
     jobs = [job("a1", "i2v", 0), job("b1", "anim", 1), job("a2", "i2v", 2)]
     now = T0 + timedelta(minutes=10)
-    assert choose_next(jobs, None, 3600, now).id == "a1"  # nothing loaded: oldest first
-    assert choose_next(jobs[1:], "i2v", 3600, now).id == "a2"  # loaded model first, though b1 is older
-    assert choose_next(jobs[1:], "i2v", 60, now).id == "b1"  # b1 waited 9 min > 1 min: its turn
-    assert choose_next(jobs[1:], "anim", 3600, now).id == "b1"
-    assert choose_next([job("a3", "i2v", 5, priority=5), *jobs], "i2v", 3600, now).id == "a3"  # priority
+    assert choose(jobs, None, 3600, now).id == "a1"  # nothing loaded: oldest first
+    assert choose(jobs[1:], "i2v", 3600, now).id == "a2"  # loaded model first, though b1 is older
+    assert choose(jobs[1:], "i2v", 60, now).id == "b1"  # b1 waited 9 min > 1 min: its turn
+    assert choose(jobs[1:], "anim", 3600, now).id == "b1"
+    assert choose([job("a3", "i2v", 5, priority=5), *jobs], "i2v", 3600, now).id == "a3"  # priority
     # Each model holds the pool at most max_wait while others wait: counted from when it was loaded.
     loaded = now - timedelta(seconds=30)
-    assert choose_next(jobs[1:], "i2v", 60, now, loaded_since=loaded).id == "a2"
-    assert choose_next(jobs[1:], "i2v", 20, now, loaded_since=loaded).id == "b1"
+    assert choose(jobs[1:], "i2v", 60, now, loaded_since=loaded).id == "a2"
+    assert choose(jobs[1:], "i2v", 20, now, loaded_since=loaded).id == "b1"
     # A freshly loaded pool runs a job of its own model first, even if others are overdue (no ping-pong).
-    assert choose_next(jobs[1:], "i2v", 0, now, loaded_since=now, fresh=True).id == "a2"
-    assert choose_next(jobs[1:], "i2v", 0, now, loaded_since=now - timedelta(seconds=1)).id == "b1"
+    assert choose(jobs[1:], "i2v", 0, now, loaded_since=now, fresh=True).id == "a2"
+    assert choose(jobs[1:], "i2v", 0, now, loaded_since=now - timedelta(seconds=1)).id == "b1"
+    assert choose(jobs[1:], "i2v", 0, now, loaded_since=now - timedelta(seconds=1), fresh=True).id == "a2"
     later = now + timedelta(minutes=1)
-    assert choose_next([job("x", "i2v", 0, retry_after=later)], "i2v", 3600, now) is None  # backing off
-    assert choose_next([], "i2v", 3600, now) is None
+    assert choose([job("x", "i2v", 0, retry_after=later)], "i2v", 3600, now) is None  # backing off
+    assert choose([], "i2v", 3600, now) is None
 
 
 def make_ready(sup: Supervisor, name: str, model: str, kind: str, minute: int) -> str:
@@ -91,8 +121,10 @@ def sent_order(sup: Supervisor, ids: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize(("max_wait", "expected"), [(3600, ["a1", "a2", "a3", "b1"]),
                                                     (0, ["a1", "b1", "a2", "a3"])])
-def test_model_switch_order_with_a_real_pool(tmp_path: Path, max_wait: float, expected: list[str]) -> None:
-    root = Root(tmp_path, pool={"max_switch_wait_seconds": max_wait})
+def test_model_switch_order_with_a_real_pool(tmp_path: Path, ledger_url: str, max_wait: float,
+                                             expected: list[str]) -> None:
+    # The production dispatch on either backend: `[paths] ledger` names an SQLite file or a PostgreSQL URL.
+    root = Root(tmp_path, pool={"max_switch_wait_seconds": max_wait}, paths={"ledger": ledger_url})
     sup = Supervisor(load_config(root.config))
     sup.start()
     try:
