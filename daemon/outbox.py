@@ -57,6 +57,10 @@ def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], chec
         "peak_memory": stats.get("peak_memory"),
         "model_load": stats.get("model_load"),
         "attention": stats.get("attention"),
+        # per LoRA: file, sha256, strength, format, experts, method (merged/unmerged), dropped keys (the worker's)
+        "loras": stats.get("loras", []),
+        **({"lora_switch_seconds": stats["lora_switch_seconds"]} if "lora_switch_seconds" in stats else {}),
+        **({"relighting": stats["relighting"]} if "relighting" in stats else {}),  # Animate: applied/reference/off
         "pool": pool,
         "attempts": record.attempts + 1,
         "created_at": record.created_at.isoformat(),

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--failure-grace", type=float, default=30.0,
                    help="seconds a rank's posted failure may wait for the closing gather before rank 0 reports "
                         "it and ends the pool (the other ranks are then stuck in a collective)")
+    p.add_argument("--lora-method", default="auto", choices=("auto", "merged", "unmerged"),
+                   help="how a job's LoRAs go on the experts: by the cost rule (pipeline.lora.choose_method), or "
+                        "always merged (exact restore) or unmerged (hooks)")
+    p.add_argument("--lora-cache-mb", type=int, default=4096,
+                   help="LoRA files kept read per rank between jobs (by sha256)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="regional torch.compile of the DiT blocks (auto: on for cuda); the first job of each "
                         "resolution pays ~20 s of compilation, every later step runs ~15%% faster")
@@ -284,7 +289,11 @@ def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, o
         "attention": attention_mod.active_backend(),  # the kernel that ran (after its self-test): fa3, cudnn, ...
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
+        "loras": result.get("loras", []),  # per LoRA: file, sha256, strength, format, experts, method (families)
     }
+    for extra in ("lora_switch_seconds", "relighting"):  # what some jobs' families report besides
+        if extra in result:
+            stats[extra] = result[extra]
     if first_job:
         stats["load_seconds"] = round(load_seconds, 3)
     if ranks.master:

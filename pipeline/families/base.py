@@ -56,7 +56,7 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> None:
+def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> bool:
     """The fast path of pipeline.models.fast on loaded DiTs: fused q/k/v and regional compile (same function).
 
     fuse_qkv is off where the q/k/v layers must stay separate (FSDP shards them; a resident LoRA hooks them);
@@ -68,6 +68,18 @@ def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv:
     compile_blocks = mode == "on" or (mode == "auto" and args.device == "cuda")
     for expert in experts:
         optimize(expert, compile=compile_blocks, fuse_qkv=fuse_qkv)
+    return compile_blocks
+
+
+def lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker flags for per-job LoRAs (pipeline.families.loras.PoolLoras): method and read cache."""
+    return {"method": getattr(args, "lora_method", "auto"),
+            "cache_bytes": int(getattr(args, "lora_cache_mb", 4096)) << 20}
+
+
+def lora_stats(run: Any) -> dict[str, Any]:
+    """What a job's LoRAs add to the family's result (the worker copies it into `done` stats for the sidecar)."""
+    return {"loras": run.describe(), "lora_switch_seconds": run.switch_seconds()}
 
 
 def broadcast_prompts(ranks: Any, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
