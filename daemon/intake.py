@@ -284,7 +284,7 @@ class Intake:
             return
         problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
         if problems:
-            if problems[0] != entry.waiting:
+            if "; ".join(problems) != entry.waiting:  # log a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
             entry.waiting = "; ".join(problems)
             return
