@@ -259,9 +259,11 @@ def test_every_animate_field_reaches_its_consumer(tmp_path: Path, monkeypatch: p
         "mode": "animation", "clip_len": 9, "refert_num": 5, "steps": 2, "shift": 4.0, "guide_scale": 1.5,
         "solver": "euler", "timesteps": (1000, 500), "seed": 99, "relighting_lora": True}
     assert (result["fps"], result["seed"], result["frames"]) == (24.0, 99, 7)
+    assert result["relighting"] == "applied"  # relighting_lora = true, and the tiny checkpoint ships the LoRA
 
-    document = sidecar(row, {}, {}, checkpoints["animate"])
+    document = sidecar(row, {"relighting": result["relighting"]}, {}, checkpoints["animate"])
     assert Job.from_dict(document["parameters"]) == job and document["name"] == "walk-animate"
+    assert document["relighting"] == "applied" and document["loras"] == []
 
 
 LORAS = """schema = 1

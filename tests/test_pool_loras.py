@@ -179,3 +179,28 @@ def test_every_lora_problem_is_an_input_error_before_anything_is_applied(setup, 
     fails(parse(job_text('path = "bad.safetensors"'), inbox, library), "another model size")
     for name, model in models.items():
         assert all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items()), name
+
+
+def test_animate_takes_a_wan21_i2v_lora_whole_image_attention_included(tmp_path: Path) -> None:
+    """Animate-14B has Wan2.1 I2V's image cross-attention: the k_img/v_img keys of lightx2v's Wan2.1 I2V LoRA
+    (the one LightX2V runs Animate with) apply there; nothing is dropped. One model, no expert key."""
+    from pipeline.weights.loader import load_animate_dit
+
+    dit = load_animate_dit(FIXTURE / "dit_animate" / "model", torch.float32, "cpu")
+    reference = {k: v.clone() for k, v in dit.state_dict().items()}
+    modules = ["blocks.0.self_attn.q", "blocks.0.cross_attn.k_img", "blocks.0.cross_attn.v_img", "blocks.1.ffn.2"]
+    lora = make_lora(dit, modules, 2, seed=4, diffs=[("blocks.0.cross_attn.norm_k_img.weight", "diff")])
+    write_original(tmp_path / "wan21_i2v_distill.safetensors", lora)
+    job = parse_manifest_text('schema = 1\nkind = "animate"\n[inputs]\ncharacter = "a.png"\nvideo = "v.mp4"\n'
+                              '[sampling]\npreset = "lightning-4step"\nseed = 1\n[[lora]]\n'
+                              'path = "wan21_i2v_distill.safetensors"\n', "job.toml", tmp_path, check_inputs=False)
+    want = expected(dit, [(lora, 1.0)])
+    pool = PoolLoras({"dit": dit}, torch.device("cpu"), compiled=False, method="merged")
+    run = pool.bind(job)
+    pool.apply(run, {"dit": 4}, tokens=64)
+    for name in ("blocks.0.cross_attn.k_img.weight", "blocks.0.cross_attn.norm_k_img.weight"):
+        torch.testing.assert_close(dict(dit.named_parameters())[name], want[name], rtol=0, atol=3e-6)
+    run.remove()
+    assert all(torch.equal(v, reference[k]) for k, v in dit.state_dict().items())
+    (item,) = run.describe()
+    assert item["experts"] == ["dit"] and "ignored_keys" not in item and item["weights"] == {"dit": 5}
