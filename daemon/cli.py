@@ -243,11 +243,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.action == "list":
         return int(hub.main_list(cfg.pool.models_dir))
-    if args.family in LORA_PACKS:  # a published LoRA set, into the LoRA library
+    if args.lora is not None:  # a published LoRA set, into the LoRA library
         library = cfg.pool.lora_library if args.dest is None else Path(args.dest)
         if args.action == "pull":
-            return int(hub.main_pull_loras(args.family, library))
-        return int(hub.main_verify_loras(args.family, library, deep=args.deep))
+            return int(hub.main_pull_loras(args.lora, library))
+        return int(hub.main_verify_loras(args.lora, library, deep=args.deep))
     dest = cfg.pool.checkpoint_dir(args.family) if args.dest is None else Path(args.dest)
     if args.action == "pull":
         code = int(hub.main_pull(args.family, dest))
@@ -375,10 +375,12 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="download, verify or list model checkpoints")
     _common(p)
     p.add_argument("action", choices=("pull", "verify", "list"))
-    p.add_argument("family", nargs="?", choices=[*model_ids(), *LORA_PACKS],
-                   help="model family, or a published LoRA set for the LoRA library (pull, verify)")
-    p.add_argument("--dest", help="directory (default: the configured checkpoint dir; for a LoRA set the LoRA "
-                                  "library, <models>/loras)")
+    p.add_argument("family", nargs="?", choices=list(model_ids()), help="model family (pull, verify)")
+    p.add_argument("--lora", choices=list(LORA_PACKS), default=None,
+                   help="instead of a family: a published LoRA set, into the LoRA library <models>/loras (pull, "
+                        "verify)")
+    p.add_argument("--dest", help="directory (default: the configured checkpoint dir; with --lora the LoRA "
+                                  "library)")
     p.add_argument("--deep", action="store_true", help="verify: also check every file's sha256 (slow)")
     p.set_defaults(func=cmd_models)
 
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.root = getattr(args, "root", None)
     args.config = getattr(args, "config", None)
-    if args.command == "models" and args.action != "list" and args.family is None:
+    if args.command == "models" and args.action != "list" and args.family is None and args.lora is None:
         parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(model_ids())}")
     _setup_logging(args.verbose)
     from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound

@@ -47,8 +47,8 @@ LIGHTNING_4STEP = Preset(
     },
     source="ModelTC/Wan2.2-Lightning wan/configs/wan_i2v_A14B.py; ModelTC/LightX2V configs/wan22/"
            "wan_moe_i2v_distill.json and wan_animate_lora.json",
-    loras="i2v: the Wan2.2-Lightning pair, one per expert (wanbox models pull lightning-i2v-A14B); animate: "
-          "lightx2v's Wan2.1 I2V 480P distillation LoRA (wanbox models pull lightx2v-animate-14B)",
+    loras="i2v: the Wan2.2-Lightning pair, one per expert (wanbox models pull --lora lightning-i2v-A14B); animate: "
+          "lightx2v's Wan2.1 I2V 480P distillation LoRA (wanbox models pull --lora lightx2v-animate-14B)",
 )
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in (LIGHTNING_4STEP,)}

@@ -1,4 +1,4 @@
-"""`wanbox models pull PACK` fetches a published LoRA set into the LoRA library through the Hub boundary (a local
+"""`wanbox models pull --lora PACK` fetches a published LoRA set into the LoRA library through the Hub boundary (a local
 double serving files with the sizes and sha256 the Hub lists): sizes first, verified, resumable; verify after.
 """
 
@@ -85,11 +85,23 @@ def test_pull_refuses_what_it_cannot_verify_and_says_why(tmp_path: Path, remote:
         pull_loras("turbo", tmp_path, LocalHub(remote))
 
 
+def test_the_cli_pulls_a_pack_into_the_configured_library(tmp_path: Path, remote: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.cli import main
+
+    monkeypatch.setattr(hub_mod, "HuggingFaceHub", lambda: LocalHub(remote))  # the Hub boundary only
+    assert main(["models", "pull", "--lora", "lightning-i2v-A14B", "--root", str(tmp_path)]) == 0
+    library = tmp_path / "models" / "loras" / "Wan2.2-Lightning"
+    assert all((library / path).is_file() for path in LIGHTNING_I2V.files)
+    assert main(["models", "verify", "--lora", "lightning-i2v-A14B", "--root", str(tmp_path), "--deep"]) == 0
+
+
 def test_the_cli_offers_the_packs_and_does_not_import_torch() -> None:
     from daemon.cli import build_parser
 
-    args = build_parser().parse_args(["models", "pull", "lightning-i2v-A14B"])
-    assert args.family == "lightning-i2v-A14B" and set(PACKS) == {"lightning-i2v-A14B", "lightx2v-animate-14B"}
+    args = build_parser().parse_args(["models", "pull", "--lora", "lightning-i2v-A14B"])
+    assert (args.family, args.lora) == (None, "lightning-i2v-A14B")
+    assert set(PACKS) == {"lightning-i2v-A14B", "lightx2v-animate-14B"}
     code = "import sys, daemon.cli, pipeline.weights.hub; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
     assert hub_mod.get_pack("lightx2v-animate-14B").folder == "Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v"

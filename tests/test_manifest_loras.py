@@ -211,7 +211,7 @@ def test_validate_prints_the_resolved_preset_and_checks_the_library(tmp_path: Pa
     assert json.loads(out)["sampling"]["steps"] == 4 and json.loads(out)["sampling"]["preset"] == "lightning-4step"
     assert "sampling.preset lightning-4step resolved to steps 4, solver euler, shift 5, guide_scale (1.0, 1.0), " \
            "timesteps [1000, 750, 500, 250], boundary 0.9" in err
-    assert "lists no [[lora]]" in err and "wanbox models pull lightning-i2v-A14B" in err
+    assert "lists no [[lora]]" in err and "wanbox models pull --lora lightning-i2v-A14B" in err
     manifest.write_text(I2V + '[[lora]]\nlibrary = "x.safetensors"\n')
     assert validate([str(manifest), "--no-check-inputs"]) == 0
     assert "checked as text only" in capsys.readouterr().err

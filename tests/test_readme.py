@@ -53,4 +53,4 @@ def test_readme_lora_examples_resolve_to_what_the_readme_says(tmp_path: Path) ->
     upload = next(b for b in blocks if "watercolor.safetensors" in b)
     (lora,) = parse_manifest_text(upload, "README.md", tmp_path, tmp_path, check_inputs=False).loras
     assert (lora.source, lora.strength, lora.experts) == ("upload", 0.8, ("high_noise", "low_noise"))
-    assert "wanbox models pull lightning-i2v-A14B" in TEXT and "precision" in TEXT
+    assert "wanbox models pull --lora lightning-i2v-A14B" in TEXT and "precision" in TEXT

@@ -6,7 +6,7 @@ pull: list the repo's files with sizes and LFS sha256 (HfApi.model_info(files_me
 the family needs, print the total, check free disk space, download each with hf_hub_download into the
 checkpoint directory (resumable; complete files are skipped), then verify size and sha256 of every file.
 The Hub metadata is recorded in `.wanbox-files.json` so `verify` can check sizes (and, --deep, sha256) later.
-Published LoRA sets (lora_packs.py) are pulled the same way into the LoRA library: `wanbox models pull PACK`.
+Published LoRA sets (lora_packs.py) are pulled the same way into the LoRA library: `wanbox models pull --lora PACK`.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def main_pull(family: str, dest: Path, hub: Hub | None = None) -> int:
 
 
 def main_pull_loras(pack: str, library: Path, hub: Hub | None = None) -> int:
-    """`wanbox models pull PACK`: 0 when the LoRA files are complete and verified in the library, 1 otherwise."""
+    """`wanbox models pull --lora PACK`: 0 when the LoRA files are complete and verified in the library, 1 otherwise."""
     try:
         pull_loras(pack, library, hub)
     except (HubError, ValueError, OSError) as exc:
@@ -277,7 +277,7 @@ def main_pull_loras(pack: str, library: Path, hub: Hub | None = None) -> int:
 
 
 def main_verify_loras(pack: str, library: Path, deep: bool = False) -> int:
-    """`wanbox models verify PACK`: 0 when the pack's files are in the library and intact, 1 otherwise."""
+    """`wanbox models verify --lora PACK`: 0 when the pack's files are in the library and intact, 1 otherwise."""
     found = get_pack(pack)
     root = Path(library) / found.folder
     problems = [f"{path}: missing" for path in found.files if not (root / path).is_file()]

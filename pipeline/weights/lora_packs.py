@@ -1,4 +1,4 @@
-"""Published LoRA sets that `wanbox models pull NAME` fetches into the LoRA library (<models>/loras/<folder>/),
+"""Published LoRA sets that `wanbox models pull --lora NAME` fetches into the LoRA library (<models>/loras/<folder>/),
 with the files' paths in their Hub repos, so that manifests name them as `library = "<folder>/<path>"`.
 
 Plain data; it must not import torch (the CLI lists these) nor download anything itself (hub.py does).
