@@ -204,3 +204,27 @@ def test_animate_takes_a_wan21_i2v_lora_whole_image_attention_included(tmp_path:
     assert all(torch.equal(v, reference[k]) for k, v in dit.state_dict().items())
     (item,) = run.describe()
     assert item["experts"] == ["dit"] and "ignored_keys" not in item and item["weights"] == {"dit": 5}
+
+
+def test_ranks_share_rank_0s_methods_and_local_ranks_share_the_host_memory(setup, monkeypatch) -> None:
+    models, library, inbox, *_ = setup
+    job = parse(job_text('library = "distill.safetensors"'), inbox, library)
+    shared = []
+
+    def rank0(methods: dict) -> dict:  # what the broadcast from rank 0 does: this rank takes rank 0's choice
+        shared.append(dict(methods))
+        return {name: Method.UNMERGED for name in methods}
+
+    pool = PoolLoras(models, torch.device("cpu"), compiled=False, method="merged", share=rank0)
+    run = pool.bind(job)
+    pool.apply(run, {}, 36)
+    assert shared == [{"high_noise": Method.MERGED, "low_noise": Method.MERGED}]
+    assert set(run.applied.methods.values()) == {Method.UNMERGED}
+    run.remove()
+    rooms = []
+    monkeypatch.setattr(pool_loras, "free_host_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(pool_loras, "choose_method", lambda loras, **kw: rooms.append(kw["pristine_room_bytes"])
+                        or Method.MERGED)
+    eight = PoolLoras(models, torch.device("cpu"), compiled=False, local_ranks=8)
+    eight._method("high_noise", run.bound, 4, 36)
+    assert rooms == [1 << 30]  # 8 GiB free, shared by 8 ranks that each keep their own copies

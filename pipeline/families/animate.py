@@ -64,7 +64,7 @@ class AnimateFamily:
         compiled = speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
         self.sp, self.guidance = parallel_groups(self.plan)
         self.loras = PoolLoras({"dit": self.models.dit}, self.ranks.device, compiled=compiled,
-                               **lora_options(self.args), master=self.ranks.master)
+                               **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter,
             should_cancel: Callable[[], bool]) -> dict[str, Any]:

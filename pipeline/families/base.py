@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,10 +72,18 @@ def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv:
     return compile_blocks
 
 
-def lora_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The worker flags for per-job LoRAs (pipeline.families.loras.PoolLoras): method and read cache."""
+def lora_options(args: argparse.Namespace, ranks: Any) -> dict[str, Any]:
+    """PoolLoras' settings on this rank: the worker flags (method, read cache), rank 0's choice of methods shared
+    with every rank, and how many of the pool's processes share this host's memory."""
+    share = None
+    if ranks.world_size > 1:
+        def share(methods: dict[str, Any]) -> dict[str, Any]:
+            box = [methods]
+            dist.broadcast_object_list(box, src=0, group=ranks.control)
+            return box[0]
     return {"method": getattr(args, "lora_method", "auto"),
-            "cache_bytes": int(getattr(args, "lora_cache_mb", 4096)) << 20}
+            "cache_bytes": int(getattr(args, "lora_cache_mb", 4096)) << 20, "master": ranks.master, "share": share,
+            "local_ranks": int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))}
 
 
 def lora_stats(run: Any) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class I2VFamily:
         self.sp, self.guidance = parallel_groups(self.plan)
         experts = {"high_noise": self.models.high_noise, "low_noise": self.models.low_noise}
         self.loras = PoolLoras(experts, self.ranks.device, compiled=compiled, sharded=self.sharding == "fsdp",
-                               **lora_options(self.args), master=self.ranks.master)
+                               **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter,
             should_cancel: Callable[[], bool]) -> dict[str, Any]:

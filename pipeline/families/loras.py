@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -79,11 +79,14 @@ class PoolLoras:
     JobLoraRun.remove() right after it (in a `finally`)."""
 
     def __init__(self, models: Mapping[str, nn.Module], device: torch.device, *, compiled: bool, sharded: bool = False,
-                 method: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES, master: bool = True) -> None:
+                 method: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES, master: bool = True,
+                 share: Callable[[dict[str, Method]], dict[str, Method]] | None = None, local_ranks: int = 1) -> None:
+        """share: makes every rank use rank 0's choice of methods (a broadcast; None on a pool of one);
+        local_ranks: the pool's processes on this host, whose pristine copies share its memory."""
         if method not in METHODS:
             raise ValueError(f"lora method: got {method!r}, expected one of {', '.join(METHODS)}")
         self.models, self.compiled, self.sharded, self.method = dict(models), compiled, sharded, method
-        self.master, self.cache_bytes = master, cache_bytes
+        self.master, self.cache_bytes, self.share, self.local_ranks = master, cache_bytes, share, max(local_ranks, 1)
         # Pinned host copies on CUDA: restoring 28.6 GB per expert at PCIe speed (pipeline/lora/merge.py).
         self.pristine = {name: PristineWeights("cpu", pin_memory=device.type == "cuda") for name in self.models}
         self._files: OrderedDict[str, LoraFile] = OrderedDict()
@@ -147,6 +150,8 @@ class PoolLoras:
         """Put the job's LoRAs on, per model merged or unmerged (choose_method, or the pool's --lora-method);
         `forwards` per model name and `tokens` per forward feed the cost rule."""
         methods = {name: self._method(name, run.bound, forwards.get(name, 0), tokens) for name in self.models}
+        if self.share is not None:  # free memory differs a little from rank to rank: one decision for all
+            methods = self.share(methods)
         started = time.perf_counter()
         try:
             run.applied = apply_loras(run.bound, self.models, methods, pristine=self.pristine)
@@ -159,7 +164,8 @@ class PoolLoras:
             return Method(self.method)
         if self.sharded:
             return Method.UNMERGED  # FSDP shards cannot be merged into
-        room = free_host_bytes() + self.pristine[name].nbytes  # copies already kept count as free
+        # copies already kept count as free; every local rank keeps its own copies in the same host memory
+        room = free_host_bytes() // self.local_ranks + self.pristine[name].nbytes
         return choose_method(bound.on(name), forwards=forwards, tokens=tokens, pristine_room_bytes=room,
                              compiled=self.compiled)
 
