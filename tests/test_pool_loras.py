@@ -228,3 +228,22 @@ def test_ranks_share_rank_0s_methods_and_local_ranks_share_the_host_memory(setup
     eight = PoolLoras(models, torch.device("cpu"), compiled=False, local_ranks=8)
     eight._method("high_noise", run.bound, 4, 36)
     assert rooms == [1 << 30]  # 8 GiB free, shared by 8 ranks that each keep their own copies
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_pristine_copies_are_pinned_and_jobs_come_off_bitwise(setup) -> None:
+    models, library, inbox, *_ = setup
+    cuda = {name: m.to("cuda", torch.bfloat16) for name, m in models.items()}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in cuda.items()}
+    job = parse(job_text('library = "distill.safetensors"', 'path = "style.safetensors"\nexpert = "low_noise"'),
+                inbox, library)
+    pool = PoolLoras(cuda, torch.device("cuda"), compiled=False)
+    assert all(store.pin_memory for store in pool.pristine.values())
+    for method in ("merged", "unmerged", "merged"):
+        pool.method = method
+        run = pool.bind(job)
+        pool.apply(run, {"high_noise": 2, "low_noise": 2}, 36)
+        assert set(run.applied.methods.values()) == {Method(method)}
+        run.remove()
+        for name, model in cuda.items():
+            assert all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items()), (method, name)
