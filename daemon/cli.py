@@ -21,6 +21,7 @@ from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
 from inbox_schema import model_ids
+from pipeline.weights.lora_packs import PACKS as LORA_PACKS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 EPILOG = ("exit codes: 0 ok, 1 failure, 2 usage error or invalid input, 3 job or file not found, "
@@ -331,6 +332,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.action == "list":
         return int(hub.main_list(cfg.pool.models_dir))
+    if args.lora is not None:  # a published LoRA set, into the LoRA library
+        library = cfg.pool.lora_library if args.dest is None else Path(args.dest)
+        if args.action == "pull":
+            return int(hub.main_pull_loras(args.lora, library))
+        return int(hub.main_verify_loras(args.lora, library, deep=args.deep))
     dest = cfg.pool.checkpoint_dir(args.family) if args.dest is None else Path(args.dest)
     if args.action == "pull":
         code = int(hub.main_pull(args.family, dest))
@@ -466,7 +472,11 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("action", choices=("pull", "verify", "list"))
     p.add_argument("family", nargs="?", choices=list(model_ids()), help="model family (pull, verify)")
-    p.add_argument("--dest", help="directory (default: the configured checkpoint dir)")
+    p.add_argument("--lora", choices=list(LORA_PACKS), default=None,
+                   help="instead of a family: a published LoRA set, into the LoRA library <models>/loras (pull, "
+                        "verify)")
+    p.add_argument("--dest", help="directory (default: the configured checkpoint dir; with --lora the LoRA "
+                                  "library)")
     p.add_argument("--deep", action="store_true", help="verify: also check every file's sha256 (slow)")
     p.set_defaults(func=cmd_models)
 
@@ -505,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.root = getattr(args, "root", None)
     args.config = getattr(args, "config", None)
-    if args.command == "models" and args.action != "list" and args.family is None:
+    if args.command == "models" and args.action != "list" and args.family is None and args.lora is None:
         parser.error(f"wanbox models {args.action}: which family? expected one of {', '.join(model_ids())}")
     _setup_logging(args.verbose)
     from daemon.ledger import AmbiguousJobId, IllegalTransition, JobNotFound, LedgerError

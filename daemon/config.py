@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from inbox_schema import model_folders
+from inbox_schema.loras import LIBRARY_FOLDER as LORA_LIBRARY_FOLDER
 from inbox_schema.notify import NOTIFY_EVENTS, webhook_url_problem
 
 SYSTEM_CONFIG = Path("/etc/wanbox/config.toml")
@@ -92,6 +93,11 @@ class PoolSettings:
 
     def checkpoint_dir(self, model: str) -> Path:
         return self.checkpoint_dirs.get(model, self.models_dir / model_folders().get(model, model))
+
+    @property
+    def lora_library(self) -> Path:
+        """The LoRA library manifests name files of ([[lora]] library = "..."): <models_dir>/loras."""
+        return self.models_dir / LORA_LIBRARY_FOLDER
 
 
 @dataclass(frozen=True)

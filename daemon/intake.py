@@ -35,6 +35,8 @@ from inbox_schema import (
 )
 from inbox_schema.defaults import MANIFEST_MAX_BYTES
 from inbox_schema.hashing import manifest_hash
+from inbox_schema.job import LIBRARY
+from inbox_schema.loras import library_problem
 
 S = JobState
 MAX_INTAKE_CRASHES = 5  # internal errors on one manifest before it is rejected instead of retried forever
@@ -86,6 +88,8 @@ class Intake:
         self.tracker = StabilityTracker(config.inbox.settle_seconds)
         self.staging: dict[str, Staging] = {}  # manifest path -> what we know
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
+        # LoRA library file -> (size, mtime), sha256: one hash per library file and version, shared by every job
+        self.library_hashes: dict[str, tuple[tuple[int, int], str]] = {}
 
     @property
     def outage(self) -> str | None:
@@ -191,7 +195,7 @@ class Intake:
         if entry.signature != sig or entry.job is None:
             entry.signature = sig
             try:
-                entry.job = load_manifest(manifest, self.paths.inbox)
+                entry.job = load_manifest(manifest, self.paths.inbox, lora_library=self.cfg.pool.lora_library)
             except ManifestInvalid as exc:
                 self.reject(entry.job_id, candidate, exc.errors)
                 return
@@ -231,8 +235,8 @@ class Intake:
             self.reject(entry.job_id, candidate, errors)
 
     def _input_problem(self, entry: Staging, item: InputFile) -> str | None:
-        """Why this input is not ready yet, or None when present, stable and as declared."""
-        field_name = f"inputs.{item.role}"
+        """Why this input (or uploaded LoRA) is not ready yet, or None when present, stable and as declared."""
+        field_name = item.field.removesuffix(".path")
         sig = signature(item.path)
         if sig is None:
             return f"{field_name} = {item.relpath!r}: the file is not in the inbox (yet)"
@@ -242,26 +246,53 @@ class Intake:
             return f"{field_name} = {item.relpath!r}: the file is still changing (upload in progress?)"
         if item.size is not None and sig[0] != item.size:
             return f"{field_name}.size: the file has {sig[0]} bytes, expected {item.size} (as declared)"
-        cached = entry.hashes.get(str(item.path))
-        if cached is None or cached[0] != sig:
-            cached = (sig, file_sha256(item.path))
-            entry.hashes[str(item.path)] = cached
-        if item.sha256 is not None and cached[1] != item.sha256:
-            return f"{field_name}.sha256: the file's sha256 is {cached[1]}, expected {item.sha256} (as declared)"
+        digest = self._sha256(entry.hashes, item.path, sig)
+        if item.sha256 is not None and digest != item.sha256:
+            return f"{field_name}.sha256: the file's sha256 is {digest}, expected {item.sha256} (as declared)"
         return None
+
+    @staticmethod
+    def _sha256(cache: dict[str, tuple[tuple[int, int], str]], path: Path, sig: tuple[int, int] | None) -> str:
+        """The file's sha256, hashed again only when its size or mtime changed."""
+        cached = cache.get(str(path))
+        if cached is None or cached[0] != sig:
+            cached = (sig or (0, 0), file_sha256(path))
+            cache[str(path)] = cached
+        return cached[1]
+
+    def _library_problems(self, entry: Staging) -> list[str]:
+        """[[lora]] library files that are gone, lead out of the library, or differ from their declared sha256
+        (checked at validation; again here, just before acceptance records their hashes)."""
+        assert entry.job is not None
+        problems = []
+        for i, lora in enumerate(entry.job.loras):
+            if lora.source != LIBRARY or lora.path is None:
+                continue
+            problem = library_problem(self.cfg.pool.lora_library, lora.file)
+            if problem is None and lora.sha256 is not None:
+                digest = self._sha256(self.library_hashes, lora.path, signature(lora.path.resolve()))
+                if digest != lora.sha256:
+                    problem = f"the file's sha256, but {lora.path} has {digest} (a different version of the LoRA?)"
+            if problem:
+                problems.append(str(ManifestError(f"lora[{i}].library", lora.file, problem)))
+        return problems
 
     def _check_inputs(self, candidate: Candidate, entry: Staging) -> None:
         assert entry.job is not None
-        problems = [p for item in entry.job.inputs.values() if (p := self._input_problem(entry, item))]
+        wrong = self._library_problems(entry)
+        if wrong:  # the library is the server's: nothing the uploader could still fix by waiting
+            self.reject(entry.job_id, candidate, wrong)
+            return
+        problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
         if problems:
-            if problems[0] != entry.waiting:
+            if "; ".join(problems) != entry.waiting:  # log a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
             entry.waiting = "; ".join(problems)
             return
         self.accept(candidate, entry)
 
     def _files(self, candidate: Candidate, job: Job | None) -> JobFiles:
-        inputs = tuple(item.path for item in job.inputs.values()) if job is not None else ()
+        inputs = tuple(item.path for item in job.files().values()) if job is not None else ()
         return JobFiles(self.paths.inbox, candidate.manifest, candidate.folder, inputs)
 
     def _shared_inputs(self, me: str, files: JobFiles) -> set[Path]:
@@ -270,7 +301,7 @@ class Intake:
             item.path
             for key, entry in self.staging.items()
             if key != me and entry.job is not None
-            for item in entry.job.inputs.values()
+            for item in entry.job.files().values()
         }
         return {p for p in files.inputs if p in others}
 
@@ -279,8 +310,12 @@ class Intake:
     def accept(self, candidate: Candidate, entry: Staging) -> None:
         job = entry.job
         assert job is not None
-        hashes = {role: entry.hashes[str(item.path)][1] for role, item in job.inputs.items()}
-        content_hash = manifest_hash(candidate.manifest.read_bytes(), hashes)
+        hashes = {key: entry.hashes[str(item.path)][1] for key, item in job.files().items()}
+        for i, lora in enumerate(job.loras):
+            if lora.source == LIBRARY and lora.path is not None:
+                job = job.with_lora_sha256(i, self._sha256(self.library_hashes, lora.path, signature(lora.path.resolve())))
+        lora_hashes = [lora.sha256 or hashes[f"lora[{i}]"] for i, lora in enumerate(job.loras)]
+        content_hash = manifest_hash(candidate.manifest.read_bytes(), {r: hashes[r] for r in job.inputs}, lora_hashes)
         duplicate = self.ledger.find_duplicate(content_hash, exclude_id=entry.job_id)
         if duplicate is not None and duplicate.state in (S.FAILED, S.CANCELLED):
             duplicate = None  # an identical job that gave up or was cancelled: this one is a fresh try
@@ -295,12 +330,13 @@ class Intake:
         files = self._files(candidate, job)
         jobfiles.take_into_work(files, taken, self._shared_inputs(str(candidate.manifest), files))
         base = files.base()
-        moved = {role: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[role])
-                 for role, item in job.inputs.items()}
-        job = job.with_seed(seed).with_inputs(moved)
+        moved = {key: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[key])
+                 for key, item in job.files().items()}
+        job = job.with_seed(seed).with_files(moved)
         accepted = self.ledger.transition(
             entry.job_id, S.STAGED, S.QUEUED,
-            f"accepted: {len(job.inputs)} input(s) verified, seed {seed}",
+            f"accepted: {len(job.files())} input(s) verified, seed {seed}"
+            + (f", {len(job.loras)} LoRA(s)" if job.loras else ""),
             name=job.name, kind=job.kind, model_id=job.model_id, priority=job.priority,
             work_dir=str(taken.parent), params_json=job.to_dict(), input_hash=content_hash,
         )  # fmt: skip

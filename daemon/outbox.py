@@ -59,6 +59,10 @@ def sidecar(record: JobRecord, stats: dict[str, Any], pool: dict[str, Any], chec
         "attention": stats.get("attention"),
         "resumed_from": stats.get("resumed_from"),  # the sampling checkpoint a retried attempt continued from
         "checkpoint": stats.get("checkpoint"),
+        # per LoRA: file, sha256, strength, format, experts, method (merged/unmerged), dropped keys (the worker's)
+        "loras": stats.get("loras", []),
+        **({"lora_switch_seconds": stats["lora_switch_seconds"]} if "lora_switch_seconds" in stats else {}),
+        **({"relighting": stats["relighting"]} if "relighting" in stats else {}),  # Animate: applied/reference/off
         "pool": pool,
         "attempts": record.attempts_made,
         "created_at": record.created_at.isoformat(),

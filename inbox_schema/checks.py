@@ -23,19 +23,19 @@ def file_sha256(path: Path) -> str:
 
 
 def input_problems(job: Job, verify_sha256: bool = True) -> list[ManifestError]:
-    """What keeps a job waiting: inputs missing, or not (yet) of the size or sha256 declared."""
-    problems = (_input_problem(item, verify_sha256) for item in job.inputs.values())
+    """What keeps a job waiting: inputs (and uploaded LoRAs) missing, or not (yet) of the size or sha256 declared."""
+    problems = (_input_problem(item, verify_sha256) for item in job.files().values())
     return [problem for problem in problems if problem is not None]
 
 
 def _input_problem(item: InputFile, verify_sha256: bool) -> ManifestError | None:
-    field = f"inputs.{item.role}"
+    field, table = item.field, item.field.removesuffix(".path")
     if not item.path.is_file():
         return ManifestError(field, item.relpath, "an existing file beside the manifest (not found yet: "
                              "upload the media before the manifest)")
     size = item.path.stat().st_size
     if item.size is not None and size != item.size:
-        return ManifestError(f"{field}.size", item.size, f"the file's size, but the file has {size} bytes")
+        return ManifestError(f"{table}.size", item.size, f"the file's size, but the file has {size} bytes")
     if verify_sha256 and item.sha256 is not None and (actual := file_sha256(item.path)) != item.sha256:
-        return ManifestError(f"{field}.sha256", item.sha256, f"the file's sha256, but the file has {actual}")
+        return ManifestError(f"{table}.sha256", item.sha256, f"the file's sha256, but the file has {actual}")
     return None

@@ -17,6 +17,7 @@ from inbox_schema.errors import ManifestInvalid
 from inbox_schema.job import Job
 from inbox_schema.jsonschema import json_schema_text
 from inbox_schema.manifest import load_manifest
+from inbox_schema.presets import PRESETS
 
 EXIT_OK = 0
 EXIT_INVALID = 2
@@ -48,8 +49,30 @@ def _parser() -> argparse.ArgumentParser:
                         help="the inbox the inputs must stay inside (default: the manifest's folder)")
     parser.add_argument("--no-check-inputs", action="store_true",
                         help="check the manifest text only, not the input files on disk")
+    parser.add_argument("--lora-library", type=Path, default=None,
+                        help="the server's LoRA library (<models>/loras): check [[lora]] library names against it")
     parser.add_argument("--json-schema", action="store_true", help="print the manifest's JSON Schema and exit")
     return parser
+
+
+def notes(job: Job, library_checked: bool) -> list[str]:
+    """What a person should know about a valid job before dropping it (stderr of `wanbox validate`)."""
+    found = []
+    if job.seed is None:
+        found.append("no sampling.seed: a random seed is drawn and recorded when the job is accepted")
+    preset = PRESETS.get(job.sampling.preset or "")
+    if preset is not None:
+        s = job.sampling
+        found.append(f"sampling.preset {preset.name} resolved to steps {s.steps}, solver {s.solver}, shift {s.shift:g}, "
+                     f"guide_scale {s.guide_scale}" + (f", timesteps {list(s.timesteps)}" if s.timesteps else "")
+                     + (f", boundary {s.boundary:g}" if s.boundary is not None else "") + " (fields you set win)")
+        if not job.loras:
+            found.append(f"sampling.preset {preset.name} expects its distillation LoRAs ({preset.loras}); this job "
+                         "lists no [[lora]], so the base model runs with 4 steps and looks unfinished")
+    if any(lora.source == "library" for lora in job.loras) and not library_checked:
+        found.append("[[lora]] library names were checked as text only: the daemon checks them against its library "
+                     "(pass --lora-library DIR to check now)")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give the manifest to check, e.g. wanbox validate inbox/cat.toml")
     check = not args.no_check_inputs
     try:
-        job = load_manifest(args.manifest, args.inbox_root, check_inputs=check)
+        job = load_manifest(args.manifest, args.inbox_root, check_inputs=check, lora_library=args.lora_library)
     except ManifestInvalid as invalid:
         print(str(invalid), file=sys.stderr)
         return EXIT_INVALID
@@ -74,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in broken:
             print(f"  {problem}; upload a complete file under that name", file=sys.stderr)
         return EXIT_INVALID
-    if job.seed is None:
-        print("note: no sampling.seed: a random seed is drawn and recorded when the job is accepted",
-              file=sys.stderr)
+    for note in notes(job, args.lora_library is not None):
+        print(f"note: {note}", file=sys.stderr)
     print(json.dumps(job.to_dict(), indent=2, ensure_ascii=False))
     return EXIT_OK

@@ -25,9 +25,35 @@ class InputFile:
     sha256: str | None
     size: int | None
 
+    @property
+    def field(self) -> str:
+        """The manifest field that names it: inputs.<role>, or lora[i].path for an uploaded LoRA."""
+        return f"{self.role}.path" if self.role.startswith("lora[") else f"inputs.{self.role}"
+
     def to_dict(self) -> dict[str, object]:
         return {"role": self.role, "path": str(self.path), "relpath": self.relpath,
                 "sha256": self.sha256, "size": self.size}
+
+
+LIBRARY, UPLOAD = "library", "upload"  # where a LoRA file comes from
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One [[lora]] of the manifest: a file of the server's LoRA library or uploaded with the job (then an input
+    of the job like the image: staged, verified, moved to work/), its strength and the models it goes on."""
+
+    source: str  # LIBRARY or UPLOAD
+    file: str  # as written: the name inside the library, or the upload's path relative to the manifest
+    strength: float
+    experts: tuple[str, ...]  # i2v: "high_noise" and/or "low_noise"; () = the kind's one model (animate)
+    path: Path | None = None  # absolute: the upload (inbox, then work/) or the library file; None = library unknown
+    sha256: str | None = None  # as declared; after acceptance, the file's
+    size: int | None = None  # uploads: as declared
+
+    def to_dict(self) -> dict[str, object]:
+        return {"source": self.source, "file": self.file, "strength": self.strength, "experts": list(self.experts),
+                "path": None if self.path is None else str(self.path), "sha256": self.sha256, "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -66,12 +92,13 @@ class SamplingSettings:
     seed: int | None  # None until acceptance draws one
     boundary: float | None  # i2v only: fraction of 1000 at which the high-noise expert hands over
     timesteps: tuple[int, ...] | None  # only with solver "euler"
+    preset: str | None = None  # the [sampling] preset whose values filled the fields the manifest left out
 
     def to_dict(self) -> dict[str, object]:
         guide = list(self.guide_scale) if isinstance(self.guide_scale, tuple) else self.guide_scale
         timesteps = list(self.timesteps) if self.timesteps is not None else None
         return {"steps": self.steps, "shift": self.shift, "guide_scale": guide, "solver": self.solver,
-                "seed": self.seed, "boundary": self.boundary, "timesteps": timesteps}
+                "seed": self.seed, "boundary": self.boundary, "timesteps": timesteps, "preset": self.preset}
 
 
 @dataclass(frozen=True)
@@ -79,7 +106,7 @@ class Job:
     """A validated manifest (schema v1) with every default resolved; `seed` is None until resolved.
 
     `options` holds the kind's own settings (its registry entry's OptionsTable, e.g. AnimateSettings for
-    kind "animate"), or None for a kind without a table of its own.
+    kind "animate"), or None for a kind without a table of its own. `loras` are the [[lora]] entries in order.
     """
 
     schema: int
@@ -94,6 +121,7 @@ class Job:
     options: Any = None
     # Fields added after the first release have defaults: a job stored by an earlier version reads as before.
     notify: NotifyTargets = NotifyTargets()
+    loras: tuple[LoraEntry, ...] = ()
 
     @property
     def spec(self) -> Kind:
@@ -118,6 +146,28 @@ class Job:
             raise ValueError(f"inputs: got roles {sorted(inputs)}, expected {sorted(self.inputs)}")
         return replace(self, inputs=dict(inputs))
 
+    def files(self) -> dict[str, InputFile]:
+        """Every file the job brings into the inbox: its inputs by role, then its uploaded LoRAs as lora[i]."""
+        found = dict(self.inputs)
+        for i, lora in enumerate(self.loras):
+            if lora.source == UPLOAD and lora.path is not None:
+                found[f"lora[{i}]"] = InputFile(f"lora[{i}]", lora.path, lora.file, lora.sha256, lora.size)
+        return found
+
+    def with_files(self, files: dict[str, InputFile]) -> Job:
+        """The same job reading its files elsewhere (`files()` moved into the work folder at acceptance)."""
+        if set(files) != set(self.files()):
+            raise ValueError(f"files: got {sorted(files)}, expected {sorted(self.files())}")
+        loras = tuple(replace(lora, path=files[key].path, sha256=files[key].sha256) if (key := f"lora[{i}]") in files
+                      else lora for i, lora in enumerate(self.loras))
+        return replace(self.with_inputs({role: files[role] for role in self.inputs}), loras=loras)
+
+    def with_lora_sha256(self, index: int, sha256: str) -> Job:
+        """The same job with the content hash of LoRA `index` recorded (library files are hashed at acceptance)."""
+        loras = list(self.loras)
+        loras[index] = replace(loras[index], sha256=sha256)
+        return replace(self, loras=tuple(loras))
+
     def to_dict(self) -> dict[str, object]:
         """The JSON form (ledger, `run` command, `wanbox validate`): the kind's table under its own name."""
         data: dict[str, object] = {
@@ -125,6 +175,7 @@ class Job:
             "priority": self.priority, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "inputs": {role: item.to_dict() for role, item in self.inputs.items()},
             "video": self.video.to_dict(), "sampling": self.sampling.to_dict(), "notify": self.notify.to_dict(),
+            "loras": [lora.to_dict() for lora in self.loras],
         }
         table = self.spec.options
         if table is not None:
@@ -139,6 +190,10 @@ class Job:
             raise codec.JobDataError(f"{where}: got {data!r}, expected an object")
         fields = dict(data)
         fields.pop("model_id", None)  # derived from the kind
+        # Fields added after a job's form was first stored: rows queued by an earlier version lack them.
+        fields.setdefault("loras", [])
+        if isinstance(fields.get("sampling"), dict):
+            fields["sampling"] = {"preset": None, **fields["sampling"]}
         kind = fields.get("kind")
         try:
             table = get_kind(kind).options if isinstance(kind, str) else None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 
 from inbox_schema import defaults as d
+from inbox_schema import loras
 from inbox_schema.kinds import Kind, kinds
 from inbox_schema.notify import MAX_JOB_URLS, NOTIFY_EVENTS
+from inbox_schema.presets import PRESETS
 from inbox_schema.vocabulary import vocabulary
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -66,11 +68,36 @@ def _sampling() -> dict:
             "timesteps": {"type": "array", "minItems": 1, "maxItems": d.STEPS_RANGE[1],
                           "items": {"type": "integer", "minimum": d.TIMESTEP_RANGE[0],
                                     "maximum": d.TIMESTEP_RANGE[1]}},
+            "preset": {"enum": list(PRESETS), "description": "; ".join(f"{p.name}: {p.purpose}"
+                                                                        for p in PRESETS.values())},
         },
         "if": {"required": ["solver"], "properties": {"solver": {"const": "euler"}}},
         "then": {"required": ["timesteps"]},
         "else": {"not": {"required": ["timesteps"]}},
     }
+
+
+def _lora() -> dict:
+    """[[lora]]: a library name or an uploaded file, a strength, an expert (two-expert kinds)."""
+    library = {"type": "string", "pattern": r"^(?![/~])(?![A-Za-z]:)(?!(.*/)?\.)(?!.*\\)[^\x00-\x1f]+("
+                                            + "|".join(_any_case(s) for s in loras.SUFFIXES) + ")$",
+               "description": "a file in the server's LoRA library (<models>/loras/), named relative to it"}
+    path = {"type": "string", "pattern": _path_pattern(loras.SUFFIXES),
+            "description": "an uploaded LoRA file, relative to the manifest and inside the inbox"}
+    low, high = loras.STRENGTH_RANGE
+    entry = {
+        "type": "object", "additionalProperties": False,
+        "oneOf": [{"required": ["library"], "not": {"required": ["path"]}},
+                  {"required": ["path"], "not": {"required": ["library"]}}],
+        "properties": {
+            "library": library, "path": path,
+            "strength": {"type": "number", "minimum": low, "maximum": high, "not": {"const": 0}, "default": 1.0},
+            "expert": {"enum": [*loras.EXPERTS, loras.BOTH], "default": loras.BOTH},
+            "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "sha256sum of the file"},
+            "size": {"type": "integer", "minimum": 1, "description": "file size in bytes (uploads)"},
+        },
+    }
+    return {"type": "array", "maxItems": loras.MAX_LORAS, "items": entry}
 
 
 def _kind_rule(kind: Kind, roles: list[str], tables: list[str]) -> dict:
@@ -89,6 +116,9 @@ def _kind_rule(kind: Kind, roles: list[str], tables: list[str]) -> dict:
         if kind.guide_above_zero:
             guide["exclusiveMinimum"] = d.GUIDE_RANGE[0]
         properties["sampling"] = {"properties": {"boundary": False, "guide_scale": guide}}
+        properties["lora"] = {"items": {"properties": {"expert": False}}}
+    presets = [p.name for p in PRESETS.values() if kind.name in p.values]
+    properties.setdefault("sampling", {"properties": {}})["properties"]["preset"] = {"enum": presets}
     return {"required": required, "properties": properties}
 
 
@@ -130,6 +160,7 @@ def json_schema() -> dict:
                          "items": {"type": "string", "pattern": "^https?://[^/?#]+"}},
                 "events": {"type": "array", "minItems": 1, "items": {"enum": list(NOTIFY_EVENTS)}},
             }},
+            "lora": _lora(),
             **tables,
         },
         "allOf": _kind_rules(list(media), list(tables)),

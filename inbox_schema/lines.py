@@ -23,6 +23,7 @@ class KeyLines:
 
     def __init__(self, text: str) -> None:
         self.lines: dict[str, int] = {}
+        self._arrays: dict[str, int] = {}  # [[name]] -> tables of that name seen so far
         self._scan(text)
 
     def _record(self, path: list[str], number: int) -> None:
@@ -41,6 +42,11 @@ class KeyLines:
             if header:
                 table = _split_dotted(header.group(1))
                 self._record(table, number)
+                if line.lstrip().startswith("[["):  # the i-th table of an array: its keys are name[i].key
+                    name = ".".join(table)
+                    count = self._arrays[name] = self._arrays.get(name, -1) + 1
+                    table = [*table[:-1], f"{table[-1]}[{count}]"]
+                    self._record(table, number)
                 continue
             key = _KEY.match(line)
             if not key:
@@ -56,10 +62,11 @@ class KeyLines:
 
     def line_of(self, field: str) -> int | None:
         """The line of `field`, or of its nearest enclosing key or table when it has none itself."""
-        parts = field.split(".")
-        while parts:
-            found = self.lines.get(".".join(parts))
-            if found is not None:
-                return found
-            parts.pop()
+        for candidate in (field, re.sub(r"\[\d+\]", "", field)):  # lora[1].x, else the array's first line
+            parts = candidate.split(".")
+            while parts:
+                found = self.lines.get(".".join(parts))
+                if found is not None:
+                    return found
+                parts.pop()
         return None

@@ -17,8 +17,10 @@ from inbox_schema.errors import MISSING, ManifestError, ManifestInvalid
 from inbox_schema.job import InputFile, Job, SamplingSettings, VideoSettings
 from inbox_schema.kinds import InputRole, Kind, kinds
 from inbox_schema.lines import KeyLines
+from inbox_schema.loras import read_loras
 from inbox_schema.notify import read_notify
 from inbox_schema.paths import on_disk_problem, relative_base, relpath_problem
+from inbox_schema.presets import with_preset
 from inbox_schema.reader import Reader, is_int, is_number
 from inbox_schema.vocabulary import INPUT_TABLE_KEYS, Vocabulary, vocabulary
 
@@ -32,11 +34,13 @@ _NAME = re.compile(d.NAME_PATTERN)
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)|\s*\(at end of document\)")
 
 
-def load_manifest(path: Path, inbox_root: Path | None = None, check_inputs: bool = True) -> Job:
+def load_manifest(path: Path, inbox_root: Path | None = None, check_inputs: bool = True,
+                  lora_library: Path | None = None) -> Job:
     """Read, parse and validate the manifest at `path`; raises ManifestInvalid listing every problem."""
     path = Path(path)
     text = _read_text(path)
-    return parse_manifest_text(text, path.name, path.parent, inbox_root, check_inputs=check_inputs)
+    return parse_manifest_text(text, path.name, path.parent, inbox_root, check_inputs=check_inputs,
+                               lora_library=lora_library)
 
 
 def _read_text(path: Path) -> str:
@@ -56,11 +60,13 @@ def _read_text(path: Path) -> str:
 
 
 def parse_manifest_text(text: str, source_name: str, base_dir: Path, inbox_root: Path | None = None,
-                        check_inputs: bool = True) -> Job:
+                        check_inputs: bool = True, lora_library: Path | None = None) -> Job:
     """Validate manifest text; `source_name` is the file name (it gives the default job name).
 
     Input paths are relative to `base_dir` and confined to `inbox_root` (default: `base_dir`).
     With `check_inputs`, inputs that exist are also checked on disk (no symlinks, regular files).
+    `lora_library`: the server's LoRA library; [[lora]] library names must be files inside it (None: names are
+    checked as text only, their files when the daemon accepts the job).
     """
     text = text.removeprefix("\ufeff")  # a byte-order mark from Windows editors is not content
     try:
@@ -68,7 +74,7 @@ def parse_manifest_text(text: str, source_name: str, base_dir: Path, inbox_root:
     except tomllib.TOMLDecodeError as exc:
         raise ManifestInvalid([_syntax_error(exc, text)], source_name) from exc
     reader = Reader(KeyLines(text))
-    job = _build_job(reader, data, source_name, Path(base_dir), inbox_root, check_inputs)
+    job = _build_job(reader, data, source_name, Path(base_dir), inbox_root, check_inputs, lora_library)
     if reader.errors or job is None:
         # In file order, so the list reads top to bottom beside the manifest; unplaced ones last.
         ordered = sorted(reader.errors, key=lambda e: (e.line is None, e.line or 0))
@@ -89,7 +95,7 @@ def _syntax_error(exc: tomllib.TOMLDecodeError, text: str) -> ManifestError:
 
 
 def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_root: Path | None,
-               check_inputs: bool) -> Job | None:
+               check_inputs: bool, lora_library: Path | None) -> Job | None:
     if not _schema_ok(r, data):
         return None
     registry = kinds()
@@ -109,6 +115,9 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
     r.unknown_keys(data, "", words.keys(""), kind.name, words.top_hints, reasons)
     options = _options(r, data, kind, words, reasons)
     inputs = _inputs(r, data, kind, words, reasons, base_dir, inbox_root, check_inputs)
+    root = Path(inbox_root) if inbox_root is not None else base_dir
+    loras = read_loras(r, data, kind, root.resolve(), relative_base(base_dir, root) or PurePosixPath(), check_inputs,
+                       lora_library)
     video = _video(r, r.table(data, "video", "video"), kind, words, reasons, options)
     sampling = _sampling(r, r.table(data, "sampling", "sampling"), kind, words, reasons)
     notify_table = r.table(data, "notify", "notify")
@@ -119,7 +128,7 @@ def _build_job(r: Reader, data: dict, source_name: str, base_dir: Path, inbox_ro
                       d.PROMPT_MAX_CHARS, " (leave the key out to use the reference's default)")
     return Job(schema=d.SCHEMA_VERSION, kind=kind.name, name=name, priority=priority, prompt=prompt or "",
                negative_prompt=negative or "", inputs=inputs, video=video, sampling=sampling, options=options,
-               notify=notify)
+               notify=notify, loras=loras)
 
 
 def _options(r: Reader, data: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str]) -> object:
@@ -268,6 +277,7 @@ def _video(r: Reader, table: dict, kind: Kind, words: Vocabulary, reasons: dict[
 
 def _sampling(r: Reader, table: dict, kind: Kind, words: Vocabulary, reasons: dict[str, str]) -> SamplingSettings:
     r.unknown_keys(table, "sampling.", words.keys("sampling."), kind.name, words.table_hints, reasons)
+    table, preset = with_preset(r, table, kind.name)  # the preset's values under the manifest's own
     steps = r.integer(table, "steps", "sampling.steps", kind.default_steps, *d.STEPS_RANGE)
     shift = r.number(table, "shift", "sampling.shift", d.DEFAULT_SHIFT, *d.SHIFT_RANGE, low_open=True)
     guide = _guide_scale(r, table, kind)
@@ -284,7 +294,7 @@ def _sampling(r: Reader, table: dict, kind: Kind, words: Vocabulary, reasons: di
         boundary = r.number(table, "boundary", "sampling.boundary", d.DEFAULT_BOUNDARY,
                             *d.BOUNDARY_RANGE, low_open=True, high_open=True)
     return SamplingSettings(steps=steps, shift=shift, guide_scale=guide, solver=solver, seed=seed,
-                            boundary=boundary, timesteps=timesteps)
+                            boundary=boundary, timesteps=timesteps, preset=preset)
 
 
 def _guide_scale(r: Reader, table: dict, kind: Kind) -> float | tuple[float, float]:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from inbox_schema.kinds import Kind, kinds
 
 COMMON_TOP_KEYS = ("schema", "kind", "name", "priority", "prompt", "negative_prompt", "inputs", "video",
-                   "sampling", "notify")
+                   "sampling", "notify", "lora")
 NOTIFY_KEYS = ("urls", "events")
 VIDEO_KEYS = ("size", "frames", "fps")
-SAMPLING_KEYS = ("steps", "shift", "guide_scale", "solver", "seed", "boundary", "timesteps")
+SAMPLING_KEYS = ("steps", "shift", "guide_scale", "solver", "seed", "boundary", "timesteps", "preset")
 INPUT_TABLE_KEYS = ("path", "sha256", "size")
 
 Owners = dict[str, tuple[str, ...]]  # key -> the kinds that have it

@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8-attention", action="store_true",
                    help="with --precision fp8, also let the attention picker use an 8-bit kernel (FlashAttention-3's "
                         "FP8 forward): faster, but lossy (bench/RESULTS.md); off by default")
+    p.add_argument("--lora-method", default="auto", choices=("auto", "merged", "unmerged"),
+                   help="how a job's LoRAs go on the experts: by the cost rule (pipeline.lora.choose_method), or "
+                        "always merged (exact restore) or unmerged (hooks)")
+    p.add_argument("--lora-cache-mb", type=int, default=4096,
+                   help="LoRA files kept read per rank between jobs (by sha256)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help="regional torch.compile of the DiT blocks (auto: on for cuda); the first job of each "
                         "resolution pays ~20 s of compilation, every later step runs ~15%% faster")
@@ -293,8 +298,12 @@ def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, o
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
         "precision": "fp8+fp8-attention" if family.args.fp8_attention else family.args.precision,
+        "loras": result.get("loras", []),  # per LoRA: file, sha256, strength, format, experts, method (families)
         **result.get("stats", {}),  # the family's own: resumed_from, checkpoint
     }
+    for extra in ("lora_switch_seconds", "relighting"):  # what some jobs' families report besides
+        if extra in result:
+            stats[extra] = result[extra]
     if first_job:
         stats["load_seconds"] = round(load_seconds, 3)
     if ranks.master:

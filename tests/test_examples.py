@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -25,6 +26,7 @@ from inbox_schema.jsonschema import json_schema_text
 from inbox_schema.manifest import tomllib
 
 EXAMPLES = Path(inbox_schema.__file__).parent / "examples"
+TINY_LORA = "a tiny LoRA file"  # written by the fixture (safetensors): validation checks presence, not content
 SCHEMA_FILE = Path(inbox_schema.__file__).parent / "manifest.schema.json"
 # example -> {path in the inbox, relative to the example's folder: media file it is made from}
 MEDIA_FOR = {
@@ -33,6 +35,9 @@ MEDIA_FOR = {
     "surfing-cat/job.toml": {"cat.jpg": "i2v_input.jpg"},
     "animate_animation.toml": {"hero.png": "animate_character.jpg", "dance.mp4": "animate_driving.mp4"},
     "animate_replacement.toml": {"hero.png": "animate_character.jpg", "dance.mp4": "animate_driving.mp4"},
+    "i2v_lightning.toml": {"cat.jpg": "i2v_input.jpg"},
+    "watercolor-cat/job.toml": {"cat.jpg": "i2v_input.jpg", "watercolor.safetensors": TINY_LORA},
+    "animate_lightning.toml": {"hero.png": "animate_character.jpg", "dance.mp4": "animate_driving.mp4"},
 }
 
 
@@ -50,7 +55,13 @@ def prepared_inbox(tmp_path_factory: pytest.TempPathFactory, media: Path) -> Pat
         folder = (inbox / example).parent
         for target, source in files.items():
             (folder / target).parent.mkdir(parents=True, exist_ok=True)
-            if target.endswith(".png"):
+            if source == TINY_LORA:
+                from safetensors.numpy import save_file
+
+                save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": np.ones((4, 64), np.float32),
+                           "diffusion_model.blocks.0.self_attn.q.lora_up.weight": np.ones((64, 4), np.float32)},
+                          str(folder / target))
+            elif target.endswith(".png"):
                 Image.open(media / source).save(folder / target)  # a real PNG, not a renamed JPEG
             else:
                 shutil.copyfile(media / source, folder / target)
@@ -68,8 +79,24 @@ def test_example_validates_with_its_media(inbox: Path, example: str) -> None:
     job = load_manifest(inbox / example, inbox)
     assert input_warnings(job) == []  # present, and i2v_full's sha256/size match the real photo
     assert sorted(job.inputs) == (["image"] if job.kind == "i2v" else ["character", "video"])
-    for item in job.inputs.values():
+    for item in job.files().values():
         assert item.path.is_file() and item.path.is_relative_to(inbox.resolve())
+
+
+def test_lora_examples_resolve_to_what_they_say(inbox: Path) -> None:
+    lightning = load_manifest(inbox / "i2v_lightning.toml", inbox)
+    s = lightning.sampling
+    assert (s.preset, s.steps, s.solver, s.timesteps, s.shift, s.guide_scale, s.boundary) == (
+        "lightning-4step", 4, "euler", (1000, 750, 500, 250), 5.0, (1.0, 1.0), 0.9)
+    assert [(lora.source, lora.experts, lora.strength) for lora in lightning.loras] == [
+        ("library", ("high_noise",), 1.0), ("library", ("low_noise",), 1.0)]
+    styled = load_manifest(inbox / "watercolor-cat" / "job.toml", inbox)
+    (style,) = styled.loras
+    assert (style.source, style.experts, style.strength) == ("upload", ("high_noise", "low_noise"), 0.8)
+    assert style.path == inbox.resolve() / "watercolor-cat" / "watercolor.safetensors"
+    assert list(styled.files()) == ["image", "lora[0]"]
+    animate = load_manifest(inbox / "animate_lightning.toml", inbox)
+    assert (animate.sampling.steps, animate.sampling.solver, animate.loras[0].experts) == (4, "unipc", ())
 
 
 def test_examples_resolve_to_what_they_say(inbox: Path) -> None:

@@ -1,6 +1,6 @@
-"""Every manifest field of every kind, walked from TOML to the call that consumes it: the real parser, a real
-SQLite ledger, the real protocol, the kind's real preparation and pool family on tiny models (in this process,
-with spies that record each consuming call and then make it), and the outbox's sidecar.
+"""Every manifest field of every kind (LoRAs and presets too), walked from TOML to the call that consumes it: the
+real parser, a real SQLite ledger, the real protocol, the kind's real preparation and pool family on tiny models (in
+this process, with spies that record each consuming call and then make it), and the outbox's sidecar.
 
 A field dropped or changed anywhere on the way (the Animate `timesteps` once were) fails here.
 """
@@ -259,6 +259,104 @@ def test_every_animate_field_reaches_its_consumer(tmp_path: Path, monkeypatch: p
         "mode": "animation", "clip_len": 9, "refert_num": 5, "steps": 2, "shift": 4.0, "guide_scale": 1.5,
         "solver": "euler", "timesteps": (1000, 500), "seed": 99, "relighting_lora": True}
     assert (result["fps"], result["seed"], result["frames"]) == (24.0, 99, 7)
+    assert result["relighting"] == "applied"  # relighting_lora = true, and the tiny checkpoint ships the LoRA
 
-    document = sidecar(row, {}, {}, checkpoints["animate"])
+    document = sidecar(row, {"relighting": result["relighting"]}, {}, checkpoints["animate"])
     assert Job.from_dict(document["parameters"]) == job and document["name"] == "walk-animate"
+    assert document["relighting"] == "applied" and document["loras"] == []
+
+
+LORAS = """schema = 1
+kind = "i2v"
+name = "walk-loras"
+prompt = "a red kite over the dunes"
+
+[inputs]
+image = "kite.png"
+
+[video]
+size = "480*832"
+frames = 5
+
+[sampling]
+preset = "lightning-4step"
+shift = 4.0
+seed = 77
+
+[[lora]]
+library = "pair/high.safetensors"
+expert = "high_noise"
+strength = 0.9
+sha256 = "SHA"
+
+[[lora]]
+path = "loras/style.safetensors"
+strength = -0.4
+"""
+
+
+def test_every_lora_and_preset_field_reaches_its_consumer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          ranks: Any, checkpoints: dict[str, Path]) -> None:
+    import torch
+
+    import pipeline.families.loras as pool_loras
+    import pipeline.sampling
+    import pipeline.sampling.moe
+    from inbox_schema import file_sha256
+    from pipeline.families.i2v import I2VFamily
+    from pipeline.weights.loader import load_dit
+    from pipeline.worker import JobReport, done_message
+    from tests.lora_writers import BLOCK_LINEARS, make_lora, write_kohya, write_original
+
+    library, inbox = tmp_path / "models" / "loras", tmp_path / "inbox"
+    (library / "pair").mkdir(parents=True)
+    (inbox / "loras").mkdir(parents=True)
+    model = load_dit(checkpoints["i2v"] / "high_noise_model", torch.float32, "cpu")
+    high = write_original(library / "pair" / "high.safetensors",
+                          make_lora(model, [f"blocks.0.{m}" for m in BLOCK_LINEARS], 4, seed=1, alpha=2.0))
+    style = write_kohya(inbox / "loras" / "style.safetensors", make_lora(model, ["blocks.1.ffn.0"], 2, seed=2))
+    shutil.copy(IMAGE, write_image(inbox / "kite.png"))
+    job = parse_manifest_text(LORAS.replace("SHA", file_sha256(high)), "walk.toml", inbox, lora_library=library)
+
+    # 1. validation: the preset's values under the manifest's own, each LoRA as written
+    s = job.sampling
+    assert (s.preset, s.steps, s.solver, s.timesteps, s.shift, s.guide_scale, s.boundary, s.seed) == (
+        "lightning-4step", 4, "euler", (1000, 750, 500, 250), 4.0, (1.0, 1.0), 0.9, 77)
+    first, second = job.loras
+    assert (first.source, first.file, first.path, first.strength, first.experts, first.sha256) == (
+        "library", "pair/high.safetensors", library / "pair" / "high.safetensors", 0.9, ("high_noise",),
+        file_sha256(high))
+    assert (second.source, second.file, second.path, second.strength, second.experts) == (
+        "upload", "loras/style.safetensors", style.resolve(), -0.4, ("high_noise", "low_noise"))
+    # acceptance records the upload's sha256 (the daemon's intake moves it with the image; tests/test_serve_loras.py)
+    files = job.files()
+    job = job.with_files({**files, "lora[1]": dataclasses.replace(files["lora[1]"], sha256=file_sha256(style))})
+
+    # 2. ledger and protocol, then the family's LoRA and sampling calls
+    record = prepare_job(job, str(tmp_path), PrepSettings())
+    row, received = through_ledger_and_protocol(job, tmp_path, record["inputs"])
+    reads = spy(monkeypatch, pool_loras, "read_lora")
+    binds = spy(monkeypatch, pool_loras, "bind_requests")
+    applies = spy(monkeypatch, pool_loras, "apply_loras")
+    solver = spy(monkeypatch, pipeline.sampling, "make_solver")
+    switch = spy(monkeypatch, pipeline.sampling.moe, "ExpertSwitch")
+    family = I2VFamily(family_args("i2v-A14B", checkpoints["i2v"], "--max-area", str(MAX_AREA)), ranks)
+    family.load()
+    result = family.run(received, record["inputs"], Report(), lambda: False)
+    assert [Path(args[0]) for args, _ in reads.calls] == [first.path, job.loras[1].path]
+    requests = binds.one[0][0]
+    assert [(r.file.sha256, r.strength, r.experts, r.ignore_absent_image_attention) for r in requests] == [
+        (first.sha256, 0.9, ("high_noise",), True), (job.loras[1].sha256, -0.4, ("high_noise", "low_noise"), True)]
+    assert set(applies.one[0][2]) == {"high_noise", "low_noise"}  # a method per expert
+    assert solver.one[0] == ("euler", 4, 4.0, (1000, 750, 500, 250))
+    assert switch.one[1] == {"boundary": 0.9, "guide_scale": (1.0, 1.0)}
+
+    # 3. the worker's done stats and the outbox's sidecar describe each LoRA as it ran
+    run = protocol.Run(job=row.id, kind="i2v", params=received, inputs=record["inputs"], output="/o.mp4")
+    stats = done_message(run, result, JobReport(row.id, None), [(None, 0)], ranks, family, False, 0.0).stats
+    document = sidecar(row, stats, {}, checkpoints["i2v"])
+    assert [(d["file"], d["sha256"], d["strength"], d["experts"], d["format"]) for d in document["loras"]] == [
+        ("high.safetensors", first.sha256, 0.9, ["high_noise"], "original"),
+        ("style.safetensors", job.loras[1].sha256, -0.4, ["high_noise", "low_noise"], "kohya")]
+    assert all(set(d["method"]) == set(d["experts"]) for d in document["loras"])
+    assert Job.from_dict(document["parameters"]) == job and "lora_switch_seconds" in document

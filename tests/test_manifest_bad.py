@@ -17,7 +17,7 @@ from inbox_schema import MISSING, ManifestError, ManifestInvalid, load_manifest,
 I2V = 'schema = 1\nkind = "i2v"\nprompt = "a cat"\n\n[inputs]\nimage = "cat.jpg"\n'
 # Lines: 1 schema, 2 kind, 3 blank, 4 [inputs], 5 character, 6 video. Cases append from line 7.
 ANIMATE = 'schema = 1\nkind = "animate"\n\n[inputs]\ncharacter = "hero.png"\nvideo = "dance.mp4"\n'
-TOP_KEYS = "schema, kind, name, priority, prompt, negative_prompt, inputs, video, sampling, notify, animate"
+TOP_KEYS = "schema, kind, name, priority, prompt, negative_prompt, inputs, video, sampling, notify, lora, animate"
 PATH_RULE = 'a path relative to the manifest, with "/" between folders, e.g. "cat.jpg" or "media/cat.jpg"'
 NAME_RULE = ('a name of at most 100 characters: letters, digits, ".", "_" and "-", '
              "starting with a letter or digit")
@@ -57,7 +57,7 @@ CASES = [
     ("unknown key in [video]", I2V + "\n[video]\nframe = 81\n", "video.frame", 81,
      'a key of [video] (size, frames, fps); did you mean "frames"?', 9),
     ("unknown key in [sampling]", I2V + "\n[sampling]\nguidance_scale = 5.0\n", "sampling.guidance_scale", 5.0,
-     'a key of [sampling] (steps, shift, guide_scale, solver, seed, boundary, timesteps); '
+     'a key of [sampling] (steps, shift, guide_scale, solver, seed, boundary, timesteps, preset); '
      'did you mean "guide_scale"?', 9),
     ("unknown key in [inputs.image]", I2V.replace('image = "cat.jpg"', '[inputs.image]\npath = "cat.jpg"\nsha = "x"'),
      "inputs.image.sha", "x", 'a key of [inputs.image] (path, sha256, size); did you mean "sha256"?', 8),

@@ -20,8 +20,10 @@ GRID = (3, 6, 10)  # latent [T, h, w]: 3 * 3 * 5 = 45 tokens, odd, so 2 ranks ne
 STEPS = 4  # UniPC with shift 5: timesteps 999, 937 (high-noise expert), 833, 624 (low-noise expert)
 
 
-def sample(sp, guidance, fsdp: bool = False, device: str = "cpu") -> torch.Tensor:
-    """Fixed seeded inputs through sample_i2v with the given sequence-parallel object and guidance."""
+def sample(sp, guidance, fsdp: bool = False, device: str = "cpu", guide: tuple[float, float] = (3.5, 2.0),
+           forwards: list[int] | None = None) -> torch.Tensor:
+    """Fixed seeded inputs through sample_i2v with the given sequence-parallel object and guidance; `forwards`
+    (a list) receives how many expert forwards this process ran."""
     from pipeline.i2v import I2VInputs, I2VModels, sample_i2v, sequence_length
     from pipeline.sampling import make_solver
     from pipeline.sampling.moe import ExpertSwitch
@@ -34,6 +36,9 @@ def sample(sp, guidance, fsdp: bool = False, device: str = "cpu") -> torch.Tenso
 
         high, low = shard_module(high, dev), shard_module(low, dev)
     models = I2VModels(high, low, vae=None, text_encoder=None, device=dev, dtype=torch.float32)
+    count = [0]
+    for expert in (high, low):
+        expert.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
     g = torch.Generator().manual_seed(2024)
     t, h, w = GRID
     y = torch.cat([torch.zeros(4, t, h, w).index_fill_(1, torch.tensor([0]), 1.0),
@@ -43,8 +48,11 @@ def sample(sp, guidance, fsdp: bool = False, device: str = "cpu") -> torch.Tenso
     y, noise, context, context_null = (x.to(dev) for x in (y, noise, context, context_null))
     inputs = I2VInputs(y, noise, context, context_null, sequence_length(t, h, w, sp), w * 8, h * 8, 9)
     solver = make_solver("unipc", STEPS, 5.0)
-    switch = ExpertSwitch(boundary=0.9, guide_scale=(3.5, 2.0))  # different scales: the switch must matter
-    return sample_i2v(models, inputs, solver, switch, guidance=guidance, sp=sp).cpu()
+    switch = ExpertSwitch(boundary=0.9, guide_scale=guide)  # different scales: the switch must matter
+    latent = sample_i2v(models, inputs, solver, switch, guidance=guidance, sp=sp).cpu()
+    if forwards is not None:
+        forwards.append(count[0])
+    return latent
 
 
 def main(out_dir: str, device: str) -> None:
@@ -63,6 +71,9 @@ def main(out_dir: str, device: str) -> None:
     cfg = CfgParallel()
     results["cfg"] = sample(cfg.sp, cfg, device=device)
     results["fsdp+ulysses"] = sample(UlyssesParallel(), None, fsdp=True, device=device)
+    forwards: list[int] = []
+    results["cfg-guide1"] = sample(cfg.sp, cfg, device=device, guide=(1.0, 1.0), forwards=forwards)
+    results["cfg-guide1-forwards"] = forwards[0]
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -75,6 +86,8 @@ def check_two_ranks(tmp_path: Path, device: str, tolerance: float) -> None:
     run = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     torch.set_num_threads(1)
     expected = sample(None, None, device=device)  # one process, sequential guidance, while torchrun runs
+    forwards: list[int] = []
+    unguided = sample(None, None, device=device, guide=(1.0, 1.0), forwards=forwards)
     output, _ = run.communicate(timeout=180)
     assert run.returncode == 0, output[-4000:]
     scale = expected.abs().max()
@@ -83,6 +96,12 @@ def check_two_ranks(tmp_path: Path, device: str, tolerance: float) -> None:
         for mode in ("ulysses", "cfg", "fsdp+ulysses"):
             diff = (got[mode] - expected).abs().max() / scale
             assert diff < tolerance, f"rank {rank} {mode}: relative max diff {diff:.2e}"
+        # guidance 1 (distilled presets): the unconditional half runs no forward at all, and both halves get the
+        # conditional velocity: the sequential guide-1 latent (one forward per step there too)
+        diff = (got["cfg-guide1"] - unguided).abs().max() / unguided.abs().max()
+        assert diff < tolerance, f"rank {rank} cfg guide 1: relative max diff {diff:.2e}"
+        assert got["cfg-guide1-forwards"] == (STEPS if rank == 0 else 0), got["cfg-guide1-forwards"]
+    assert forwards == [STEPS]
     assert torch.isfinite(expected).all() and not torch.allclose(expected, torch.zeros_like(expected))
 
 

@@ -38,3 +38,19 @@ def test_the_two_commands_are_what_ci_runs() -> None:
     assert "pip install torch==2.13.0" in TEXT and "pip install -q torch==2.13.0" in ci
     assert "python -m pytest" in TEXT and "python -m pytest" in ci
     assert "wanbox demo" in TEXT
+
+
+def test_readme_lora_examples_resolve_to_what_the_readme_says(tmp_path: Path) -> None:
+    from pipeline.weights.lora_packs import LIGHTNING_I2V
+
+    blocks = re.findall(r"```toml\n(.*?)```", TEXT, re.S)
+    preset = next(b for b in blocks if 'preset = "lightning-4step"' in b)
+    job = parse_manifest_text(preset, "README.md", tmp_path, tmp_path, check_inputs=False)
+    s = job.sampling
+    assert (s.steps, s.guide_scale, s.solver, s.timesteps, s.shift, s.boundary) == (
+        4, (1.0, 1.0), "euler", (1000, 750, 500, 250), 5.0, 0.9)  # as its comment says
+    assert tuple(lora.file for lora in job.loras) == LIGHTNING_I2V.library_names()  # what `models pull` fetches
+    upload = next(b for b in blocks if "watercolor.safetensors" in b)
+    (lora,) = parse_manifest_text(upload, "README.md", tmp_path, tmp_path, check_inputs=False).loras
+    assert (lora.source, lora.strength, lora.experts) == ("upload", 0.8, ("high_noise", "low_noise"))
+    assert "wanbox models pull --lora lightning-i2v-A14B" in TEXT and "precision" in TEXT

@@ -19,6 +19,8 @@ from pipeline.families.base import (
     Reporter,
     broadcast_prompts,
     dtype_of,
+    lora_options,
+    lora_stats,
     parallel_groups,
     seed_of,
     speed_up,
@@ -52,22 +54,27 @@ class AnimateFamily:
         self.models: Any = None
         self.sp: Any = None
         self.guidance: Any = None
+        self.loras: Any = None
 
     def load(self) -> None:
         from pipeline.animate import LORA_FILE, AnimateModels
+        from pipeline.families.loras import PoolLoras
 
         self.models = AnimateModels.load(self.root, self.ranks.device, dtype_of(self.args),
                                          relighting_lora=(self.root / LORA_FILE).is_file(),
                                          text_encoder=self.ranks.master)
-        speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
+        compiled = speed_up([self.models.dit], self.args, fuse_qkv=self.models.relighting is None)
         self.sp, self.guidance = parallel_groups(self.plan)
+        self.loras = PoolLoras({"dit": self.models.dit}, self.ranks.device, compiled=compiled,
+                               **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
             checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
-        from pipeline.animate import encode_prompts, generate_animate
+        from pipeline.animate import describe_relighting, encode_prompts, generate_animate
         from pipeline.i2v import GenerationCancelled
 
         src, seed = src_dir(inputs), seed_of(job)
+        loras = self.loras.bind(job)  # a LoRA that does not fit fails the job here, before any work
         options, sampling = job.options, job.sampling
         report.progress("encode", 0, 1)
         context, context_null = broadcast_prompts(
@@ -77,6 +84,9 @@ class AnimateFamily:
             report.progress(PHASE_NAMES.get(phase, phase), step, total)
 
         try:
+            if loras is not None:
+                per_clip = sampling.steps * (1 if float(sampling.guide_scale) <= 1 or self.guidance else 2)
+                self.loras.apply(loras, {"dit": per_clip}, clip_tokens(job))
             video = generate_animate(
                 self.models, src, mode=options.mode, prompt=context, negative_prompt=context_null,
                 clip_len=options.clip_len, refert_num=options.refert_num, steps=sampling.steps,
@@ -86,8 +96,20 @@ class AnimateFamily:
                 checkpoint=checkpoint)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
+        finally:  # success, failure or cancel: the DiT is as loaded again before anything else runs
+            if loras is not None:
+                loras.remove()
+        relighting = describe_relighting(options.relighting_lora, self.models.relighting is not None)
         return {"video": video, "fps": output_fps(job, inputs), "frames": int(video.shape[1]),
-                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed, **run_stats(checkpoint)}
+                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed, "relighting": relighting,
+                **run_stats(checkpoint), **(lora_stats(loras) if loras is not None else {})}
+
+
+def clip_tokens(job: Job) -> int:
+    """Tokens of one clip's forward (patches of 16x16 pixels per latent frame, + the reference frame), as the
+    LoRA method's cost rule counts them; the first clip's, known before the sources are read."""
+    frames = (job.options.clip_len - 1) // 4 + 2
+    return frames * job.video.max_area // 256
 
 
 def src_dir(inputs: dict[str, str]) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +57,7 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> None:
+def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> bool:
     """The fast path of pipeline.models.fast on loaded DiTs: fused q/k/v and regional compile (same function).
 
     fuse_qkv is off where the q/k/v layers must stay separate (FSDP shards them; a resident LoRA hooks them);
@@ -72,6 +73,26 @@ def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv:
         apply_precision(expert, getattr(args, "precision", "bf16"), device=torch.device(args.device),
                         fp8_attention=getattr(args, "fp8_attention", False))
         optimize(expert, compile=compile_blocks, fuse_qkv=fuse_qkv)
+    return compile_blocks
+
+
+def lora_options(args: argparse.Namespace, ranks: Any) -> dict[str, Any]:
+    """PoolLoras' settings on this rank: the worker flags (method, read cache), rank 0's choice of methods shared
+    with every rank, and how many of the pool's processes share this host's memory."""
+    share = None
+    if ranks.world_size > 1:
+        def share(methods: dict[str, Any]) -> dict[str, Any]:
+            box = [methods]
+            dist.broadcast_object_list(box, src=0, group=ranks.control)
+            return box[0]
+    return {"method": getattr(args, "lora_method", "auto"),
+            "cache_bytes": int(getattr(args, "lora_cache_mb", 4096)) << 20, "master": ranks.master, "share": share,
+            "local_ranks": int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))}
+
+
+def lora_stats(run: Any) -> dict[str, Any]:
+    """What a job's LoRAs add to the family's result (the worker copies it into `done` stats for the sidecar)."""
+    return {"loras": run.describe(), "lora_switch_seconds": run.switch_seconds()}
 
 
 def broadcast_prompts(ranks: Any, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]

@@ -19,6 +19,8 @@ from pipeline.families.base import (
     Reporter,
     broadcast_prompts,
     dtype_of,
+    lora_options,
+    lora_stats,
     parallel_groups,
     seed_of,
     speed_up,
@@ -48,8 +50,10 @@ class I2VFamily:
         self.models: Any = None
         self.sp: Any = None
         self.guidance: Any = None
+        self.loras: Any = None
 
     def load(self) -> None:
+        from pipeline.families.loras import PoolLoras
         from pipeline.i2v import I2VModels
 
         # fsdp: the experts load into host memory and only this rank's shards go to the GPU;
@@ -59,8 +63,12 @@ class I2VFamily:
                                      text_encoder=self.ranks.master, offload_experts=in_host)
         if self.sharding == "fsdp":
             shard_experts(self.models, self.ranks.device)
-        speed_up([self.models.high_noise, self.models.low_noise], self.args, fuse_qkv=self.sharding != "fsdp")
+        compiled = speed_up([self.models.high_noise, self.models.low_noise], self.args,
+                            fuse_qkv=self.sharding != "fsdp")
         self.sp, self.guidance = parallel_groups(self.plan)
+        experts = {"high_noise": self.models.high_noise, "low_noise": self.models.low_noise}
+        self.loras = PoolLoras(experts, self.ranks.device, compiled=compiled, sharded=self.sharding == "fsdp",
+                               **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
             checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
@@ -70,6 +78,7 @@ class I2VFamily:
         from pipeline.sampling.numerics import check_finite_frames
 
         image, seed = prepared_image(inputs), seed_of(job)
+        loras = self.loras.bind(job)  # a LoRA that does not fit fails the job here, before any work
         sampling, video = job.sampling, job.video
         max_area = video.max_area if self.args.max_area is None else min(video.max_area, self.args.max_area)
         report.progress("encode", 0, 2)  # 1 of 2: the text encoder, 2 of 2: the image's VAE encode
@@ -82,11 +91,16 @@ class I2VFamily:
         report.progress("encode", 2, 2)
         report.progress("sampling", 0, solver.num_steps)
         try:
+            if loras is not None:
+                self.loras.apply(loras, expert_forwards(solver, switch, self.guidance), prepared.seq_len)
             latent = sample_i2v(self.models, prepared, solver, switch, guidance=self.guidance, sp=self.sp,
                                 on_progress=lambda _phase, step, total: report.progress("sampling", step, total),
                                 should_cancel=should_cancel, checkpoint=checkpoint)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
+        finally:  # success, failure or cancel: the experts are as loaded again before anything else runs
+            if loras is not None:
+                loras.remove()
         report.progress("decode", 0, 1)
         if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
             frames = decode_pipelined(self.models.vae, latent)
@@ -95,12 +109,24 @@ class I2VFamily:
             frames = decode_video(self.models, latent)
         report.progress("decode", 1, 1)
         return {"video": frames, "fps": float(video.fps), "frames": video.frames,
-                "width": prepared.width, "height": prepared.height, "seed": seed, **run_stats(checkpoint)}
+                "width": prepared.width, "height": prepared.height, "seed": seed,
+                **run_stats(checkpoint), **(lora_stats(loras) if loras is not None else {})}
 
     def _encode_prompts(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         from pipeline.i2v import encode_prompts
 
         return broadcast_prompts(self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
+
+
+def expert_forwards(solver: Any, switch: Any, guidance: Any) -> dict[str, int]:
+    """Forwards each expert runs on this rank in one job (guide 1: one per step; else two, or one per CFG half)."""
+    from pipeline.sampling.moe import HIGH_NOISE
+
+    counts = {"high_noise": 0, "low_noise": 0}
+    for t in solver.timesteps.tolist():
+        per_step = 1 if switch.scale(t) == 1.0 or guidance is not None else 2
+        counts["high_noise" if switch.expert(t) == HIGH_NOISE else "low_noise"] += per_step
+    return counts
 
 
 def prepared_image(inputs: dict[str, str]) -> str:

@@ -63,15 +63,23 @@ class CfgParallel:
         self.branch = COND if rank < half else UNCOND
         self.sp = UlyssesParallel(halves[self.branch]) if half > 1 else None
         self._pair = pairs[rank % half]
+        self._cond_rank = ranks[rank % half]  # the conditional member of this rank's pair (a global rank)
 
     def __call__(self, model: Any, latent: torch.Tensor, t: torch.Tensor, cond_kwargs: Mapping[str, Any],
                  uncond_kwargs: Mapping[str, Any], scale: float) -> torch.Tensor:
         """The sampling loop's `Guidance`: this half runs its own branch only, then the halves swap."""
+        if scale == 1.0:  # guidance off (distilled models): no unconditional forward at all, as the sequential one
+            return self.conditional(model(latent, t, **cond_kwargs) if self.branch == COND else None, latent)
         velocity = model(latent, t, **(cond_kwargs if self.branch == COND else uncond_kwargs))
         cond, uncond = self.exchange(velocity)
-        if scale == 1.0:
-            return cond  # as the sequential guidance: guidance off means the conditional velocity, exactly
         return uncond + scale * (cond - uncond)
+
+    def conditional(self, velocity: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor:
+        """The conditional half's velocity (float32, the latent's shape) on both halves; the unconditional half
+        passes None: it ran nothing this step."""
+        shared = velocity.float().contiguous() if velocity is not None else torch.empty_like(latent, dtype=torch.float32)
+        dist.broadcast(shared, src=self._cond_rank, group=self._pair)
+        return shared
 
     def exchange(self, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Give this half's velocity, get (cond, uncond) — identical on every rank."""

@@ -6,6 +6,7 @@ pull: list the repo's files with sizes and LFS sha256 (HfApi.model_info(files_me
 the family needs, print the total, check free disk space, download each with hf_hub_download into the
 checkpoint directory (resumable; complete files are skipped), then verify size and sha256 of every file.
 The Hub metadata is recorded in `.wanbox-files.json` so `verify` can check sizes (and, --deep, sha256) later.
+Published LoRA sets (lora_packs.py) are pulled the same way into the LoRA library: `wanbox models pull --lora PACK`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.weights.layouts import check_installed, families, get_family
+from pipeline.weights.lora_packs import get_pack
 
 MANIFEST = ".wanbox-files.json"
 Print = Callable[[str], None]
@@ -68,33 +70,53 @@ class HuggingFaceHub:
 
 def pull(family: str, dest: Path | str, hub: Hub | None = None, say: Print = print) -> list[str]:
     """Download what `family` needs into `dest` (its checkpoint directory); returns the files fetched now."""
-    fam, dest, hub = get_family(family), Path(dest), hub or HuggingFaceHub()
+    fam = get_family(family)
+    return fetch(family, fam.repo_id, fam.wants, fam.files, dest, hub, say)
+
+
+def pull_loras(pack: str, library: Path | str, hub: Hub | None = None, say: Print = print) -> list[str]:
+    """Download a published LoRA set (pipeline.weights.lora_packs) into the LoRA library, under its folder; the
+    manifest names its files as [[lora]] library = "<folder>/<path>". Returns the files fetched now."""
+    found = get_pack(pack)
+    fetched = fetch(pack, found.repo_id, lambda path: path in found.files, found.files,
+                    Path(library) / found.folder, hub, say)
+    for name in found.library_names():
+        say(f'  [[lora]] library = "{name}"')
+    return fetched
+
+
+def fetch(what: str, repo_id: str, wants: Callable[[str], bool], required: tuple[str, ...], dest: Path | str,
+          hub: Hub | None = None, say: Print = print) -> list[str]:
+    """Sizes first, free space checked, each missing file downloaded (resumable: complete ones are skipped), then
+    size and sha256 of every downloaded file checked against the Hub's listing (recorded in .wanbox-files.json)."""
+    dest, hub = Path(dest), hub or HuggingFaceHub()
     try:
-        remote = [f for f in hub.list_files(fam.repo_id) if fam.wants(f.path)]
+        remote = [f for f in hub.list_files(repo_id) if wants(f.path)]
     except Exception as exc:
-        raise HubError(f"cannot list {fam.repo_id} on the Hub: {exc} (network? HF_TOKEN? HF_ENDPOINT?)") from exc
-    absent = sorted(set(fam.files) - {f.path for f in remote})
+        raise HubError(f"cannot list {repo_id} on the Hub: {exc} (network? HF_TOKEN? HF_ENDPOINT?)") from exc
+    absent = sorted(set(required) - {f.path for f in remote})
     if absent:
-        raise HubError(f"{fam.repo_id} on the Hub lacks files wanbox needs: {', '.join(absent)}")
+        raise HubError(f"{repo_id} on the Hub lacks files wanbox needs: {', '.join(absent)}")
     total = sum(f.size or 0 for f in remote)
-    say(f"{family}: {len(remote)} files, {human_size(total)} from {fam.repo_id} into {dest}")
+    say(f"{what}: {len(remote)} files, {human_size(total)} from {repo_id} into {dest}")
     todo = [f for f in remote if not _complete(dest / f.path, f)]
     remaining = sum(f.size or 0 for f in todo)
     dest.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest).free
     if remaining > free:
         raise HubError(f"{dest}: {human_size(remaining)} still to download but only {human_size(free)} free")
-    _write_manifest(dest, fam.repo_id, remote)
+    _write_manifest(dest, repo_id, remote)
     for i, f in enumerate(todo, 1):
         say(f"  [{i}/{len(todo)}] {f.path} ({human_size(f.size or 0)})")
         try:
-            hub.download(fam.repo_id, f.path, dest)
+            hub.download(repo_id, f.path, dest)
         except Exception as exc:
             raise HubError(f"download of {f.path} failed: {exc}; run the pull again to resume") from exc
-    problems = verify(family, dest, deep=True, only=[f.path for f in todo])
+    problems = [f"{f.path}: missing after its download" for f in todo if not (dest / f.path).is_file()]
+    problems += check_files(dest, [f.path for f in todo], deep=True)
     if problems:
         raise HubError("downloaded files failed verification:\n  " + "\n  ".join(problems))
-    say(f"{family}: complete ({len(todo)} downloaded, {len(remote) - len(todo)} already present)")
+    say(f"{what}: complete ({len(todo)} downloaded, {len(remote) - len(todo)} already present)")
     return [f.path for f in todo]
 
 
@@ -242,6 +264,28 @@ def main_pull(family: str, dest: Path, hub: Hub | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main_pull_loras(pack: str, library: Path, hub: Hub | None = None) -> int:
+    """`wanbox models pull --lora PACK`: 0 when the LoRA files are complete and verified in the library, 1 otherwise."""
+    try:
+        pull_loras(pack, library, hub)
+    except (HubError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_verify_loras(pack: str, library: Path, deep: bool = False) -> int:
+    """`wanbox models verify --lora PACK`: 0 when the pack's files are in the library and intact, 1 otherwise."""
+    found = get_pack(pack)
+    root = Path(library) / found.folder
+    problems = [f"{path}: missing" for path in found.files if not (root / path).is_file()]
+    problems += check_files(root, list(found.files), deep)
+    for line in problems:
+        print(f"{pack}: {line}")
+    print(f"{pack}: {'OK' if not problems else f'{len(problems)} problem(s)'} in {root}")
+    return 0 if not problems else 1
 
 
 def main_verify(family: str, dest: Path, deep: bool = False) -> int:
