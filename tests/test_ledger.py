@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 import daemon.hosts  # noqa: F401 - registers the liveness tables on Base.metadata, as the migrations create them
 from daemon import deliveries  # noqa: F401 - its tables are part of Base.metadata, as in the migrations
-from daemon import ledger as ledger_module
+from daemon.ledger import store as ledger_module
 from daemon.ledger import (
     SCHEMA_HEAD,
     AmbiguousJobId,
