@@ -15,11 +15,19 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
+from daemon.jobtext import (
+    eta_text,
+    job_summary,
+    manifest_location,
+    namesakes_note,
+    progress_bar,
+    render_status,
+    waiting_text,
+)
 from inbox_schema import model_ids
 from pipeline.weights.lora_packs import PACKS as LORA_PACKS
 
@@ -50,42 +58,6 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def _age(when: datetime | None) -> str:
-    if when is None:
-        return "-"
-    seconds = (datetime.now(timezone.utc) - when).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def job_summary(job: Any, eta: Any = None) -> dict[str, Any]:
-    return {
-        "id": job.id, "name": job.name, "kind": job.kind, "model_id": job.model_id, "state": job.state.value,
-        "priority": job.priority, "attempts": job.attempts_made, "max_attempts": job.max_attempts,
-        "phase": job.phase, "step": job.step, "total_steps": job.total_steps,
-        "last_error": job.last_error, "error_kind": job.error_kind, "created_at": job.created_at,
-        "updated_at": job.updated_at, "retry_after": job.retry_after, "outputs": job.outputs_json,
-        "eta_seconds": eta.remaining_s if eta else None, "job_seconds_estimate": eta.total_s if eta else None,
-        "queue_position": eta.queue_position if eta else None,
-    }  # fmt: skip
-
-
-def progress_bar(step: int | None, total: int | None, width: int = 20) -> str:
-    if not total or step is None:
-        return ""
-    filled = int(width * min(step, total) / total)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
-
-
-def eta_text(eta: Any) -> str:
-    """The ETA column: until delivery, from measured phase times of earlier jobs like this one."""
-    if eta is None:
-        return ""
-    if eta.remaining_s is None:
-        return "no estimate yet"
-    return f"done in ~{eta.remaining_s:.0f}s"
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -121,34 +93,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
-def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None, etas: dict[str, Any] | None = None
-                  ) -> str:
-    """The job table; `stale(job)` marks in-flight jobs that no live daemon runs; `etas` (daemon.estimates)
-    gives each active job's time left and queue position."""
-    etas = etas or {}
-    header = f"{'JOB':<22} {'NAME':<24} {'KIND':<8} {'STATE':<13} {'AGE':>5}  PROGRESS"
-    lines = [header]
-    for job in jobs:
-        progress = ""
-        if stale is not None and stale(job):  # where it stopped, but no ETA: nothing is running it
-            progress = f"STALE, the daemon is gone; last: {job.phase or '-'} {progress_bar(job.step, job.total_steps)}"
-        elif job.phase and job.state.value in ("preprocessing", "sampling", "finalizing"):
-            progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta_text(etas.get(job.id))}".strip()
-        elif job.state.value in ("failed", "rejected") and job.last_error:
-            progress = job.last_error.splitlines()[0][:80]
-        elif job.state.value == "done":
-            progress = str((job.outputs_json or {}).get("video", ""))
-        elif (job.retry_after is not None and job.state.value in ("queued", "ready")
-              and job.retry_after > datetime.now(timezone.utc)):
-            progress = f"retry after {job.retry_after:%H:%M:%S} UTC (attempt {job.attempts + 1})"
-        elif job.state.value in ("queued", "ready") and job.id in etas:
-            e = etas[job.id]
-            progress = f"#{e.queue_position} in line (priority {job.priority}), {eta_text(e)}"
-        lines.append(f"{job.id:<22} {job.name[:24]:<24} {job.kind:<8} {job.state.value:<13} "
-                     f"{_age(job.created_at):>5}  {progress}")
-    lines.append("")
-    lines.append("  ".join(f"{state}: {n}" for state, n in counts.items() if n))
-    return "\n".join(lines)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -178,6 +122,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(note)
     print(f"  manifest: {manifest_location(job, cfg)}")
     print(f"  attempts: {job.attempts_made} of {job.max_attempts}   priority: {job.priority}")
+    if waiting_text(job):
+        print(f"  {waiting_text(job)}")
     if job.phase:
         print(f"  progress: {job.phase} {progress_bar(job.step, job.total_steps)} {eta_text(eta)}")
     if job.last_error:
@@ -202,36 +148,6 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def manifest_location(job: Any, cfg: Config) -> str:
-    """Where the job's manifest is now: the inbox while staged, then work/<id>/inbox/, or failed/<name>/."""
-    from daemon import jobfiles
-
-    uploaded = Path(job.manifest_path)
-    if uploaded.exists():
-        return str(uploaded)
-    folders = [jobfiles.work_inputs_dir(cfg.paths.work, job.id)]
-    failed_dir = (job.outputs_json or {}).get("failed_dir")
-    pointer = folders[0].parent / jobfiles.FAILED_POINTER
-    if failed_dir is None and pointer.is_file():
-        failed_dir = pointer.read_text(encoding="utf-8").strip()
-    if failed_dir:
-        folders.append(Path(failed_dir))
-    for folder in folders:
-        for name in (uploaded.name, "job.toml"):
-            if (folder / name).is_file():
-                return f"{folder / name} (uploaded as {uploaded})"
-    return f"{uploaded} (no longer there)"
-
-
-def namesakes_note(ledger: Any, job: Any, typed: str) -> str:
-    """When a name picked the job (its most recent one), which other jobs carry that name, to pick by id."""
-    if typed.strip() != job.name or typed.strip() == job.id:
-        return ""
-    others = ledger.namesakes(job)
-    if not others:
-        return ""
-    listed = ", ".join(f"{o.id} ({o.state.value})" for o in others[:5])
-    return f"  (the most recent job named {job.name}; also named so: {listed}; give an id to pick another)"
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

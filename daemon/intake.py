@@ -285,8 +285,9 @@ class Intake:
             return
         problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
         if problems:
-            if "; ".join(problems) != entry.waiting:  # log a change once, not every tick
+            if "; ".join(problems) != entry.waiting:  # log and record a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
+                self.ledger.note_waiting(entry.job_id, "; ".join(problems))  # for status and show
             entry.waiting = "; ".join(problems)
             return
         self.accept(candidate, entry)
@@ -403,7 +404,7 @@ class Intake:
             if entry is None:
                 continue  # seen again on the next scan, then checked (after a restart)
             key, staging = entry
-            reason = staging.waiting or "the manifest or its inputs did not settle"
+            reason = staging.waiting or record.waiting_reason or "the manifest or its inputs did not settle"
             text = f"staging deadline of {self.cfg.inbox.staged_deadline_seconds:g} s passed: {reason}"
             manifest = Path(key)
             folder = manifest.parent if manifest.parent != self.paths.inbox else None

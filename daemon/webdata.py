@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon.estimates import JobEta, claim_order, job_etas
+from daemon.jobtext import waiting_text
 from daemon.liveness import Liveness, job_daemon_events, read_liveness
 from daemon.states import RUNNING, JobState
 
@@ -49,7 +50,7 @@ def job_json(job: Any, outbox: Path, liveness: Liveness | None = None, eta: JobE
                      "fraction": round(min(step, total) / total, 4) if total and step is not None else None},
         "eta_seconds": phase_eta_seconds(job) if job.state in RUNNING else None,
         "job_eta_seconds": eta.remaining_s if eta else None, "job_seconds_estimate": eta.total_s if eta else None,
-        "queue_position": eta.queue_position if eta else None, "waiting": None,
+        "queue_position": eta.queue_position if eta else None, "waiting": waiting_text(job) or None,
         "stale": bool(liveness and liveness.stale(job)),
         "error": job.last_error, "error_kind": job.error_kind,
         "gpu_seconds": job.gpu_seconds, "timings": job.timings_json or {},

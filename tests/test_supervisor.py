@@ -256,6 +256,38 @@ def test_cancelling_a_staged_job_moves_its_manifest_to_failed(tmp_path: Path) ->
         root.cleanup()
 
 
+def test_status_and_show_say_why_a_staged_job_waits_and_until_when(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from daemon.cli import main as cli_main
+
+    root = Root(tmp_path)
+    (root.inbox / "wait.toml").write_text(manifest_text(image='"nothere.jpg"'))
+    sup = Supervisor(load_config(root.config))
+    sup.start()
+    try:
+        run_until(sup, lambda: getattr(root.job("wait"), "waiting_reason", None) is not None)
+        record = root.job("wait")
+        assert record.waiting_reason == "inputs.image = 'nothere.jpg': the file is not in the inbox (yet)"
+        deadline = f"{record.staged_deadline:%Y-%m-%d %H:%M:%S} UTC"
+        assert cli_main(["status", "--config", str(root.config)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if record.id in line)
+        assert "waiting: inputs.image = 'nothere.jpg': the file is not in the inbox (yet)" in row
+        assert f"rejected at {deadline}" in row
+        assert cli_main(["show", "wait", "--config", str(root.config)]) == 0
+        assert "  waiting: inputs.image = 'nothere.jpg'" in capsys.readouterr().out
+        assert cli_main(["status", "--json", "--config", str(root.config)]) == 0
+        listed = json.loads(capsys.readouterr().out)["jobs"][0]
+        assert "the file is not in the inbox" in listed["waiting"] and listed["staged_deadline"] is not None
+        write_image(root.inbox / "nothere.jpg")  # the upload arrives: accepted, and no longer waiting
+        run_until(sup, lambda: root.state("wait") != "staged")
+        assert cli_main(["show", "wait", "--config", str(root.config)]) == 0
+        assert "waiting:" not in capsys.readouterr().out
+    finally:
+        sup.stopping.set()
+        sup.shutdown()
+        root.cleanup()
+
+
 def test_an_input_named_by_two_waiting_manifests_is_copied_not_taken(tmp_path: Path) -> None:
     root = Root(tmp_path)
     original = write_image(root.inbox / "shared.jpg").read_bytes()

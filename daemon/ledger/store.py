@@ -300,6 +300,13 @@ class Ledger:
         with self._writing() as session:
             return session.execute(stmt).rowcount == 1
 
+    def note_waiting(self, job_id: str, reason: str | None) -> bool:
+        """Say why a staged job is not accepted yet (None: nothing wrong any more); False once it left staging."""
+        stmt = (update(JobRecord).where(JobRecord.id == job_id, JobRecord.state == JobState.STAGED)
+                .values(waiting_reason=reason).execution_options(synchronize_session=False))
+        with self._writing() as session:
+            return session.execute(stmt).rowcount == 1
+
     def record_timing(self, job_id: str, phase: str, seconds: float) -> None:
         """Add `seconds` to the job's time spent in `phase` (timings_json), read-modify-write under lock."""
         with self._writing() as session:

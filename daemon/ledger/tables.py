@@ -110,6 +110,7 @@ class JobRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     staged_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    waiting_reason: Mapped[str | None] = mapped_column(Text)  # why a staged job is not accepted yet
 
     __table_args__ = (
         # next_query: WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?) ORDER BY ..., priority DESC, created_at
