@@ -89,6 +89,14 @@ def pg_cluster() -> Iterator[pg.Cluster]:
 STARTED: list[tuple[pg.Cluster, float]] = []  # the session's cluster, for the summary line
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The fault suite's totals as the run's very last line (after pytest's own summary), when it ran."""
+    from tests.faults.totals import TOTALS, totals_line
+
+    if TOTALS.jobs or TOTALS.kills:
+        print(totals_line(), flush=True)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for cluster, seconds in STARTED:
         terminalreporter.write_line(f"PostgreSQL test cluster ({cluster.version()}): initdb + start "
