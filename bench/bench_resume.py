@@ -86,9 +86,9 @@ def timed_run(models: I2VModels, inputs: I2VInputs, steps: int, **kw: object) ->
     return latent, time.perf_counter() - start
 
 
-def restore_seconds(models: I2VModels, inputs: I2VInputs, store: CheckpointStore) -> float:
+def restore_seconds(models: I2VModels, inputs: I2VInputs, store: CheckpointStore, steps: int) -> float:
     """What a resume costs before its first step: read, verify, load the solver and the latent to the GPU."""
-    solver = make_solver("unipc", 4, 5.0)
+    solver = make_solver("unipc", steps, 5.0)  # the schedule the checkpoint was written under
     sync(models.device)
     start = time.perf_counter()
     state = store.begin(i2v_loop_key(inputs, solver, ExpertSwitch(0.9, 3.5)), solver, models.device)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             raise Interrupted
 
     timed_run(models, inputs, n, checkpoint=writer, on_progress=stop)
-    restore_s = restore_seconds(models, inputs, store())
+    restore_s = restore_seconds(models, inputs, store(), n)
     reader = store()
     resumed, _ = timed_run(models, inputs, n, checkpoint=reader)
     assert whole is not None and resumed is not None and reader.resumed_from is not None
