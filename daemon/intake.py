@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,6 +60,10 @@ class Staging:
     job: Job | None = None  # when the manifest parsed
     waiting: str = ""  # why it is not accepted yet (the rejection reason at the deadline)
     hashes: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)  # path -> (sig, sha256)
+    # When this daemon began watching it, and last checked its inputs (monotonic): a deadline that passed
+    # while the daemon was down waits until the files were watched settling, so the reason given is the real one.
+    seen_at: float = field(default_factory=time.monotonic)
+    checked_at: float = float("-inf")
 
 
 def file_kind(path: Path) -> str:
@@ -196,6 +201,9 @@ class Intake:
         if kind != "file":
             # Never open it: a symlink may lead out of the inbox, a FIFO would block the daemon forever.
             expected = "a regular file" + (", not a symbolic link" if kind == "symlink" else f", not a {kind}")
+            if kind == "symlink" and candidate.folder is None and os.path.isdir(manifest):
+                expected = ("a job folder or a .toml file, not a symbolic link to a folder (its target was left "
+                            "untouched; the link is here, beside this file): copy the folder itself into the inbox")
             self._reject_new(candidate, [ManifestError("manifest", candidate.key, expected)])
             return
         if not self.tracker.is_stable(manifest):
@@ -304,6 +312,7 @@ class Intake:
             self.reject(entry.job_id, candidate, wrong)
             return
         problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
+        entry.checked_at = time.monotonic()
         if problems:
             if "; ".join(problems) != entry.waiting:  # log and record a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
@@ -392,7 +401,7 @@ class Intake:
             keep = [p for p in files.inputs if p not in shared and signature(p) is not None]
             sources = [(p, p.relative_to(self.paths.inbox)) for p in keep]
             sources += [(files.manifest, Path(files.manifest.name))]
-            if job is None:
+            if job is None and not os.path.isdir(files.manifest):
                 text += "\nOnly the manifest was moved here; media files it may name stay in the inbox.\n"
         summary = "; ".join(str(e) for e in errors)
         fields: dict[str, Any] = {"last_error": summary, "error_kind": ErrorKind.INPUT.value}
@@ -439,9 +448,20 @@ class Intake:
             if entry is None:
                 continue  # seen again on the next scan, then checked (after a restart)
             key, staging = entry
+            if not self._watched_settling(staging):
+                continue  # e.g. restarted past the deadline: first see whether the files settle
             reason = staging.waiting or record.waiting_reason or "the manifest or its inputs did not settle"
             text = f"staging deadline of {self.cfg.inbox.staged_deadline_seconds:g} s passed: {reason}"
             manifest = Path(key)
             folder = manifest.parent if manifest.parent != self.paths.inbox else None
             rel = str(manifest.relative_to(self.paths.inbox))
             self.reject(record.id, Candidate(manifest, folder, rel), [text])
+
+    def _watched_settling(self, staging: Staging) -> bool:
+        """Whether the last look at a staged job's files came a full settle window after this daemon began
+        watching them ("still changing" is only known then), or it has waited long enough regardless."""
+        settle = self.cfg.inbox.settle_seconds
+        if staging.checked_at - staging.seen_at >= settle:
+            return True
+        return time.monotonic() - staging.seen_at > 4 * settle + 10  # a manifest that never stops changing
+
