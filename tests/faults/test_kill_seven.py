@@ -42,7 +42,8 @@ def test_1_3_a_delivery_and_attempts_survive_supervisor_kills(tmp_path: Path) ->
     """1: killed after the mp4 is published, before the poster and sidecar: the restart completes that delivery
     under the same name (no -2, no re-sampling, no temp files); -2 is for another job of the same name only.
     3: a job whose sampling is interrupted by supervisor kills more often than its max_attempts is not failed
-    for it, while a job that kills the pool is failed after max_attempts with its files and reason in failed/."""
+    for it, while a job that kills the pool is failed after max_attempts with its files and reason in failed/.
+    And a video that is not what the job asked for is never delivered: it fails saying what differs."""
     r = Root(tmp_path, jobs={"max_attempts": 2})
     try:
         serve_dying_at(r, "finalize.published")
@@ -67,10 +68,15 @@ def test_1_3_a_delivery_and_attempts_survive_supervisor_kills(tmp_path: Path) ->
             if not (r.inbox / "slow.toml").exists() and r.job("slow") is None:
                 r.drop("slow", manifest_text(image='"slow.jpg"', prompt="slow"), image="slow.jpg")
             wait_killed(r, "state.sampling")
-        r.knobs({"crasher": {"exit_at_step": 1}})  # this one kills the pool at its first step, every time
+        # This one kills the pool at its first step, every time; the other's video has 4 frames too many.
+        r.knobs({"crasher": {"exit_at_step": 1}, "long": {"extra_frames": 4}})
         serve_dying_at(r, None)
         r.drop("crasher", manifest_text(image='"crasher.jpg"', prompt="crash"), image="crasher.jpg")
-        rows = wait_rest(r, ["slow", "crasher"])
+        r.drop("long", manifest_text(image='"long.jpg"', prompt="long"), image="long.jpg")
+        rows = wait_rest(r, ["slow", "crasher", "long"])
+        assert rows["long"].state.value == "failed" and rows["long"].error_kind == "output"
+        assert "9 frames decoded, the job asks for 5 (video.frames)" in rows["long"].last_error
+        assert not any(p.name.startswith("long") for p in r.outbox.iterdir())  # nothing of it delivered
         slow = rows["slow"]
         assert slow.state.value == "done" and (slow.attempts, slow.excused_attempts) == (3, 3), events(r, "slow")
         assert any("not the job's fault" in m for m in events(r, "slow"))
@@ -79,7 +85,7 @@ def test_1_3_a_delivery_and_attempts_survive_supervisor_kills(tmp_path: Path) ->
         reason = (r.failed / "crasher" / "error.txt").read_text()
         assert crasher.id in reason and "crasher.jpg" in os.listdir(r.failed / "crasher")
         stop_cleanly(r)
-        settle(r, ["one", "slow", "crasher"], kills=4)
+        settle(r, ["one", "slow", "crasher", "long"], kills=4)
     finally:
         r.cleanup()
 
