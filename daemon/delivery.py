@@ -19,6 +19,7 @@ from daemon.ledger import JobRecord, Ledger
 from daemon.ledger.intents import FINALIZE, Intents
 from daemon.outbox import NameTaken, Outbox, OutputInvalid, check_output, extra_outputs, probe_video
 from daemon.states import JobState
+from inbox_schema import file_sha256
 
 S = JobState
 log = logging.getLogger("wanbox.delivery")
@@ -36,13 +37,18 @@ class Delivery:
         """OutputInvalid unless the video decodes to the frames, size and fps the job and the worker say."""
         check_output(probe_video(video), record.job, stats)
 
-    def plan(self, record: JobRecord, document: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, record: JobRecord, video: Path, document: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         """Choose the outbox base name (the one an interrupted try chose, if any) and record it with the sidecar
         and what the worker said it wrote (to check the video again on a redo)."""
         extras = extra_outputs(record)
+        digest = file_sha256(video)
         known = self.intents.get(record.id)
         base = known.plan["base"] if known is not None and known.action == FINALIZE else None
-        plan = {"base": base or self.outbox.free_name(record.name, extras),
+        if base is not None and known.plan.get("video_sha256") not in (None, digest):
+            # Sampled again after an interrupted delivery, into a different video (GPU noise): the first one's
+            # files under our name go, so that the name carries one delivery, whole.
+            self.outbox.withdraw(base, known.plan["video_sha256"], record.id, extras)
+        plan = {"base": base or self.outbox.free_name(record.name, extras), "video_sha256": digest,
                 "document": json.loads(json.dumps(document, default=str)),
                 "stats": {k: stats[k] for k in ("frames", "width", "height", "fps") if k in stats}}  # fmt: skip
         self.intents.replace(record.id, FINALIZE, plan)

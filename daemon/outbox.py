@@ -24,6 +24,7 @@ import av
 
 from daemon.faults import kill_point
 from daemon.jobfiles import fsync_dir
+from inbox_schema import file_sha256
 
 if TYPE_CHECKING:
     from daemon.ledger import JobRecord
@@ -300,6 +301,22 @@ class Outbox:
         self._complete_one(Path(outputs["sidecar"]), lambda name: self._stage_bytes(data, name),
                            job_id=sidecar.get("job_id"))  # fmt: skip
         return outputs
+
+    def withdraw(self, base: str, video_sha256: str, job_id: str, extras: dict[str, Path] | None = None) -> None:
+        """Remove an unfinished earlier delivery of this job under `base`: only if the mp4 there is the one it
+        delivered (by sha256; the mp4 is published first, so the poster and extras there are its too), and
+        the sidecar only if it names this job."""
+        outputs = self.names(base, extras)
+        video = Path(outputs["video"])
+        if not video.is_file() or file_sha256(video) != video_sha256:
+            return
+        for role, path in outputs.items():
+            final = Path(path)
+            if role == "sidecar" and not self._is_ours(final, None, None, job_id):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)
+        fsync_dir(self.root)
 
     def _complete_one(self, final: Path, stage: Any, source: Path | None = None, job_id: Any = None) -> None:
         if os.path.lexists(final):

@@ -210,7 +210,7 @@ class PoolDriver:
         delivering = time.monotonic()
         try:  # exactly once: checked, names recorded, files completed, then done (daemon/delivery.py)
             self.delivery.check(record, video, stats)
-            outputs = self.delivery.complete(record, video, self.delivery.plan(record, document, stats))
+            outputs = self.delivery.complete(record, video, self.delivery.plan(record, video, document, stats))
         except (OutputInvalid, OSError) as exc:
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from daemon.delivery import Delivery
 from daemon.jobfiles import remove_temps
+from daemon.ledger import Ledger
 from daemon.outbox import NameTaken, Outbox, OutputInvalid, check_output, probe_video
+from daemon.states import JobState, shortest_path
 from tests.jobs import resolved_job
 from tests.workers.fake_pool_worker import write_mp4
 
@@ -68,3 +71,28 @@ def test_the_video_must_be_what_the_job_asked_for(video: Path, tmp_path: Path) -
     write_mp4(big, frames=5, width=640, height=640, fps=16)
     with pytest.raises(OutputInvalid, match=r"size 640x640 decoded, larger than the job's 832\*480"):
         check_output(probe_video(big), job, {})
+
+
+def test_a_video_sampled_again_replaces_its_own_unfinished_delivery(tmp_path: Path, ledger_url: str) -> None:
+    """An interrupted delivery whose video is gone is sampled again; on a GPU the new video may differ in its
+    bytes: the first one's files under the job's name are withdrawn, never left beside a `-2`."""
+    first, second = tmp_path / "first.mp4", tmp_path / "second.mp4"
+    write_mp4(first, frames=5, width=48, height=32, fps=16)
+    write_mp4(second, frames=5, width=64, height=48, fps=16)
+    with Ledger.open(ledger_url) as ledger:
+        job = ledger.add_staged("cat", "i2v", "inbox/cat.toml", None, params_json=resolved_job(name="cat").to_dict())
+        state = JobState.STAGED
+        for nxt in shortest_path(JobState.STAGED, JobState.FINALIZING):
+            assert ledger.transition(job.id, state, nxt, "on its way", work_dir=str(tmp_path / "work"))
+            state = nxt
+        record = ledger.get(job.id)
+        delivery = Delivery(ledger, Outbox(tmp_path / "outbox"))
+        plan = delivery.plan(record, first, {"job_id": job.id}, {})
+        delivery.complete(record, first, plan)
+        (tmp_path / "outbox" / "cat.json").unlink()  # as a crash before the sidecar leaves it
+        (tmp_path / "outbox" / "other.mp4").write_bytes(b"not ours")
+        again = delivery.plan(record, second, {"job_id": job.id}, {})
+        assert again["base"] == "cat" and sorted(os.listdir(tmp_path / "outbox")) == ["other.mp4"]
+        outputs = delivery.complete(record, second, again)
+        assert outputs["video"].endswith("/cat.mp4") and probe_video(Path(outputs["video"])).width == 64
+        assert sorted(os.listdir(tmp_path / "outbox")) == ["cat.jpg", "cat.json", "cat.mp4", "other.mp4"]
