@@ -76,6 +76,19 @@ class Delivery:
         self.clean(record)
         return moved
 
+    def withdraw(self, record: JobRecord) -> None:
+        """A delivery that failed part way (a full disk, a foreign file): its files published so far are removed
+        and its intent forgotten, so the next attempt delivers whole, under a freshly chosen name."""
+        known = self.intents.get(record.id)
+        if known is None or known.action != FINALIZE:
+            return
+        try:
+            self.outbox.withdraw(known.plan["base"], known.plan["video_sha256"], record.id, extra_outputs(record))
+        except OSError as exc:
+            log.error("job %s: could not remove its partial delivery under %r: %s", record.id, known.plan["base"], exc)
+            return  # the intent stays: the next attempt reuses (and completes or replaces) these names
+        self.intents.clear(record.id, FINALIZE)
+
     def recover(self) -> list[str]:
         """At start-up, before running jobs are put back in line: a job that was finalizing with its video still
         in work/ is delivered under the names it chose (verifying what is there). Returns the jobs now done."""

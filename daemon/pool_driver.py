@@ -212,6 +212,7 @@ class PoolDriver:
             self.delivery.check(record, video, stats)
             outputs = self.delivery.complete(record, video, self.delivery.plan(record, video, document, stats))
         except (OutputInvalid, OSError) as exc:
+            self.delivery.withdraw(record)  # what it published so far goes: no partial delivery stays
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
         self.ledger.record_timing(job_id, "deliver", time.monotonic() - delivering)  # for the next jobs' ETAs

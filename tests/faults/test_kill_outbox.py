@@ -13,7 +13,8 @@ import pytest
 
 from daemon.delivery import Delivery
 from daemon.jobfiles import remove_temps
-from daemon.ledger import Ledger
+from daemon.ledger import JobRecord, Ledger
+from daemon.ledger.intents import Intents
 from daemon.outbox import NameTaken, Outbox, OutputInvalid, check_output, probe_video
 from daemon.states import JobState, shortest_path
 from tests.jobs import resolved_job
@@ -80,12 +81,8 @@ def test_a_video_sampled_again_replaces_its_own_unfinished_delivery(tmp_path: Pa
     write_mp4(first, frames=5, width=48, height=32, fps=16)
     write_mp4(second, frames=5, width=64, height=48, fps=16)
     with Ledger.open(ledger_url) as ledger:
-        job = ledger.add_staged("cat", "i2v", "inbox/cat.toml", None, params_json=resolved_job(name="cat").to_dict())
-        state = JobState.STAGED
-        for nxt in shortest_path(JobState.STAGED, JobState.FINALIZING):
-            assert ledger.transition(job.id, state, nxt, "on its way", work_dir=str(tmp_path / "work"))
-            state = nxt
-        record = ledger.get(job.id)
+        record = finalizing(ledger, tmp_path)
+        job = record
         delivery = Delivery(ledger, Outbox(tmp_path / "outbox"))
         plan = delivery.plan(record, first, {"job_id": job.id}, {})
         delivery.complete(record, first, plan)
@@ -96,3 +93,22 @@ def test_a_video_sampled_again_replaces_its_own_unfinished_delivery(tmp_path: Pa
         outputs = delivery.complete(record, second, again)
         assert outputs["video"].endswith("/cat.mp4") and probe_video(Path(outputs["video"])).width == 64
         assert sorted(os.listdir(tmp_path / "outbox")) == ["cat.jpg", "cat.json", "cat.mp4", "other.mp4"]
+
+
+def finalizing(ledger: Ledger, tmp_path: Path) -> JobRecord:
+    job = ledger.add_staged("cat", "i2v", "inbox/cat.toml", None, params_json=resolved_job(name="cat").to_dict())
+    state = JobState.STAGED
+    for nxt in shortest_path(JobState.STAGED, JobState.FINALIZING):
+        assert ledger.transition(job.id, state, nxt, "on its way", work_dir=str(tmp_path / "work"))
+        state = nxt
+    return ledger.get(job.id)
+
+
+def test_a_delivery_that_failed_part_way_is_withdrawn_whole(tmp_path: Path, video: Path, ledger_url: str) -> None:
+    with Ledger.open(ledger_url) as ledger:
+        record = finalizing(ledger, tmp_path)
+        delivery = Delivery(ledger, Outbox(tmp_path / "outbox"))
+        delivery.complete(record, video, delivery.plan(record, video, {"job_id": record.id}, {}))
+        (tmp_path / "outbox" / "cat.json").unlink()  # as a write that failed before the sidecar leaves it
+        delivery.withdraw(record)
+        assert os.listdir(tmp_path / "outbox") == [] and Intents(ledger).get(record.id) is None
