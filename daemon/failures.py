@@ -2,18 +2,24 @@
 failed/<name>/ with error.txt saying why and how to run it again; and where every end (done, failed, rejected)
 is announced to whoever listens (notifications).
 
-It must not decide whether an error is retryable (the caller knows) nor delete any input.
+Moving files to failed/ (a failure's or a rejection's) is exactly once: the folder's name and the reason are
+recorded in the ledger (an intent) before any file moves, and `complete_*` redoes that very plan after a
+crash. It must not decide whether an error is retryable (the caller knows) nor delete any input.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from daemon import jobfiles
+from daemon.faults import kill_point
 from daemon.journal import jlog, log
 from daemon.ledger import Ledger
+from daemon.ledger.intents import FAIL, REJECT, Intents
 from daemon.states import ErrorKind, JobState
 
 S = JobState
@@ -42,6 +48,7 @@ class Failures:
     def __init__(self, ledger: Ledger, work: Path, failed: Path,
                  on_end: Callable[[str], None] | None = None) -> None:
         self.ledger, self.work, self.failed = ledger, work, failed
+        self.intents = Intents(ledger)
         self.on_end = on_end  # told each job id that reached done, failed or rejected
 
     def ended(self, job_id: str) -> None:
@@ -61,6 +68,7 @@ class Failures:
         to = self.ledger.record_failure(job_id, frm, error, kind, retryable)
         if to is None:
             return None
+        kill_point("fail.counted")
         jlog(logging.ERROR if to == S.FAILED else logging.WARNING, job_id, "%s (%s): %s -> %s", kind,
              "retryable" if retryable else "permanent", error, to)
         if to == S.FAILED:
@@ -82,13 +90,51 @@ class Failures:
         """A failed job's original files go to failed/<name>/ with error.txt; `retry` brings them back."""
         taken = jobfiles.work_inputs_dir(self.work, job_id)
         if not taken.exists():
+            self.intents.clear(job_id, FAIL)
             return
-        dest = jobfiles.free_dir(self.failed, name)
-        jobfiles.move_file(taken, dest)
-        jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, failed_text(job_id, name, why, kind))
-        # Remembered beside the job's work files, so that `wanbox retry` can bring them back.
-        jobfiles.write_text_durably(taken.parent / jobfiles.FAILED_POINTER, str(dest))
-        jlog(logging.INFO, job_id, "inputs moved to %s", dest)
+        plan = {"failed_dir": str(jobfiles.free_dir(self.failed, name)), "text": failed_text(job_id, name, why, kind)}
+        plan = self.intents.record(job_id, FAIL, plan)  # an interrupted try's plan wins: the same folder
+        kill_point("fail.intent")
+        if os.path.lexists(plan["failed_dir"]):  # inputs still here, so that folder is someone else's
+            plan = {**plan, "failed_dir": str(jobfiles.free_dir(self.failed, name))}
+            self.intents.replace(job_id, FAIL, plan)
+        self.complete_fail(job_id, plan)
+
+    def complete_fail(self, job_id: str, plan: dict[str, Any]) -> None:
+        """Do (or finish) a planned failure move: error.txt written beside the inputs first, so the folder
+        appears in failed/ with its reason in one rename; the pointer for `retry` before the move."""
+        taken = jobfiles.work_inputs_dir(self.work, job_id)
+        dest = Path(plan["failed_dir"])
+        if taken.exists():
+            jobfiles.write_text_durably(taken / jobfiles.ERROR_FILE, plan["text"])
+            kill_point("fail.reason_written")
+            # Remembered beside the job's work files, so that `wanbox retry` can bring them back.
+            jobfiles.write_text_durably(taken.parent / jobfiles.FAILED_POINTER, str(dest))
+            kill_point("fail.pointer_written")
+            jobfiles.move_file(taken, dest)
+            kill_point("fail.moved")
+            jlog(logging.INFO, job_id, "inputs moved to %s", dest)
+        elif dest.is_dir() and not (dest / jobfiles.ERROR_FILE).exists():
+            jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, plan["text"])
+        self.intents.clear(job_id, FAIL)
+
+    def recover(self) -> list[str]:
+        """At start-up: finish the failure moves a crash interrupted (as planned), and move the files of failed
+        jobs whose move never began. Returns the failed jobs whose end is to be announced now."""
+        ended = []
+        for intent in self.intents.pending():
+            if intent.action == FAIL:
+                taken = jobfiles.work_inputs_dir(self.work, intent.job_id)
+                jobfiles.remove_temps(taken, (jobfiles.ERROR_FILE,))
+                jobfiles.remove_temps(taken.parent, (jobfiles.FAILED_POINTER,))
+                self.complete_fail(intent.job_id, intent.plan)
+                if self.ledger.get(intent.job_id).state == S.FAILED:
+                    ended.append(intent.job_id)
+        for record in self.ledger.list(states=[S.FAILED], limit=None):
+            if jobfiles.work_inputs_dir(self.work, record.id).exists():  # failed, then died before the move
+                self.move_inputs(record.id, record.name, record.last_error or "it failed", record.error_kind)
+                ended.append(record.id)
+        return ended
 
     def bring_back_inputs(self, job_id: str) -> bool:
         """A retried job's inputs may sit in failed/<name>/: move them back into its work folder.
@@ -99,16 +145,43 @@ class Failures:
         if taken.exists() or not failed_dir or not Path(failed_dir).is_dir():
             return False
         jobfiles.move_file(Path(failed_dir), taken)
+        (taken / jobfiles.ERROR_FILE).unlink(missing_ok=True)  # our reason file, written at the failure
         pointer.unlink()
         jlog(logging.INFO, job_id, "inputs taken back from %s for the retry", failed_dir)
         return True
 
-    def reject_files(self, name: str, sources: list[tuple[Path, Path]], text: str) -> Path:
-        """A rejected job's files (from the inbox) into a fresh failed/<name>/ with error.txt; its path."""
+    def reject_files(self, job_id: str, name: str, sources: list[tuple[Path, Path]], text: str,
+                     transition: dict[str, Any] | None = None) -> Path:
+        """A rejected job's files (from the inbox) into a fresh failed/<name>/ with error.txt; its path.
+
+        `transition` ({"message", "fields"}) is the ledger move the caller makes afterwards, kept in the plan so
+        that a restart can make it too. A source `(folder, ".")` moves a whole job folder."""
+        plan = {"failed_dir": str(jobfiles.free_dir(self.failed, name)), "text": text,
+                "sources": [[str(src), str(rel)] for src, rel in sources], "transition": transition}  # fmt: skip
+        plan = self.intents.record(job_id, REJECT, plan)
+        kill_point("reject.intent")
+        return self.complete_reject(plan)
+
+    def complete_reject(self, plan: dict[str, Any]) -> Path:
+        """Do (or finish) a planned rejection move. Folder layout: one rename, then error.txt (the intent
+        covers the gap); flat: the folder and error.txt first, then the inputs, the manifest last. A source no
+        longer there was moved before the crash (or taken back by its owner): nothing to do for it."""
+        dest = Path(plan["failed_dir"])
+        sources = [(Path(src), Path(rel)) for src, rel in plan["sources"]]
         if len(sources) == 1 and sources[0][1] == Path("."):
-            # Folder layout: the whole folder becomes failed/<name>/, then error.txt is added.
-            dest = jobfiles.free_dir(self.failed, name)
-            jobfiles.move_file(sources[0][0], dest)
-            jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, text)
-            return dest
-        return jobfiles.to_failed(self.failed, name, sources, text)
+            if os.path.lexists(sources[0][0]) and not os.path.lexists(dest):
+                jobfiles.move_file(sources[0][0], dest)
+                kill_point("reject.moved_folder")
+            if not dest.is_dir():
+                dest.mkdir(parents=True)  # the folder was taken back meanwhile: the reason still gets a home
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            kill_point("reject.dir_made")
+        if not (dest / jobfiles.ERROR_FILE).exists():
+            jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, plan["text"])
+            kill_point("reject.reason_written")
+        for i, (src, rel) in enumerate(sources):  # the caller lists the inputs first, the manifest last
+            if rel != Path(".") and os.path.lexists(src) and not os.path.lexists(dest / rel):
+                jobfiles.move_file(src, dest / rel)
+                kill_point("reject.moved_manifest" if i == len(sources) - 1 else "reject.moved_input")
+        return dest

@@ -12,16 +12,20 @@ import os
 import secrets
 import stat
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from daemon import jobfiles
 from daemon.config import Config
 from daemon.failures import Failures
+from daemon.faults import kill_point
 from daemon.jobfiles import JobFiles
 from daemon.journal import jlog, log
 from daemon.ledger import JobRecord, Ledger
+from daemon.ledger.intents import ACCEPT, REJECT
 from daemon.states import ErrorKind, JobState
 from daemon.watcher import Candidate, InboxWatcher, StabilityTracker, check_inbox
 from inbox_schema import (
@@ -56,6 +60,10 @@ class Staging:
     job: Job | None = None  # when the manifest parsed
     waiting: str = ""  # why it is not accepted yet (the rejection reason at the deadline)
     hashes: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)  # path -> (sig, sha256)
+    # When this daemon began watching it, and last checked its inputs (monotonic): a deadline that passed
+    # while the daemon was down waits until the files were watched settling, so the reason given is the real one.
+    seen_at: float = field(default_factory=time.monotonic)
+    checked_at: float = float("-inf")
 
 
 def file_kind(path: Path) -> str:
@@ -110,8 +118,24 @@ class Intake:
         except OSError as exc:
             log.error("INBOX OUTAGE at start-up: %s; staged jobs keep waiting", exc)
             return
+        self._redo_intents()
         for record in self.ledger.list(states=[S.STAGED], limit=None):
             self._recover_staged(record)
+
+    def _redo_intents(self) -> None:
+        """Rejections a crash interrupted are finished as planned (same folder, same reason) before anything
+        else looks at the inbox; an interrupted acceptance is undone below (its files go back to the inbox)."""
+        for intent in self.failures.intents.pending():
+            if intent.action == REJECT:
+                jobfiles.remove_temps(Path(intent.plan["failed_dir"]), (jobfiles.ERROR_FILE,))
+                dest = self.failures.complete_reject(intent.plan)
+                if intent.plan.get("transition"):
+                    self.finish_reject(intent.job_id, dest, intent.plan["transition"])
+                else:
+                    self.failures.intents.clear(intent.job_id, REJECT)
+                jlog(logging.WARNING, intent.job_id, "an interrupted rejection was completed: %s", dest)
+            elif intent.action == ACCEPT and self.ledger.get(intent.job_id).state != S.STAGED:
+                self.failures.intents.clear(intent.job_id, ACCEPT)  # accepted: only forgetting it was left
 
     def _recover_staged(self, record: JobRecord) -> None:
         taken = jobfiles.work_inputs_dir(self.paths.work, record.id)
@@ -126,6 +150,7 @@ class Intake:
         manifest = Path(record.manifest_path)
         folder = manifest.parent.name if manifest.name == "job.toml" and manifest.parent != self.paths.inbox else None
         stayed = jobfiles.return_to_inbox(taken, self.paths.inbox, folder)
+        self.failures.intents.clear(record.id, ACCEPT)
         jlog(logging.WARNING, record.id, "an interrupted intake was undone: files returned to the inbox%s",
              f" (kept in {taken}: names taken again: {stayed})" if stayed else "")
 
@@ -176,6 +201,9 @@ class Intake:
         if kind != "file":
             # Never open it: a symlink may lead out of the inbox, a FIFO would block the daemon forever.
             expected = "a regular file" + (", not a symbolic link" if kind == "symlink" else f", not a {kind}")
+            if kind == "symlink" and candidate.folder is None and os.path.isdir(manifest):
+                expected = ("a job folder or a .toml file, not a symbolic link to a folder (its target was left "
+                            "untouched; the link is here, beside this file): copy the folder itself into the inbox")
             self._reject_new(candidate, [ManifestError("manifest", candidate.key, expected)])
             return
         if not self.tracker.is_stable(manifest):
@@ -284,6 +312,7 @@ class Intake:
             self.reject(entry.job_id, candidate, wrong)
             return
         problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
+        entry.checked_at = time.monotonic()
         if problems:
             if "; ".join(problems) != entry.waiting:  # log and record a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
@@ -329,6 +358,9 @@ class Intake:
         seed = job.seed if job.seed is not None else secrets.randbelow(SEED_LIMIT)
         taken = jobfiles.work_inputs_dir(self.paths.work, entry.job_id)
         files = self._files(candidate, job)
+        # Recorded first: after a crash, recovery knows the daemon (not the user) took these files away.
+        self.failures.intents.replace(entry.job_id, ACCEPT, {"taken": str(taken)})
+        kill_point("accept.intent")
         jobfiles.take_into_work(files, taken, self._shared_inputs(str(candidate.manifest), files))
         base = files.base()
         moved = {key: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[key])
@@ -341,6 +373,8 @@ class Intake:
             name=job.name, kind=job.kind, model_id=job.model_id, priority=job.priority,
             work_dir=str(taken.parent), params_json=job.to_dict(), input_hash=content_hash,
         )  # fmt: skip
+        kill_point("accept.recorded")
+        self.failures.intents.clear(entry.job_id, ACCEPT)
         self._forget(str(candidate.manifest), files)
         if not accepted:  # cancelled meanwhile: its files go to failed/ with the reason
             self.failures.move_inputs(entry.job_id, job.name, "it was cancelled before it was accepted")
@@ -363,21 +397,30 @@ class Intake:
         text = render_errors(errors, candidate.key)
         if candidate.folder is not None:
             sources = [(candidate.folder, Path("."))]
-        else:
+        else:  # the inputs first, the manifest last: a crash between them leaves the job's reason findable
             keep = [p for p in files.inputs if p not in shared and signature(p) is not None]
-            sources = [(files.manifest, Path(files.manifest.name))]
-            sources += [(p, p.relative_to(self.paths.inbox)) for p in keep]
-            if job is None:
+            sources = [(p, p.relative_to(self.paths.inbox)) for p in keep]
+            sources += [(files.manifest, Path(files.manifest.name))]
+            if job is None and not os.path.isdir(files.manifest):
                 text += "\nOnly the manifest was moved here; media files it may name stay in the inbox.\n"
-        dest = self.failures.reject_files(name, sources, text)
         summary = "; ".join(str(e) for e in errors)
-        fields = {"last_error": summary, "error_kind": ErrorKind.INPUT, "outputs_json": {"failed_dir": str(dest)}}
+        fields: dict[str, Any] = {"last_error": summary, "error_kind": ErrorKind.INPUT.value}
         if content_hash:
             fields["input_hash"] = content_hash
-        if self.ledger.transition(job_id, S.STAGED, S.REJECTED, f"rejected: {summary}", **fields):
-            self.failures.ended(job_id)
+        transition = {"message": f"rejected: {summary}", "fields": fields}
+        dest = self.failures.reject_files(job_id, name, sources, text, transition)
+        self.finish_reject(job_id, dest, transition)
         self._forget(str(candidate.manifest), files)
         jlog(logging.WARNING, job_id, "rejected (%s): %s -> %s", candidate.key, summary, dest)
+
+    def finish_reject(self, job_id: str, dest: Path, transition: dict[str, Any]) -> None:
+        """staged -> rejected as planned (also the redo after a crash), then the intent is done."""
+        fields = {**transition["fields"], "outputs_json": {"failed_dir": str(dest)}}
+        fields["error_kind"] = ErrorKind(fields["error_kind"])
+        if self.ledger.transition(job_id, S.STAGED, S.REJECTED, transition["message"], **fields):
+            kill_point("reject.recorded")
+            self.failures.ended(job_id)
+        self.failures.intents.clear(job_id, REJECT)
 
     def _clear_cancelled_staged(self, record: JobRecord, candidate: Candidate) -> None:
         text = render_errors([f"job {record.id} was cancelled (by `wanbox cancel`) before it was accepted"],
@@ -385,7 +428,8 @@ class Intake:
         files = self._files(candidate, None)
         sources = ([(files.manifest, Path(files.manifest.name))] if candidate.folder is None
                    else [(candidate.folder, Path("."))])
-        dest = self.failures.reject_files(record.name, sources, text)
+        dest = self.failures.reject_files(record.id, record.name, sources, text)
+        self.failures.intents.clear(record.id, REJECT)
         jlog(logging.INFO, record.id, "cancelled while staged: manifest moved to %s", dest)
 
     def _forget_vanished(self, seen: set[str]) -> None:
@@ -404,9 +448,20 @@ class Intake:
             if entry is None:
                 continue  # seen again on the next scan, then checked (after a restart)
             key, staging = entry
+            if not self._watched_settling(staging):
+                continue  # e.g. restarted past the deadline: first see whether the files settle
             reason = staging.waiting or record.waiting_reason or "the manifest or its inputs did not settle"
             text = f"staging deadline of {self.cfg.inbox.staged_deadline_seconds:g} s passed: {reason}"
             manifest = Path(key)
             folder = manifest.parent if manifest.parent != self.paths.inbox else None
             rel = str(manifest.relative_to(self.paths.inbox))
             self.reject(record.id, Candidate(manifest, folder, rel), [text])
+
+    def _watched_settling(self, staging: Staging) -> bool:
+        """Whether the last look at a staged job's files came a full settle window after this daemon began
+        watching them ("still changing" is only known then), or it has waited long enough regardless."""
+        settle = self.cfg.inbox.settle_seconds
+        if staging.checked_at - staging.seen_at >= settle:
+            return True
+        return time.monotonic() - staging.seen_at > 4 * settle + 10  # a manifest that never stops changing
+

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from daemon.faults import kill_point
 
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
@@ -94,6 +98,7 @@ def take_into_work(files: JobFiles, dest: Path, shared: set[Path] = frozenset())
     """
     if files.folder is not None:
         move_file(files.folder, dest)  # one rename takes the folder with everything in it
+        kill_point("accept.moved_manifest")
         return
     for src in files.inputs:
         target = dest / src.relative_to(files.inbox)
@@ -101,7 +106,9 @@ def take_into_work(files: JobFiles, dest: Path, shared: set[Path] = frozenset())
             copy_file(src, target)
         else:
             move_file(src, target)
+        kill_point("accept.moved_input")
     move_file(files.manifest, dest / files.manifest.name)
+    kill_point("accept.moved_manifest")
 
 
 def return_to_inbox(src_dir: Path, inbox: Path, folder_name: str | None) -> list[Path]:
@@ -132,9 +139,35 @@ def free_dir(parent: Path, name: str) -> Path:
     raise FileExistsError(f"{parent}: too many entries named {name}")
 
 
+TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # `.<name>.<8 hex>.tmp`: our interrupted writes
+
+
+def temp_name(path: Path) -> Path:
+    """The dotfile a write of `path` goes through (outbox tools and our own inbox rules skip dotfiles)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_temps(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the leftovers of our interrupted writes directly in `folder`: `.<name>.<8 hex>.tmp` files, only
+    for the final names in `names` when given (a job's own folder may hold anything else of its owner's)."""
+    gone = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return gone
+    for entry in entries:
+        if not TEMP_PATTERN.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if names is not None and entry.name.rsplit(".", 2)[0][1:] not in names:
+            continue
+        os.unlink(entry.path)
+        gone.append(Path(entry.path))
+    return gone
+
+
 def write_text_durably(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as fh:
+    temp = temp_name(path)
+    with open(temp, "x", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

@@ -2,7 +2,9 @@
 and the JSON sidecar (whose content is made here too, from the job's record and the worker's stats).
 
 Every file is written under a temporary dotfile name, fsynced, and linked to its final name without
-ever overwriting (a collision takes the suffix -2, -3, ...). It must not touch inputs or the ledger.
+ever overwriting (a collision takes the suffix -2, -3, ...). `complete` is the idempotent form used by the
+daemon: under a base name chosen (and recorded) beforehand it writes only the files still missing and verifies
+those already there. It must not touch inputs or the ledger.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import av
 
+from daemon.faults import kill_point
 from daemon.jobfiles import fsync_dir
+from inbox_schema import file_sha256
 
 if TYPE_CHECKING:
     from daemon.ledger import JobRecord
@@ -85,6 +89,10 @@ class OutputInvalid(ValueError):
     """The worker's mp4 does not decode or is not what was asked for."""
 
 
+class NameTaken(FileExistsError):
+    """A file not of this delivery holds one of its names: the delivery must choose another base name."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     frames: int
@@ -128,6 +136,22 @@ def _fsync_file(path: Path) -> None:
 def _temp_name(outbox: Path, final_name: str) -> Path:
     # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress.
     return outbox / f".{final_name}.{secrets.token_hex(4)}.tmp"
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (size first, then content)."""
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(1 << 20)
+                if block != fb.read(1 << 20):
+                    return False
+                if not block:
+                    return True
+    except OSError:
+        return False
 
 
 def free_base(outbox: Path, base: str, suffixes: tuple[str, ...]) -> str:
@@ -238,3 +262,110 @@ class Outbox:
             publish(self._stage_bytes(data, f"{name}.json"), self.root / f"{name}.json")
             return outputs
         raise FileExistsError(f"{self.root}: could not find a free name for {base!r}")
+
+    # --- the idempotent delivery (a redo completes or verifies the same files) -------------------------
+
+    def names(self, base: str, extras: dict[str, Path] | None = None) -> dict[str, str]:
+        """role -> outbox path of a delivery under `base` (video, poster, the extras, sidecar)."""
+        outputs = {"video": str(self.root / f"{base}.mp4")}
+        if self.poster:
+            outputs["poster"] = str(self.root / f"{base}.jpg")
+        outputs |= {role: str(self.root / f"{base}.{role}{path.suffix}") for role, path in (extras or {}).items()}
+        return outputs | {"sidecar": str(self.root / f"{base}.json")}
+
+    def free_name(self, base: str, extras: dict[str, Path] | None = None) -> str:
+        """`base` or the first `base-N` under which no file of such a delivery exists yet."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        suffixes = tuple(Path(p).name.removeprefix(base) for p in self.names(base, extras).values())
+        return free_base(self.root, base, suffixes)
+
+    def complete(self, video: Path, base: str, sidecar: dict[str, Any],
+                 extras: dict[str, Path] | None = None) -> dict[str, str]:
+        """Publish every file of this delivery under `base` that is not there yet, the sidecar last; returns
+        the outputs. A file already there is verified to be this delivery's (the same bytes; for the sidecar,
+        the same job id), else NameTaken. Safe to call again after a crash at any point."""
+        info = probe_video(video)
+        self.root.mkdir(parents=True, exist_ok=True)
+        outputs = self.names(base, extras)
+        sources = {"video": video, **(extras or {})}
+        for role, final in outputs.items():
+            if role == "sidecar":
+                continue
+            if role == "poster":
+                self._complete_one(Path(final), lambda name: self._stage_poster(video, name))
+            else:
+                self._complete_one(Path(final), lambda name, src=sources[role]: self._stage_copy(src, name),
+                                   source=sources[role])  # fmt: skip
+        document = {**sidecar, "outputs": outputs, "video": info.__dict__}
+        data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        self._complete_one(Path(outputs["sidecar"]), lambda name: self._stage_bytes(data, name),
+                           job_id=sidecar.get("job_id"))  # fmt: skip
+        return outputs
+
+    def withdraw(self, base: str, video_sha256: str, job_id: str, extras: dict[str, Path] | None = None) -> None:
+        """Remove an unfinished earlier delivery of this job under `base`: only if the mp4 there is the one it
+        delivered (by sha256; the mp4 is published first, so the poster and extras there are its too), and
+        the sidecar only if it names this job."""
+        outputs = self.names(base, extras)
+        video = Path(outputs["video"])
+        if not video.is_file() or file_sha256(video) != video_sha256:
+            return
+        for role, path in outputs.items():
+            final = Path(path)
+            if role == "sidecar" and not self._is_ours(final, None, None, job_id):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)
+        fsync_dir(self.root)
+
+    def _complete_one(self, final: Path, stage: Any, source: Path | None = None, job_id: Any = None) -> None:
+        if os.path.lexists(final):
+            if not self._is_ours(final, stage, source, job_id):
+                raise NameTaken(errno.EEXIST, "a file of another delivery is there", str(final))
+            return
+        temp = stage(final.name)
+        try:
+            kill_point("finalize.staged")
+            try:
+                publish(temp, final)
+            except FileExistsError:
+                raise NameTaken(errno.EEXIST, "a file of another delivery is there", str(final)) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        kill_point("finalize.published")
+
+    def _is_ours(self, final: Path, stage: Any, source: Path | None, job_id: Any) -> bool:
+        """Whether the file at `final` is what this delivery writes there (a crash left it complete)."""
+        if job_id is not None:  # the sidecar: its job id says whose it is (its finish time differs on a redo)
+            try:
+                return json.loads(final.read_text(encoding="utf-8")).get("job_id") == job_id
+            except (OSError, ValueError, AttributeError):
+                return False
+        if source is not None:
+            return same_bytes(final, source)
+        temp = stage(final.name)  # the poster: made again, compared byte for byte
+        try:
+            return same_bytes(final, temp)
+        finally:
+            os.unlink(temp)
+
+
+def check_output(info: VideoInfo, job: Any, stats: dict[str, Any]) -> None:
+    """The decoded video is what the job asked for and what the worker says it wrote; OutputInvalid saying what
+    differs otherwise (frames, size, fps), so that a wrong video is never delivered as if it were right."""
+    video, problems = job.video, []
+    if video.frames is not None and info.frames != video.frames:
+        problems.append(f"{info.frames} frames decoded, the job asks for {video.frames} (video.frames)")
+    if isinstance(stats.get("frames"), int) and info.frames != stats["frames"]:
+        problems.append(f"{info.frames} frames decoded, the worker reported {stats['frames']}")
+    if info.width * info.height > video.max_area:
+        problems.append(f"size {info.width}x{info.height} decoded, larger than the job's {video.size} (video.size)")
+    said = (stats.get("width"), stats.get("height"))
+    if all(isinstance(v, int) for v in said) and said != (info.width, info.height):
+        problems.append(f"size {info.width}x{info.height} decoded, the worker reported {said[0]}x{said[1]}")
+    fps = video.fps if video.fps is not None else stats.get("fps")
+    if isinstance(fps, (int, float)) and abs(info.fps - fps) > 0.01:
+        problems.append(f"{info.fps:g} fps decoded, expected {fps:g} (video.fps)")
+    if problems:
+        raise OutputInvalid("the worker's video is not what was asked for: " + "; ".join(problems))

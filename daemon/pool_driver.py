@@ -8,7 +8,6 @@ WarmPool's public methods (the pool process itself is daemon/pool.py's).
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -17,18 +16,19 @@ from typing import Any
 
 from daemon import jobfiles, protocol
 from daemon.config import Config
+from daemon.delivery import RESUME_DIR, Delivery
 from daemon.failures import Failures
+from daemon.faults import kill_point
 from daemon.journal import jlog, log
 from daemon.ledger import JobRecord, Ledger
 from daemon.notify import Notifier
-from daemon.outbox import Outbox, OutputInvalid, extra_outputs, sidecar
+from daemon.outbox import Outbox, OutputInvalid, sidecar
 from daemon.pool import PoolEvent, WarmPool
 from daemon.preprocessing import prepared_inputs
 from daemon.states import ErrorKind, JobState, PoolState
 from inbox_schema import JobDataError
 
 S = JobState
-RESUME_DIR = "resume"  # work/<id>/resume/: the pool's sampling checkpoint of the job
 
 
 def resumed(stats: dict[str, Any]) -> str:
@@ -50,6 +50,7 @@ class PoolDriver:
         self.cfg, self.ledger, self.failures, self.notifier, self.stopping = config, ledger, failures, notifier, stopping
         self.pool = WarmPool(config.pool, config.paths.socket, config.outbox.crf)
         self.outbox = Outbox(config.paths.outbox, config.outbox.poster)
+        self.delivery = Delivery(ledger, self.outbox)
         self.cancel_sent: str | None = None
         self.run_started: dict[str, float] = {}  # job -> when it was sent to the pool (monotonic)
 
@@ -102,6 +103,7 @@ class PoolDriver:
                                         message=f"sent to the {self.pool.model} pool")
         if record is None:
             return  # the queue changed since the peek (a cancel, another host): the next tick looks again
+        kill_point("state.sampling")
         try:
             job = record.job
         except JobDataError as exc:  # a ledger written by hand or by a broken version: say so, do not loop on it
@@ -198,6 +200,7 @@ class PoolDriver:
         for phase, seconds in (stats.get("phases") or {}).items():
             if isinstance(seconds, (int, float)):
                 self.ledger.record_timing(job_id, phase, float(seconds))
+        kill_point("finalize.begin")
         record = self.ledger.get(job_id)
         video = Path(msg.output)
         hello = self.pool.hello
@@ -205,17 +208,16 @@ class PoolDriver:
                 "runtime": hello.runtime} if hello else dict.fromkeys(("world_size", "devices", "parallel", "runtime"))
         document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
         delivering = time.monotonic()
-        try:
-            outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
+        try:  # exactly once: checked, names recorded, files completed, then done (daemon/delivery.py)
+            self.delivery.check(record, video, stats)
+            outputs = self.delivery.complete(record, video, self.delivery.plan(record, video, document, stats))
         except (OutputInvalid, OSError) as exc:
+            self.delivery.withdraw(record)  # what it published so far goes: no partial delivery stays
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
         self.ledger.record_timing(job_id, "deliver", time.monotonic() - delivering)  # for the next jobs' ETAs
-        outputs = {**(record.outputs_json or {}), **outputs}
-        if self.ledger.transition(job_id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}", outputs_json=outputs):
+        if self.delivery.finish(record, outputs):
             self.failures.ended(job_id)
-        video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
-        shutil.rmtree(Path(record.work_dir) / RESUME_DIR, ignore_errors=True)  # delivered: nothing to resume
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])
 
     # --- stopping and status -----------------------------------------------------------------------------

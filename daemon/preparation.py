@@ -21,6 +21,7 @@ from typing import Any
 from daemon import jobfiles
 from daemon.config import Config
 from daemon.failures import Failures
+from daemon.faults import kill_point
 from daemon.journal import jlog, log
 from daemon.ledger import JobRecord, Ledger
 from daemon.preprocessing import PreprocessFailed, PrepSettings, die_with, prepare_job, read_progress, warm_up
@@ -94,6 +95,7 @@ class Preparation:
             record = self.ledger.claim_next(S.QUEUED, S.PREPROCESSING, message="preprocessing on the CPU")
             if record is None:
                 return
+            kill_point("state.preprocessing")
             if not self._inputs_in_work(record):
                 continue
             assert self.pool is not None
@@ -142,6 +144,7 @@ class Preparation:
             return
         self.ledger.record_timing(job_id, "preprocess", seconds)
         if self.ledger.transition(job_id, S.PREPROCESSING, S.READY, f"prepared in {seconds:.1f} s"):
+            kill_point("state.ready")
             jlog(logging.INFO, job_id, "ready for the GPU pool (prepared in %.1f s)", seconds)
         else:
             jlog(logging.INFO, job_id, "prepared, but it was cancelled meanwhile")

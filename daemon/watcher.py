@@ -82,7 +82,17 @@ def scan_inbox(inbox: Path) -> list[Candidate]:
             manifest = Path(entry.path) / FOLDER_MANIFEST
             if os.path.lexists(manifest):
                 found.append(Candidate(manifest, Path(entry.path), f"{entry.name}/{FOLDER_MANIFEST}"))
+        elif entry.is_symlink() and _leads_to_folder(entry):
+            # A linked job folder is never followed, but reported: intake rejects it with the reason.
+            found.append(Candidate(Path(entry.path), None, entry.name))
     return found
+
+
+def _leads_to_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # stat of the target only: nothing in it is opened
+    except OSError:
+        return False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from daemon.ledger import (
     LedgerError,
     alembic_config,
     database_url,
+    intents,  # noqa: F401 - the intents table (revision 0005), as the migrations create it
     network_filesystem,
     next_query,
 )
@@ -82,8 +83,8 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
         tables = set(inspect(conn).get_table_names())
         claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
     assert diff == []
-    assert revision == SCHEMA_HEAD == "0004"
-    assert tables == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts",
+    assert revision == SCHEMA_HEAD == "0005"
+    assert tables == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts", "intents",
                       "alembic_version"}
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 

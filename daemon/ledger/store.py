@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.ledger.attempts import charged, excused_recovery
 from daemon.ledger.database import (
     SCHEMA_HEAD,
     UPGRADE_LOCK_KEY,
@@ -338,7 +339,7 @@ class Ledger:
             attempts = job.attempts + 1
             retry_to = RETRY_STATE.get(from_state)
             fields: dict[str, Any] = {"attempts": attempts, "last_error": error, "error_kind": ErrorKind(kind)}
-            if retryable and retry_to is not None and attempts < job.max_attempts:
+            if retryable and retry_to is not None and charged(job, attempts) < job.max_attempts:
                 delay = self.backoff.delay(attempts)
                 fields["retry_after"] = now + delay
                 text = (f"attempt {attempts} of {job.max_attempts} failed ({kind}): {error}; "
@@ -346,7 +347,8 @@ class Ledger:
                 to_state = retry_to
             else:
                 to_state = JobState.FAILED
-                text = failure_text(error, kind, retryable and retry_to is not None, attempts, job.max_attempts)
+                text = failure_text(error, kind, retryable and retry_to is not None, charged(job, attempts),
+                                    job.max_attempts)
             check_edge(job_id, from_state, to_state)
             move_state(session, job_id, from_state, to_state, text, now, fields)
             return to_state
@@ -356,11 +358,15 @@ class Ledger:
         now: datetime | None = None,
         *,
         has_prepared_inputs: Callable[[JobRecord], bool] | None = None,
+        excuse: Callable[[JobRecord], bool] | None = None,
     ) -> list[tuple[str, JobState, JobState]]:
         """At start-up: put jobs left in a running state back in line, counting the attempt.
 
         preprocessing -> queued; sampling/finalizing -> ready, or queued when `has_prepared_inputs(job)`
         says its prepared inputs are gone. A job out of attempts goes to failed with the reason.
+        `excuse(job)` True: the interruption was not the job's doing (the supervisor died while the job ran in
+        another process): counted in `attempts` but not held against max_attempts, up to excused_limit(job)
+        such deaths in a row. Without `excuse` (the ledger alone cannot tell who died) every one counts.
         Returns (job id, from, to) for every job moved.
         """
         now = now or utcnow()
@@ -369,16 +375,18 @@ class Ledger:
         moved = []
         for job in stuck:
             prepared = job.state == JobState.PREPROCESSING or still_prepared(job, has_prepared_inputs)
-            to_state = self._recover_one(job, now, prepared)
+            to_state = self._recover_one(job, now, prepared, excuse is not None and excuse(job))
             if to_state is not None:
                 moved.append((job.id, job.state, to_state))
         return moved
 
-    def _recover_one(self, job: JobRecord, now: datetime, prepared: bool) -> JobState | None:
+    def _recover_one(self, job: JobRecord, now: datetime, prepared: bool, excused: bool) -> JobState | None:
         attempts = job.attempts + 1
         where = job.state.value
         fields: dict[str, Any] = {"attempts": attempts, "error_kind": ErrorKind.INTERRUPTED}
-        if attempts >= job.max_attempts:
+        if excused:  # the rule for those is daemon/ledger/attempts.py's
+            to_state, text = excused_recovery(job, prepared, fields)
+        elif charged(job, attempts) >= job.max_attempts:
             to_state = JobState.FAILED
             fields["last_error"] = (
                 f"the worker pool or the supervisor died while running this job ({attempts} attempts, "
@@ -429,8 +437,8 @@ class Ledger:
                     job.id, job.state, JobState.QUEUED,
                     "it was cancelled before it was accepted; submit the manifest again instead",
                 )  # fmt: skip
-            fields = {"attempts": 0, "retry_after": None, "last_error": None, "error_kind": None,
-                      "phase": None, "step": None, "total_steps": None, "progress_at": None}  # fmt: skip
+            fields = {"attempts": 0, "excused_attempts": 0, "retry_after": None, "last_error": None,
+                      "error_kind": None, "phase": None, "step": None, "total_steps": None, "progress_at": None}  # fmt: skip
             move_state(session, job.id, job.state, JobState.QUEUED, message, now, fields)
             return session.get(JobRecord, job.id, populate_existing=True)
 

@@ -111,6 +111,9 @@ class JobRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     staged_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime())
     waiting_reason: Mapped[str | None] = mapped_column(Text)  # why a staged job is not accepted yet
+    # Of `attempts`, those interrupted by a supervisor (or host) death, not the job's fault: not held against
+    # max_attempts (revision 0005; the rule is Ledger.recover_interrupted's).
+    excused_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         # next_query: WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?) ORDER BY ..., priority DESC, created_at

@@ -48,6 +48,7 @@ def check_root(root: Path, dropped: list[str], ledger: Ledger) -> tuple[Totals, 
         totals.unexplained += _unexplained(root, row, problems)
         if row.state == S.DONE:
             totals.partial += _undelivered(row, videos, problems)
+    totals.partial += _orphan_sidecars(sidecars, {r.id: r for r in rows}, problems)
     for folder in (root / "failed").iterdir() if (root / "failed").is_dir() else ():
         if folder.is_dir() and not (folder / "error.txt").is_file():
             totals.unexplained += 1
@@ -98,7 +99,24 @@ def _unexplained(root: Path, row: Any, problems: list[str]) -> int:
     if row.state in (S.FAILED, S.REJECTED) and not (row.last_error or "").strip():
         problems.append(f"job {row.id} ({row.name}) is {row.state.value} with no reason in the ledger")
         return 1
+    failed_dir = (row.outputs_json or {}).get("failed_dir") if row.state == S.REJECTED else None
+    if failed_dir and not (Path(failed_dir) / "error.txt").is_file():  # the folder the ledger points the user to
+        problems.append(f"job {row.id} ({row.name}) was rejected into {failed_dir}, which has no error.txt")
+        return 1
     return 0
+
+
+def _orphan_sidecars(sidecars: dict[str, dict[str, Any]], rows: dict[str, Any], problems: list[str]) -> int:
+    """A sidecar in the outbox whose job the ledger does not call done (a second delivery of a done job is
+    counted as doubled instead)."""
+    broken = 0
+    for name, data in sidecars.items():
+        row = rows.get(str(data.get("job_id")))
+        if row is None or row.state != S.DONE:
+            broken += 1
+            problems.append(f"outbox/{name}: delivered, but job {data.get('job_id')} is not done in the ledger "
+                            f"({row.state.value if row is not None else 'no such job'})")
+    return broken
 
 
 def _undelivered(row: Any, videos: dict[str, Path], problems: list[str]) -> int:

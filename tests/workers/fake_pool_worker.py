@@ -4,7 +4,8 @@ It replaces only the model: it speaks the real protocol over the real socket and
 (PyAV, H.264, yuv420p). It must not be used outside tests. Knobs (environment, or a JSON file named
 by FAKE_WORKER_KNOBS with {"<job name>" or "*": {...}}, read for every job):
   step_seconds, load_seconds, hang_at_step, exit_at_step, error ("oom"|"input"|"internal"),
-  error_retryable, hang_on_load, bad_output (write a file that is not a video).
+  error_retryable, hang_on_load, bad_output (write a file that is not a video), extra_frames (write that many
+  frames more than the job asks for, and say so in the stats).
 Under torchrun with WORLD_SIZE > 1 the ranks join a gloo group and rank 0 fans each job out to them.
 """
 
@@ -146,6 +147,7 @@ def run_job(ctl: Control, run: protocol.Run) -> None:
         ctl.send(protocol.Progress(job=job, phase="sampling", step=step, total=steps))
     ctl.send(protocol.Progress(job=job, phase="write", step=steps, total=steps))
     frames, width, height, fps = video_shape(run)
+    frames += int(knobs.get("extra_frames", 0))
     output = Path(run.output)
     if ctl.rank == 0:
         if knobs.get("bad_output"):

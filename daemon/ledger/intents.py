@@ -1,0 +1,86 @@
+"""The ledger's intents: the file operation a job is in the middle of (accept, reject, fail, finalize) and the
+names it chose, recorded BEFORE any file is written, so that a restart redoes exactly that operation.
+
+One row per job, in short transactions over the Ledger's engine; it must not touch files (daemon/redo.py does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, String, delete, select
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from daemon.ledger.store import Ledger
+from daemon.ledger.tables import Base, UTCDateTime, utcnow
+
+ACCEPT, REJECT, FAIL, FINALIZE = "accept", "reject", "fail", "finalize"
+
+
+class Intent(Base):
+    """What the daemon set out to do with a job's files, and where they go (the plan: names, texts, fields)."""
+
+    __tablename__ = "intents"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    action: Mapped[str] = mapped_column(String(16))  # accept | reject | fail | finalize
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"<Intent {self.job_id} {self.action}>"
+
+
+class Intents:
+    """The intents table over a Ledger's engine (a separate method set, so that a fenced ledger can wrap it)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._read = sessionmaker(ledger.engine, expire_on_commit=False)
+        self._write = sessionmaker(ledger.engine.execution_options(sqlite_begin="IMMEDIATE"),
+                                   expire_on_commit=False)  # fmt: skip
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._write() as session, session.begin():
+            yield session
+
+    def record(self, job_id: str, action: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Record that `action` is about to happen with `plan`; returns the plan in force.
+
+        If the job already has an unfinished intent for the same action (a crash interrupted it), that one's
+        plan is returned unchanged: the redo must write the very names the first try chose."""
+        with self._writing() as session:
+            row = session.get(Intent, job_id, with_for_update=True)
+            if row is not None and row.action == action:
+                return dict(row.plan)
+            if row is not None:
+                session.delete(row)
+                session.flush()
+            session.add(Intent(job_id=job_id, action=action, plan=plan, created_at=utcnow()))
+            return plan
+
+    def replace(self, job_id: str, action: str, plan: dict[str, Any]) -> None:
+        """Change the plan of an intent (a name chosen again after a foreign file took it)."""
+        with self._writing() as session:
+            session.execute(delete(Intent).where(Intent.job_id == job_id))
+            session.add(Intent(job_id=job_id, action=action, plan=plan, created_at=utcnow()))
+
+    def get(self, job_id: str) -> Intent | None:
+        with self._read() as session:
+            return session.get(Intent, job_id)
+
+    def clear(self, job_id: str, action: str | None = None) -> None:
+        """The operation is complete (its end state recorded): forget the intent."""
+        stmt = delete(Intent).where(Intent.job_id == job_id)
+        if action is not None:
+            stmt = stmt.where(Intent.action == action)
+        with self._writing() as session:
+            session.execute(stmt)
+
+    def pending(self) -> list[Intent]:
+        """Every unfinished intent, oldest first (what start-up recovery redoes)."""
+        with self._read() as session:
+            return list(session.scalars(select(Intent).order_by(Intent.created_at)))
