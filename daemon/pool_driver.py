@@ -17,6 +17,7 @@ from typing import Any
 
 from daemon import jobfiles, protocol
 from daemon.config import Config
+from daemon.diskspace import disk_full_reason, is_disk_full
 from daemon.failures import Failures
 from daemon.journal import jlog, log
 from daemon.ledger import JobRecord, Ledger
@@ -208,6 +209,9 @@ class PoolDriver:
         try:
             outputs = self.outbox.deliver(video, record.name, document, extra_outputs(record))
         except (OutputInvalid, OSError) as exc:
+            if is_disk_full(exc):  # the host's problem: wait for space, do not spend the job's attempts
+                self._wait_for_space(job_id)
+                return
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
         self.ledger.record_timing(job_id, "deliver", time.monotonic() - delivering)  # for the next jobs' ETAs
@@ -217,6 +221,15 @@ class PoolDriver:
         video.unlink(missing_ok=True)  # a copy is in the outbox now; the originals stay in work/<id>/inbox
         shutil.rmtree(Path(record.work_dir) / RESUME_DIR, ignore_errors=True)  # delivered: nothing to resume
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])
+
+    def _wait_for_space(self, job_id: str) -> None:
+        """The outbox is full: back to ready after a delay, attempts untouched, the reason where status shows it."""
+        delay = self.cfg.jobs.backoff_base_seconds
+        why = disk_full_reason(self.cfg.paths.outbox, "outbox", delay)
+        if self.ledger.transition(job_id, S.FINALIZING, S.READY, f"delivery waits: {why}", last_error=why,
+                                  error_kind=ErrorKind.INTERNAL,
+                                  retry_after=datetime.now(timezone.utc) + timedelta(seconds=delay)):
+            jlog(logging.ERROR, job_id, "%s", why)
 
     # --- stopping and status -----------------------------------------------------------------------------
 
