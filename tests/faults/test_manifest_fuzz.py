@@ -169,6 +169,27 @@ def test_fuzzed_manifests_are_accepted_or_name_a_field(tmp_path: Path) -> None:
     assert outcomes.get("accepted", 0) >= COUNT // 20 and outcomes.get("rejected", 0) >= COUNT // 2, outcomes
 
 
+@pytest.mark.soak
+def test_soak_many_seeds(tmp_path: Path) -> None:
+    """20 seeds of 5,000 manifests each (about 5 minutes): the same contract, far more cases."""
+    outside = tmp_path / "outside"
+    write_image(outside / "secret.jpg")
+    inbox = tmp_path / "inbox"
+    media(inbox, outside)
+    lora_library = library(tmp_path / "loras", outside)
+    failures = []
+    for seed in range(SEED, SEED + 20):
+        fuzzer = Fuzzer(seed)
+        for i in range(5_000):
+            case = fuzzer.case(i)
+            write_case(inbox, case)
+            _, problems = check_case(case, inbox, lora_library)
+            if problems:
+                failures.append(f"seed {seed}: {case.describe()}\n  " + "\n  ".join(problems))
+        TOTALS.jobs += 5_000
+    assert not failures, "\n\n".join(failures[:10])
+
+
 def test_fuzz_is_reproducible_from_its_seed() -> None:
     first, again = Fuzzer(SEED), Fuzzer(SEED)
     assert [first.case(i).data for i in range(50)] == [again.case(i).data for i in range(50)]
