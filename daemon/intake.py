@@ -38,6 +38,7 @@ from inbox_schema import (
     render_errors,
 )
 from inbox_schema.defaults import MANIFEST_MAX_BYTES
+from inbox_schema.errors import readable
 from inbox_schema.hashing import manifest_hash
 from inbox_schema.job import LIBRARY
 from inbox_schema.loras import library_problem
@@ -195,6 +196,9 @@ class Intake:
             log.exception("could not reject %s after repeated internal errors", candidate.manifest)
 
     def consider(self, candidate: Candidate) -> None:
+        if readable(candidate.key) != candidate.key:
+            self._reject_unreadable_name(candidate)
+            return
         manifest = candidate.manifest
         key = str(manifest)
         kind = file_kind(manifest)
@@ -228,6 +232,24 @@ class Intake:
                 self.reject(entry.job_id, candidate, exc.errors)
                 return
         self._check_inputs(candidate, entry)
+
+    def _reject_unreadable_name(self, candidate: Candidate) -> None:
+        """A manifest or job folder whose name is not UTF-8: the ledger, the log and error.txt cannot hold the name
+        as it is, so the job is staged and rejected under a readable form of it (bytes shown as \\xNN), never left
+        in the inbox without a word."""
+        shown, name = readable(candidate.key), readable(candidate.default_name)
+        deadline = utcnow() + timedelta(seconds=self.cfg.inbox.staged_deadline_seconds)
+        record = self.ledger.add_staged(name, "unknown", Path(readable(str(candidate.manifest))), deadline,
+                                        max_attempts=self.cfg.jobs.max_attempts, message=f"manifest {shown} found in the inbox")
+        error = ManifestError("manifest", shown, "a file or folder name in UTF-8 (this one has bytes that are not text "
+                                                 "in UTF-8: rename it, e.g. with only letters, digits, '-' and '_')")
+        sources = ([(candidate.folder, Path("."))] if candidate.folder is not None
+                   else [(candidate.manifest, Path(readable(candidate.manifest.name)))])
+        dest = self.failures.reject_files(name, sources, render_errors([error], shown))
+        if self.ledger.transition(record.id, S.STAGED, S.REJECTED, f"rejected: {error}", last_error=str(error),
+                                  error_kind=ErrorKind.INPUT, outputs_json={"failed_dir": str(dest)}):
+            self.failures.ended(record.id)
+        jlog(logging.WARNING, record.id, "rejected (%s): %s -> %s", shown, error, dest)
 
     def _left_staging(self, entry: Staging, candidate: Candidate) -> bool:
         """A person cancelled the staged job (`wanbox cancel`): its manifest leaves the inbox for failed/."""

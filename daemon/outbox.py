@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import av
 
+from daemon.diskspace import removed_on_error
 from daemon.faults import kill_point
 from daemon.jobfiles import fsync_dir
 from inbox_schema import file_sha256
@@ -196,13 +197,14 @@ class Outbox:
 
     def _stage_copy(self, src: Path, final_name: str) -> Path:
         temp = _temp_name(self.root, final_name)
-        shutil.copyfile(src, temp)
-        _fsync_file(temp)
+        with removed_on_error(temp):  # a full disk must not leave a partial .tmp in the outbox
+            shutil.copyfile(src, temp)
+            _fsync_file(temp)
         return temp
 
     def _stage_bytes(self, data: bytes, final_name: str) -> Path:
         temp = _temp_name(self.root, final_name)
-        with open(temp, "xb") as fh:
+        with removed_on_error(temp), open(temp, "xb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -210,8 +212,9 @@ class Outbox:
 
     def _stage_poster(self, video: Path, final_name: str) -> Path:
         temp = _temp_name(self.root, final_name)
-        write_poster(video, temp)
-        _fsync_file(temp)
+        with removed_on_error(temp):
+            write_poster(video, temp)
+            _fsync_file(temp)
         return temp
 
     def deliver(self, video: Path, base: str, sidecar: dict[str, Any],
@@ -249,17 +252,20 @@ class Outbox:
             if self.poster:
                 outputs["poster"] = str(self.root / f"{name}.jpg")
             outputs |= {role: str(self.root / f"{name}{suffix}") for role, suffix in extra_suffixes.items()}
+            # The sidecar is written before anything is published: a disk too full for it delivers nothing.
+            document = {**sidecar, "outputs": outputs, "video": info.__dict__}
+            data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
+            staged.append(self._stage_bytes(data, f"{name}.json"))  # removed by deliver's finally once linked
             try:
                 publish(staged[0], self.root / f"{name}.mp4")
             except FileExistsError:
+                os.unlink(staged.pop())
                 continue
             if self.poster:
                 publish(staged[1], self.root / f"{name}.jpg")
-            for temp, role in zip(staged[1 + self.poster :], extra_suffixes, strict=True):
+            for temp, role in zip(staged[1 + self.poster : -1], extra_suffixes, strict=True):
                 publish(temp, Path(outputs[role]))
-            document = {**sidecar, "outputs": outputs, "video": info.__dict__}
-            data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
-            publish(self._stage_bytes(data, f"{name}.json"), self.root / f"{name}.json")
+            publish(staged[-1], self.root / f"{name}.json")
             return outputs
         raise FileExistsError(f"{self.root}: could not find a free name for {base!r}")
 

@@ -17,6 +17,7 @@ from typing import Any
 from daemon import jobfiles, protocol
 from daemon.config import Config
 from daemon.delivery import RESUME_DIR, Delivery
+from daemon.diskspace import disk_full_reason, is_disk_full
 from daemon.failures import Failures
 from daemon.faults import kill_point
 from daemon.journal import jlog, log
@@ -213,12 +214,24 @@ class PoolDriver:
             outputs = self.delivery.complete(record, video, self.delivery.plan(record, video, document, stats))
         except (OutputInvalid, OSError) as exc:
             self.delivery.withdraw(record)  # what it published so far goes: no partial delivery stays
+            if is_disk_full(exc):  # the host's problem: wait for space, do not spend the job's attempts
+                self._wait_for_space(job_id)
+                return
             self.failures.fail(job_id, S.FINALIZING, f"delivery failed: {exc}", ErrorKind.OUTPUT, True)
             return
         self.ledger.record_timing(job_id, "deliver", time.monotonic() - delivering)  # for the next jobs' ETAs
         if self.delivery.finish(record, outputs):
             self.failures.ended(job_id)
         jlog(logging.INFO, job_id, "done: %s", outputs["video"])
+
+    def _wait_for_space(self, job_id: str) -> None:
+        """The outbox is full: back to ready after a delay, attempts untouched, the reason where status shows it."""
+        delay = self.cfg.jobs.backoff_base_seconds
+        why = disk_full_reason(self.cfg.paths.outbox, "outbox", delay)
+        if self.ledger.transition(job_id, S.FINALIZING, S.READY, f"delivery waits: {why}", last_error=why,
+                                  error_kind=ErrorKind.INTERNAL,
+                                  retry_after=datetime.now(timezone.utc) + timedelta(seconds=delay)):
+            jlog(logging.ERROR, job_id, "%s", why)
 
     # --- stopping and status -----------------------------------------------------------------------------
 

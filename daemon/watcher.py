@@ -95,6 +95,18 @@ def _leads_to_folder(entry: os.DirEntry[str]) -> bool:
         return False
 
 
+def is_mount_point(path: Path) -> bool:
+    """os.path.ismount, plus the kernel's mount table: a bind mount on the same filesystem has the same device."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+            points = {line.split()[4].replace("\\040", " ") for line in fh if len(line.split()) > 4}
+    except OSError:  # not Linux: ismount's answer stands
+        return False
+    return os.path.realpath(path) in points
+
+
 @dataclass
 class _Seen:
     signature: tuple[int, int]  # (size, mtime_ns)
@@ -145,6 +157,7 @@ class InboxWatcher:
         self._observer: Observer | PollingObserver | None = None
         self._last_scan = float("-inf")
         self.outage: str | None = None
+        self.mounted: bool | None = None  # whether the inbox was a mount point when first seen
 
     def start(self) -> None:
         """Start watching if the inbox is there; an outage is recorded and retried by `scan`."""
@@ -181,6 +194,7 @@ class InboxWatcher:
         self._last_scan = time.monotonic() if now is None else now
         self.wake.clear()
         try:
+            self._check_mount()
             found = scan_inbox(self.inbox)
         except InboxOutage as exc:
             if self.outage is None:
@@ -193,6 +207,17 @@ class InboxWatcher:
             self.outage = None
         self._start_observer()
         return found
+
+    def _check_mount(self) -> None:
+        """An inbox that was a mount point and is not any more is an unmounted share: the empty folder left
+        behind is not the inbox, and reading it would take every staged manifest for deleted."""
+        if not os.path.isdir(self.inbox):
+            return  # scan_inbox reports it
+        mounted = is_mount_point(self.inbox)
+        if self.mounted is None:
+            self.mounted = mounted
+        elif self.mounted and not mounted:
+            raise InboxOutage(f"inbox {self.inbox} was a mount point and is not any more (share unmounted?)")
 
     def stop(self) -> None:
         self._stop_observer()

@@ -21,6 +21,22 @@ class _Missing:
 
 
 MISSING = _Missing()
+MAX_SHOWN = 200  # characters of a table or array shown in an error: enough to recognise it
+
+
+def readable(text: str) -> str:
+    """`text` as UTF-8-safe text: a file name's undecodable bytes (surrogate escapes) shown as \\xNN, so that
+    error.txt, the log and the ledger can always write it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escapes(text: str) -> bool:
+    return all(not 0xD800 <= ord(ch) <= 0xDFFF or 0xDC80 <= ord(ch) <= 0xDCFF for ch in text)
 
 
 def render_value(value: object) -> str:
@@ -29,11 +45,14 @@ def render_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         shown = value if len(value) <= 80 else value[:77] + "..."
-        return json.dumps(shown, ensure_ascii=False)
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {render_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(render_value(v) for v in value) + "]"
+        return json.dumps(readable(shown), ensure_ascii=False)
+    if isinstance(value, (dict, list, tuple)):
+        # A huge array or table (a manifest may hold 256 KiB of one) is shown by its start, not in full.
+        if isinstance(value, dict):
+            shown = "{ " + ", ".join(f"{k} = {render_value(v)}" for k, v in value.items()) + " }"
+        else:
+            shown = "[" + ", ".join(render_value(v) for v in value) + "]"
+        return shown if len(shown) <= MAX_SHOWN else f"{shown[: MAX_SHOWN - 3]}... ({len(value)} entries)"
     return str(value)  # numbers, and TOML dates and times as TOML writes them
 
 
@@ -56,7 +75,7 @@ class ManifestError:
         return f"{self.field} = {render_value(self.value)}: expected {self.expected}{where}"
 
     def to_dict(self) -> dict[str, object]:
-        value = None if self.value is MISSING else self.value
+        value = None if self.value is MISSING else readable(self.value) if isinstance(self.value, str) else self.value
         return {"field": self.field, "value": value, "missing": self.value is MISSING,
                 "expected": self.expected, "line": self.line, "message": str(self)}
 
@@ -66,7 +85,7 @@ class ManifestInvalid(Exception):
 
     def __init__(self, errors: Sequence[ManifestError], source_name: str = "manifest") -> None:
         self.errors: list[ManifestError] = list(errors)
-        self.source_name = source_name
+        self.source_name = readable(source_name)
         super().__init__(self.__str__())
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -92,7 +111,8 @@ The files of this job are kept next to this file; nothing was deleted."""
 def render_errors(problems: Sequence[ManifestError | str], source_name: str) -> str:
     """The text of error.txt: every problem on its own line, then how to resubmit."""
     count = len(problems)
+    source_name = readable(source_name)
     lines = [f"wanbox could not accept {source_name}: {count} problem{'s' if count != 1 else ''}.", ""]
-    lines += [f"  * {problem}" for problem in problems]
+    lines += [f"  * {readable(str(problem))}" for problem in problems]
     lines += ["", RESUBMIT_HELP, ""]
     return "\n".join(lines)

@@ -139,6 +139,14 @@ def library_problem(library: Path, name: str) -> str | None:
     library; None when it is a file inside it. Checked at validation and again by the pool before use."""
     root = Path(os.path.abspath(library))
     path = root.joinpath(*PurePosixPath(name).parts)
+    try:
+        return _library_file_problem(root, path, name)
+    except (OSError, RuntimeError) as exc:  # a name too long for the filesystem, a symbolic link loop
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return f"a file in the LoRA library {root}, but {name[:80]} cannot be looked up ({why})"
+
+
+def _library_file_problem(root: Path, path: Path, name: str) -> str | None:
     if not path.exists():
         have = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in SUFFIXES
                       and p.is_file())[:8] if root.is_dir() else []

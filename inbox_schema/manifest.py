@@ -73,6 +73,10 @@ def parse_manifest_text(text: str, source_name: str, base_dir: Path, inbox_root:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestInvalid([_syntax_error(exc, text)], source_name) from exc
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ManifestInvalid([ManifestError("toml", "arrays or inline tables nested hundreds of levels deep",
+                                             "valid TOML that nests arrays and inline tables a few levels deep")],
+                              source_name) from None
     reader = Reader(KeyLines(text))
     job = _build_job(reader, data, source_name, Path(base_dir), inbox_root, check_inputs, lora_library)
     if reader.errors or job is None:

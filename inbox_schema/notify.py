@@ -50,8 +50,10 @@ def read_notify(r: Reader, table: dict) -> NotifyTargets:
     else:
         for url in urls:
             problem = webhook_url_problem(url)
-            if problem:
-                r.error("notify.urls", url, problem)
+            if problem:  # the problem's own words start with "expected" or "not a URL": one sentence here
+                detail = f" ({problem})" if problem.startswith("not a URL") else ""
+                r.error("notify.urls", url, f"an http:// or https:// URL with a host, e.g. "
+                                            f"https://example.org/hooks/wanbox{detail}")
             else:
                 good_urls.append(url)
     if not isinstance(events, list) or not events or not all(e in NOTIFY_EVENTS for e in events):

@@ -68,11 +68,13 @@ def on_disk_problem(root: Path, parts: tuple[str, ...]) -> str | None:
     current = root
     for index, part in enumerate(parts):
         current = current / part
+        shown = "/".join(parts[: index + 1])
         try:
             info = os.lstat(current)
         except FileNotFoundError:
             return None
-        shown = "/".join(parts[: index + 1])
+        except OSError as exc:  # e.g. a name longer than the filesystem allows (ENAMETOOLONG)
+            return f'a path this filesystem can hold, but "{shown[:80]}" cannot be looked up ({exc.strerror})'
         if stat.S_ISLNK(info.st_mode):
             return f'a regular file, but "{shown}" is a symbolic link (copy the file into the inbox instead)'
         last = index == len(parts) - 1

@@ -21,7 +21,13 @@ MEDIA = SHARED / "media"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked `gpu` when CUDA is absent (CI has no GPU); they run on the GPU machines."""
+    """Skip tests marked `gpu` when CUDA is absent (CI has no GPU); they run on the GPU machines. Tests marked
+    `soak` run only when asked for (-m soak, or WANBOX_SOAK=1): they are long by design."""
+    if "soak" not in (config.getoption("-m") or "") and not os.environ.get("WANBOX_SOAK"):
+        later = pytest.mark.skip(reason="a soak test: run with -m soak or WANBOX_SOAK=1")
+        for item in items:
+            if "soak" in item.keywords:
+                item.add_marker(later)
     try:
         import torch
 
