@@ -245,10 +245,10 @@ class Intake:
                                                  "in UTF-8: rename it, e.g. with only letters, digits, '-' and '_')")
         sources = ([(candidate.folder, Path("."))] if candidate.folder is not None
                    else [(candidate.manifest, Path(readable(candidate.manifest.name)))])
-        dest = self.failures.reject_files(name, sources, render_errors([error], shown))
-        if self.ledger.transition(record.id, S.STAGED, S.REJECTED, f"rejected: {error}", last_error=str(error),
-                                  error_kind=ErrorKind.INPUT, outputs_json={"failed_dir": str(dest)}):
-            self.failures.ended(record.id)
+        transition = {"message": f"rejected: {error}",
+                      "fields": {"last_error": str(error), "error_kind": ErrorKind.INPUT.value}}
+        dest = self.failures.reject_files(record.id, name, sources, render_errors([error], shown), transition)
+        self.finish_reject(record.id, dest, transition)
         jlog(logging.WARNING, record.id, "rejected (%s): %s -> %s", shown, error, dest)
 
     def _left_staging(self, entry: Staging, candidate: Candidate) -> bool:
