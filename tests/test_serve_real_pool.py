@@ -242,7 +242,7 @@ def test_a_job_killed_at_step_30_of_40_resumes_there_delivers_the_same_video_and
                 jobs={"max_attempts": 3, "checkpoint_every_steps": 1, "checkpoint_every_seconds": 0})
     try:
         root.serve()
-        text = manifest_text(frames=5, steps=40, sampling="seed = 5\n")
+        text = manifest_text(frames=41, steps=40, sampling="seed = 5\n")  # steps slow enough to catch step 30
         root.drop("killed", text)
         wait_sampling_step(root, "killed", 30)
         victims = worker_rank_pids(root.socket, 0)
@@ -259,7 +259,7 @@ def test_a_job_killed_at_step_30_of_40_resumes_there_delivers_the_same_video_and
         root.wait_state("whole", "done", timeout=300)
         assert sidecar_of(root, "whole")["resumed_from"] is None
         resumed, whole = read_mp4(root.outbox / "killed.mp4")[0], read_mp4(root.outbox / "whole.mp4")[0]
-        assert resumed.shape[0] == 5 and np.array_equal(resumed, whole)
+        assert resumed.shape[0] == 41 and np.array_equal(resumed, whole)
         assert root.stop() == 0
     finally:
         root.cleanup()
