@@ -5,7 +5,7 @@ Random bf16 I2V-A14B experts on one GPU (bench_dit_forward.build; no checkpoint)
 written as a real file into a throwaway LoRA library (bench_lora.lightning_like, plus the k_img/v_img/norm_k_img keys
 lightx2v's Wan2.2 LoRAs carry, which the pool drops). The job is a real manifest (`preset = "lightning-4step"`, one
 [[lora]] per expert) parsed by inbox_schema. Sequence: a plain 4-step job on the fresh pool (twice: the first warms
-up / compiles), LoRA job A (first read of the files), a plain job, LoRA job B (reads cached by sha256, pristine
+up / compiles), LoRA job A (first read of the files), a plain job, LoRA job B (reads cached by the sha256 intake records, pristine
 copies kept), a plain job; both plain jobs after a LoRA job must give the fresh pool's latent bitwise. Reports
 `switch_s` = A's removal + B's bind + B's apply (the issue's target: <= 2 s) and the DiT sampling seconds of the
 4-step job (T5, VAE encode and decode come on top: bench/bench_vae.py, bench/RESULTS.md). Prints one JSON line.
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.bench_dit_forward import LATENTS, build, tiny_config  # noqa: E402
 from bench.bench_lora import Clock, fingerprint, lightning_like  # noqa: E402
 from inbox_schema import parse_manifest_text  # noqa: E402
+from inbox_schema.checks import file_sha256  # noqa: E402
 from pipeline.families.i2v import expert_forwards  # noqa: E402
 from pipeline.families.loras import PoolLoras  # noqa: E402
 from pipeline.i2v import I2VInputs, I2VModels, sample_i2v  # noqa: E402
@@ -84,6 +85,15 @@ def write_library(folder: Path, experts: dict, rank: int, seed: int, device: tor
                 state[f"{key}.lora_up.weight"] = torch.zeros(dim, rank, dtype=torch.bfloat16)
             state[f"diffusion_model.blocks.{block}.cross_attn.norm_k_img.diff"] = torch.zeros(dim, dtype=torch.bfloat16)
         save_file(state, str(folder / "lightning" / f"{name}_model.safetensors"))
+
+
+def accepted(job):
+    """The job as the daemon hands it to the pool: intake hashes each library LoRA at acceptance (on the CPU, off
+    the pool's time) and records the sha256 in the job, which is what lets the pool take a file it has read before
+    from its cache instead of reading and hashing it again."""
+    for i, lora in enumerate(job.loras):
+        job = job.with_lora_sha256(i, file_sha256(lora.path))
+    return job
 
 
 def sampler(models: I2VModels, config: DiTConfig, grid: tuple[int, int, int], job, device: torch.device, seed: int):
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / "loras"
         write_library(library, experts, args.rank, args.seed, device)
-        job = parse_manifest_text(MANIFEST, "bench.toml", Path(folder), check_inputs=False, lora_library=library)
+        job = accepted(parse_manifest_text(MANIFEST, "bench.toml", Path(folder), check_inputs=False,
+                                           lora_library=library))
         plain_job = parse_manifest_text(MANIFEST.split("[[lora]]")[0], "bench.toml", Path(folder), check_inputs=False)
         sample, tokens = sampler(models, config, grid, plain_job, device, args.seed)
         pool = PoolLoras(experts, device, compiled=compiled, method=args.method)
