@@ -6,7 +6,6 @@ Must not look at a model (binding.py checks the file against one) nor change a t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from inbox_schema import file_sha256
 from pipeline.lora.errors import LoraError, some
 from pipeline.lora.keys import KeyRef, LoraFormat, parse_keys
 from pipeline.weights.pth import TorchFileError, load_torch_file
@@ -27,7 +27,6 @@ TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: the LoraConfig as JSON
 PEFT_CONFIG = "adapter_config.json"  # beside a PEFT adapter_model.safetensors / .bin
-_HASH_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -97,14 +96,6 @@ def read_lora(path: str | Path) -> LoraFile:
     config = config or _peft_config_beside(path)
     scaling = PeftScaling.from_config(config) if config else PeftScaling()
     return LoraFile(path, file_sha256(path), parsed.format, tensors, parsed.refs, scaling)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

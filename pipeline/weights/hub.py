@@ -11,7 +11,6 @@ Published LoRA sets (lora_packs.py) are pulled the same way into the LoRA librar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from inbox_schema import file_sha256
 from pipeline.weights.layouts import check_installed, families, get_family
 from pipeline.weights.lora_packs import get_pack
 
@@ -169,7 +169,7 @@ def check_files(root: Path | str, rels: list[str], deep: bool = False) -> list[s
                 problems.append(f"{rel}: {trouble}")
                 continue
         if deep and expected is not None and expected.sha256:
-            digest = sha256_file(path)
+            digest = file_sha256(path)
             if digest != expected.sha256:
                 problems.append(f"{rel}: sha256 {digest[:16]}..., the Hub says {expected.sha256[:16]}...")
     return problems
@@ -205,14 +205,6 @@ def safetensors_trouble(path: Path) -> str | None:
     if ends and max(ends) > data:
         return f"truncated: tensors need {max(ends)} data bytes, the file has {data}"
     return None
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- list
