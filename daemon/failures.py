@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon import jobfiles
+from daemon.diskspace import waiting_for_space
 from daemon.faults import kill_point
 from daemon.journal import jlog, log
-from daemon.ledger import Ledger
+from daemon.ledger import Ledger, utcnow
 from daemon.ledger.intents import FAIL, REJECT, Intents
-from daemon.states import ErrorKind, JobState
+from daemon.states import RETRY_STATE, ErrorKind, JobState
 
 S = JobState
 
@@ -63,8 +64,11 @@ class Failures:
     def fail(self, job_id: str, frm: JobState, error: str, kind: ErrorKind | str, retryable: bool) -> JobState | None:
         """Count a failed attempt: back in line after a backoff, or failed for good with its files in failed/.
 
-        Returns the state the job went to, or None when it had already moved on (e.g. cancelled)."""
+        Returns the state the job went to, or None when it had already moved on (e.g. cancelled). A full disk
+        is the host's trouble, not the job's: it waits instead (`wait_for_space`)."""
         kind = ErrorKind(kind)
+        if kind == ErrorKind.DISK and frm in RETRY_STATE:
+            return self.wait_for_space(job_id, frm, error)
         to = self.ledger.record_failure(job_id, frm, error, kind, retryable)
         if to is None:
             return None
@@ -75,6 +79,18 @@ class Failures:
             record = self.ledger.get(job_id)
             self.move_inputs(job_id, record.name, record.last_error or error, kind)
             self.ended(job_id)
+        return to
+
+    def wait_for_space(self, job_id: str, frm: JobState, error: str) -> JobState | None:
+        """Back to the step whose output the full disk stopped, after the base backoff, attempts untouched (as
+        often as it takes); the reason, naming the folder, is the job's last error for status and show."""
+        delay = self.ledger.backoff.delay(1)
+        why = waiting_for_space(error, delay.total_seconds())
+        to = RETRY_STATE[frm]
+        if not self.ledger.transition(job_id, frm, to, f"waits for disk space: {why}", last_error=why,
+                                      error_kind=ErrorKind.DISK, retry_after=utcnow() + delay):
+            return None
+        jlog(logging.ERROR, job_id, "%s", why)
         return to
 
     def give_up(self, job_id: str, frm: JobState, why: str, kind: ErrorKind) -> bool:

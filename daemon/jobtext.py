@@ -59,8 +59,8 @@ def render_status(jobs: list[Any], counts: dict[str, int], stale: Any = None, et
             progress = f"{job.phase} {progress_bar(job.step, job.total_steps)} {eta_text(etas.get(job.id))}".strip()
         elif job.state.value in ("failed", "rejected") and job.last_error:
             progress = job.last_error.splitlines()[0][:80]
-        elif job.state.value == "staged":
-            progress = waiting_text(job)
+        elif waiting := waiting_text(job):  # staged, or held back by a full disk
+            progress = waiting
         elif job.state.value == "done":
             progress = str((job.outputs_json or {}).get("video", ""))
         elif (job.retry_after is not None and job.state.value in ("queued", "ready")
@@ -109,7 +109,10 @@ def namesakes_note(ledger: Any, job: Any, typed: str) -> str:
 
 
 def waiting_text(job: Any) -> str:
-    """Why a staged job is not accepted yet and until when it may wait; empty for any other job."""
+    """Why a staged job is not accepted yet and until when it may wait, or why a queued/ready job waits for disk
+    space; empty for any other job."""
+    if job.state.value in ("queued", "ready") and str(job.error_kind or "") == "disk" and job.last_error:
+        return f"waiting: {job.last_error}"
     if job.state.value != "staged":
         return ""
     reason = job.waiting_reason or "the manifest and its inputs are settling (being checked)"

@@ -229,7 +229,7 @@ class PoolDriver:
         delay = self.cfg.jobs.backoff_base_seconds
         why = disk_full_reason(self.cfg.paths.outbox, "outbox", delay)
         if self.ledger.transition(job_id, S.FINALIZING, S.READY, f"delivery waits: {why}", last_error=why,
-                                  error_kind=ErrorKind.INTERNAL,
+                                  error_kind=ErrorKind.DISK,
                                   retry_after=datetime.now(timezone.utc) + timedelta(seconds=delay)):
             jlog(logging.ERROR, job_id, "%s", why)
 

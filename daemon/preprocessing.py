@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.diskspace import full_disk_error, no_space_text, removed_on_error
 from daemon.jobfiles import PREPARED_FILE, PROGRESS_FILE
+from daemon.states import ErrorKind
 from inbox_schema import Job
 from inbox_schema.kinds import resolve
 from pipeline.preprocess.contract import PreprocessFailed, PrepSettings
@@ -88,14 +90,24 @@ def prepare_job(job: Job, work_dir: str, settings: PrepSettings) -> dict[str, An
     try:
         prepare = resolve(job.spec.prepare)
         prepared = prepare(job, work, settings, ProgressFile(work))
-    except PreprocessFailed:
-        raise
-    except (OSError, ValueError) as exc:
-        raise PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "input", False) from None
-    except Exception as exc:  # a bug or resource problem, not the user's input: try again later
-        raise PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "internal", True) from None
-    record = {"inputs": prepared.inputs, "info": prepared.info, "seconds": round(time.monotonic() - started, 3)}
-    temp = work / f".{PREPARED_FILE}.tmp"
-    temp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    os.replace(temp, work / PREPARED_FILE)  # written last: its presence means preparation finished
+        record = {"inputs": prepared.inputs, "info": prepared.info, "seconds": round(time.monotonic() - started, 3)}
+        temp = work / f".{PREPARED_FILE}.tmp"
+        with removed_on_error(temp):
+            temp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        os.replace(temp, work / PREPARED_FILE)  # written last: its presence means preparation finished
+    except Exception as exc:
+        raise preparation_failure(exc, work) from None
     return record
+
+
+def preparation_failure(exc: Exception, work: Path) -> PreprocessFailed:
+    """What a failed preparation was: a full disk (the host's problem, whatever library raised it: the job waits),
+    a bad input (not retried), or a bug or resource problem (retried)."""
+    full = full_disk_error(exc)
+    if full is not None:
+        return PreprocessFailed(no_space_text(full, work, "preparing its inputs"), ErrorKind.DISK.value, True)
+    if isinstance(exc, PreprocessFailed):
+        return exc
+    if isinstance(exc, (OSError, ValueError)):
+        return PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "input", False)
+    return PreprocessFailed(f"preprocessing failed: {type(exc).__name__}: {exc}", "internal", True)

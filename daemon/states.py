@@ -51,6 +51,7 @@ class ErrorKind(str, Enum):
     OUTPUT = "output"  # the video came back broken or could not be delivered
     INTERRUPTED = "interrupted"  # the supervisor stopped (crash, restart) while the job ran
     NUMERICS = "numerics"  # a NaN/Inf appeared in the latents or frames (the step is named): not retried
+    DISK = "disk"  # a disk of this host is full: the job waits for space, its attempts untouched
 
     def __str__(self) -> str:
         return self.value

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from daemon import protocol
+from daemon.diskspace import full_disk_error, no_space_text
 from daemon.states import ErrorKind
 from inbox_schema import model_ids
 from pipeline.families.base import (
@@ -321,6 +322,9 @@ def classify_failure(job: str, exc: BaseException) -> protocol.Error:
     known = getattr(exc, "kind", None)  # families' JobFailure, sampling's NonFiniteError: they know what they are
     if known in {k.value for k in ErrorKind} and hasattr(exc, "retryable"):
         return error_message(job, ErrorKind(known), first_line(exc), bool(exc.retryable))
+    full = full_disk_error(exc)
+    if full is not None:  # the host's problem, whichever library raised it: the job waits for space
+        return error_message(job, ErrorKind.DISK, no_space_text(full, None, "writing the job's files"), True)
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return error_message(job, ErrorKind.OOM, f"out of memory: {first_line(exc)}; use fewer frames or a smaller "
                              "size, or give the pool more GPUs (pool.nproc) or shard the weights (worker "

@@ -89,7 +89,11 @@ def prepare_image(src: str | os.PathLike[str], dest: str | os.PathLike[str], max
     dest_path = Path(dest)
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     partial = dest_path.with_name(f".{dest_path.name}.partial")
-    rgb.save(partial, format="PNG")
+    try:
+        rgb.save(partial, format="PNG")
+    except BaseException:
+        partial.unlink(missing_ok=True)  # on a full disk, half a PNG would only hold on to the space
+        raise
     os.replace(partial, dest_path)  # the worker never sees a half-written PNG
     return {
         **info,

@@ -110,3 +110,70 @@ def test_outbox_staging_removes_its_temp_file_on_a_full_disk(tmp_path: Path) -> 
         TOTALS.jobs += 1
     finally:
         subprocess.run(["umount", "-l", str(outbox)], check=False)
+
+
+def test_a_full_work_disk_holds_the_job_without_spending_attempts_and_it_runs_when_space_returns(
+        tmp_path: Path) -> None:
+    """The inbox and work/ share one filesystem (as the README asks), a tmpfs filled to the last byte after the
+    upload: the job is accepted (a rename needs no space), its preparation finds the disk full, and the job waits
+    saying which folder, attempts untouched, until space returns; nothing half-written is left behind."""
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "2m")
+    try:
+        r = Root(tmp_path, paths={"inbox": str(disk / "inbox"), "work": str(disk / "work")},
+                 jobs={"max_attempts": 2, "backoff_base_seconds": 0.3, "backoff_cap_seconds": 0.3})
+        r.inbox, r.work = disk / "inbox", disk / "work"
+        r.inbox.mkdir()
+        r.work.mkdir()
+        r.drop("workfull", manifest_text(image="\"workfull.jpg\"", prompt="workfull"), image="workfull.jpg")
+        filler = fill(disk)
+        TOTALS.jobs += 1
+        r.serve()
+
+        def waits_for_space() -> bool:
+            job = r.job("workfull")
+            return (job is not None and str(job.error_kind) == "disk" and job.state.value in ("queued", "ready")
+                    and len(events(r, "workfull", "waits for disk space")) >= 3)
+
+        wait_for(waits_for_space, 60, lambda: f"the job does not wait for space\n{r.log_text()[-3000:]}")
+        job = r.job("workfull")
+        assert job.attempts == 0, job.attempts  # the host's full disk is not the job's fault, however often
+        assert f"disk full: the folder {r.work / job.id}" in job.last_error and "free of" in job.last_error, \
+            job.last_error
+        assert "without counting against its attempts" in job.last_error, job.last_error
+        status = r.cli("status")
+        assert "waiting: disk full" in status.stdout, status.stdout
+        leftovers = [p.name for p in (r.work / job.id).rglob("*") if p.name.startswith(".") and p.is_file()]
+        assert leftovers == [], leftovers  # no half-written PNG or record holds on to the space
+        assert not any(r.failed.iterdir()) if r.failed.exists() else True  # nothing was failed or rejected
+
+        filler.unlink()  # space returns: the job goes on by itself
+        r.wait_state("workfull", "done", timeout=60)
+        assert {"workfull.mp4", "workfull.json", "workfull.jpg"} <= {p.name for p in r.outbox.iterdir()}
+        assert r.job("workfull").attempts == 0
+        assert r.stop() == 0
+    finally:
+        r.cleanup()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_mp4_written_onto_a_full_disk_is_a_disk_failure_that_waits(tmp_path: Path) -> None:
+    """PyAV (FFmpeg) reports ENOSPC in its own exception type, with or without errno: the worker still calls it
+    disk full, names the folder, and lets the job wait (retryable) instead of failing it as an internal error."""
+    import torch
+
+    from pipeline.video import write_mp4
+    from pipeline.worker import classify_failure
+
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "64k")
+    try:
+        fill(disk)
+        frames = torch.rand(3, 9, 64, 64) * 2 - 1
+        with pytest.raises(Exception) as raised:
+            write_mp4(frames, disk / "output.mp4", 16)
+        error = classify_failure("job-1", raised.value)
+        assert error.kind == "disk" and error.retryable, (error, raised.value)
+        assert "disk full" in error.message and str(disk) in error.message, error.message
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
