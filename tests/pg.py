@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL cluster for the tests: initdb in a temporary folder, served on a free local port.
 
-Test support only: it runs the distribution's server binaries as an unprivileged user and removes everything
-it made; it must never touch a system cluster, and nothing outside the tests may use it.
+Test and benchmark support only (tests/conftest.py, bench/bench_claims.py): it runs the distribution's server
+binaries as an unprivileged user and removes everything it made; it must never touch a system cluster, and the
+daemon itself must never use it.
 """
 
 from __future__ import annotations
