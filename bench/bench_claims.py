@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def claims_per_job(ledger: Ledger) -> Counter[str]:
 def run(url: str, jobs: int, claimers: int) -> dict[str, Any]:
     with Ledger.open(url) as ledger:
         ids = seed(ledger, jobs)
+    load = os.getloadavg()[0]  # the machine is shared: how busy it was already when this run began
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=claimer, args=(url, ready, go, results)) for _ in range(claimers)]
@@ -137,7 +139,7 @@ def run(url: str, jobs: int, claimers: int) -> dict[str, Any]:
     claim_s, finish_s = [t[1] for t in taken], [t[2] for t in taken]
     return {"claimers": claimers, "jobs": jobs, "wall_s": round(wall, 3), "claims_per_s": round(len(taken) / wall, 1),
             "per_claimer": sorted(len(out["taken"]) for out in outs), "claim_ms": latency(claim_s),
-            "finish_ms": latency(finish_s), "checks": checks}  # fmt: skip
+            "finish_ms": latency(finish_s), "load_1min_before": round(load, 2), "checks": checks}  # fmt: skip
 
 
 def check(ledger: Ledger, ids: set[str], taken: list[str], exitcodes: list[int | None]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from bench.bench_claims import check, main, run
 from daemon.ledger import Ledger
 from tests import pg
 
-FIELDS = {"claimers", "jobs", "wall_s", "claims_per_s", "per_claimer", "claim_ms", "finish_ms", "checks"}
+FIELDS = {"claimers", "jobs", "wall_s", "claims_per_s", "per_claimer", "claim_ms", "finish_ms", "load_1min_before", "checks"}
 
 
 @pytest.mark.postgres
