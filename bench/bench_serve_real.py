@@ -15,7 +15,7 @@ What it does, in order, each step timed:
    timings, peak memory), samples the GPUs' memory through NVML meanwhile, stops the daemon and prints one
    JSON report (also written to --out).
 
-    python bench/bench_serve_real.py --out serve_real.json    # one H200: ~70 GB of disk, a few minutes
+    python bench/bench_serve_real.py --out serve_real.json    # one H200: 40 GB of disk, ~3 minutes
     python bench/bench_serve_real.py --tiny                   # the same steps on the tiny CPU checkpoint
 
 Exit status 0 only when both jobs were delivered with the frames and size they asked for.
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="wanbox-serve-real-", dir=args.work))
     report: dict[str, Any] = {"bench": "serve_real", "size": args.size, "frames": args.frames,
                               "mode": "tiny" if args.tiny else "real", "torch": torch.__version__,
-                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+                              "torch_cuda": torch.version.cuda}  # no CUDA context here: the GPU is the pool's
     try:
         serve_jobs(args, base, report)
     except Exception:  # the report is written whatever failed: it is what the run is for

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face-size", type=int, default=32,
                         help="animate: face crop side of the motion encoder (512 takes real preprocessing output)")
     parser.add_argument("--real-size", action="store_true",
-                        help="i2v: the released 14B widths, bf16, built on --device (a GPU; ~70 GB on disk)")
+                        help="i2v: the released 14B widths, bf16, built on --device (a GPU; 69 GB on disk, 40 GB shared)")
     parser.add_argument("--device", default="cuda", help="with --real-size: where the weights are made")
     parser.add_argument("--share-experts", action="store_true",
                         help="i2v: the low-noise expert's shards are hard links to the high-noise expert's")
