@@ -57,6 +57,19 @@ def _sync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def _copy_tree(src: Path, dest: Path) -> None:
+    """shutil.copytree with links kept as links, but raising the first OSError as it is (copytree gathers them
+    into a shutil.Error without an errno, which would hide a full disk)."""
+    os.mkdir(dest)
+    for entry in os.scandir(src):
+        target = dest / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _copy_tree(Path(entry.path), target)
+        else:
+            shutil.copy2(entry.path, target, follow_symlinks=False)
+    shutil.copystat(src, dest)
+
+
 def copy_then_remove(src: Path, dest: Path, op: str | None = None) -> None:
     """The cross-filesystem move: a partial copy (a full disk, above all) is removed before the error goes on.
     `op` names the operation ("accept", "reject", "fail") whose kill points are reached on the way."""
@@ -64,7 +77,7 @@ def copy_then_remove(src: Path, dest: Path, op: str | None = None) -> None:
     discard(temp)  # an earlier try's leftover
     try:
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, temp, symlinks=True)
+            _copy_tree(src, temp)
         else:
             shutil.copy2(src, temp, follow_symlinks=False)
         if not os.path.islink(temp):
