@@ -43,9 +43,6 @@ class Holds:
         self.ledger.note_waiting(job_id, reason)
         self.ledger.postpone_staged(timedelta(0), job_id, floor=utcnow() + timedelta(seconds=self.deadline_seconds))
 
-    def release(self, job_id: str) -> None:
-        self._until.pop(job_id, None)
-
     def scanned(self, found: bool) -> None:
         """After each scan: an outage's length is added to every staged deadline once the inbox is back, so an
         upload that was fine when the share went away is judged on the time it really had."""
