@@ -73,6 +73,6 @@ def reject_blocked(exc: OSError, failed_root: Path, summary: str, retry_seconds:
     """The waiting reason of a rejected job whose files and error.txt cannot be written to failed/."""
     full = full_disk_error(exc)
     where = (disk_full_text(failed_root, "failed folder") if full is not None
-             else f"the failed folder {failed_root} cannot be written ({exc.strerror or exc})")
+             else f"the failed folder {failed_root} cannot take it ({exc.strerror or exc})")
     return (f"rejected, but its reason cannot be written to failed/: {where}. The reason: {summary}. The files "
             f"stay in the inbox; moving them to failed/ is retried every {retry_seconds:g} s")

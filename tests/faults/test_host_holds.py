@@ -125,6 +125,32 @@ def test_a_rejection_that_failed_cannot_hold_is_still_listed_with_its_reason(tmp
         umount(r.failed)
 
 
+def test_a_fifo_that_cannot_be_copied_to_failed_on_another_filesystem_is_listed_with_its_reason(
+        tmp_path: Path) -> None:
+    """A FIFO named like a manifest is never opened; with failed/ on another filesystem it cannot be moved there
+    either (a copy would have to read it), so it stays in the inbox, its reason beside where it would have gone
+    (failed/pipe/error.txt) and in the ledger, listed by status, the job staged (not staged again and again)."""
+    r = Root(tmp_path, inbox={"settle_seconds": 0.2, "rescan_seconds": 0.3})
+    mount_tmpfs(r.failed, "256k")
+    try:
+        os.mkfifo(r.inbox / "pipe.toml")
+        r.serve()
+        wait_for(lambda: "cannot be written to failed/" in ((j := r.job("pipe")) and j.waiting_reason or ""), 30,
+                 lambda: f"no reason recorded\n{r.log_text()[-3000:]}")
+        out = r.cli("status").stdout
+        assert "not a special file" in out and "named pipe" in out, out
+        assert os.path.lexists(r.inbox / "pipe.toml")
+        assert "not a special file" in (r.failed / "pipe" / "error.txt").read_text()
+        time.sleep(1)  # several retries: still the one job
+        with r.ledger() as ledger:
+            assert [j.name for j in ledger.list(limit=None)] == ["pipe"]
+        TOTALS.jobs += 1
+        assert r.stop() == 0
+    finally:
+        r.cleanup()
+        umount(r.failed)
+
+
 def test_an_inbox_outage_longer_than_the_staging_deadline_does_not_reject_a_waiting_upload(tmp_path: Path) -> None:
     """A staged job waits for its image; the inbox is renamed away for longer than the 3 s staging deadline; when
     it is back the image arrives: the job must be accepted, not rejected as overdue or "still changing"."""
