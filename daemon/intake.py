@@ -404,6 +404,7 @@ class Intake:
             jobfiles.give_back(taken, self.paths.inbox, candidate.folder.name if candidate.folder else None)
             self.failures.intents.clear(entry.job_id, ACCEPT)
             self.holds.hold(entry.job_id, reason)  # staged, waiting for space, the upload in the inbox as it was
+            entry.waiting = ""  # the ledger's reason is the hold's now: a new problem is recorded again
             return
         base = files.base()
         moved = {key: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[key])
