@@ -34,6 +34,7 @@ from pipeline.families.base import (
     PoolShutdown,
     fingerprint,
     open_family,
+    precision_of,
 )
 from pipeline.families.resume import checkpoint_store
 from pipeline.models import attention as attention_mod
@@ -298,7 +299,7 @@ def done_message(run: protocol.Run, result: dict[str, Any], report: JobReport, o
         "attention": attention_mod.active_backend(),  # the kernel that ran (after its self-test): fa3, cudnn, ...
         "frames": result["frames"], "width": result["width"], "height": result["height"],
         "fps": result["fps"], "seed": result["seed"],
-        "precision": "fp8+fp8-attention" if family.args.fp8_attention else family.args.precision,
+        "precision": precision_of(family.args),  # fp8, fp8+fp8-attention, bf16 or fp32
         "loras": result.get("loras", []),  # per LoRA: file, sha256, strength, format, experts, method (families)
         **result.get("stats", {}),  # the family's own: resumed_from, checkpoint
     }

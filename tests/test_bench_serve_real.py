@@ -27,7 +27,7 @@ def test_tiny_run_delivers_the_preset_job_and_the_lora_job(tmp_path: Path) -> No
     preset, lora = report["jobs"]["preset-4step"], report["jobs"]["lora-style"]
     for job in (preset, lora):
         assert job["state"] == "done" and job["decoded"]["frames"] == 5 and job["as_asked"]
-        assert job["attention"] == "sdpa" and job["precision"] and job["timings_seconds"]["sampling"] > 0
+        assert job["attention"] == "sdpa" and job["precision"] == "fp32" and job["timings_seconds"]["sampling"] > 0
     assert preset["sampling"]["preset"] == "lightning-4step" and preset["sampling"]["guide_scale"] == [1.0, 1.0]
     assert preset["loras"] == [] and preset["sampling"]["timesteps"] == [1000, 750, 500, 250]
     (applied,) = lora["loras"]

@@ -276,3 +276,19 @@ def test_gpu_fp8_forward_compiled_close_to_bf16() -> None:
             want = plain[case["expert"]](inp["x"], inp["t"], inp["context"], case["seq_len"], inp["y"])
             got = low[case["expert"]](inp["x"], inp["t"], inp["context"], case["seq_len"], inp["y"])
         assert FORWARD_REL_L2[0] < _rel(got, want) < FORWARD_REL_L2[1], case["name"]
+
+
+def test_the_sidecar_precision_names_what_made_the_numbers() -> None:
+    """bf16 on the GPU and fp32 on the CPU by default, --dtype when given, fp8 (and its 8-bit attention) over both."""
+    from argparse import Namespace
+
+    from pipeline.families.base import precision_of
+
+    def args(**kw: object) -> Namespace:
+        return Namespace(**{"dtype": None, "device": "cpu", "precision": "bf16", "fp8_attention": False, **kw})
+
+    assert precision_of(args()) == "fp32"
+    assert precision_of(args(device="cuda")) == "bf16"
+    assert precision_of(args(device="cuda", dtype="fp32")) == "fp32"
+    assert precision_of(args(device="cuda", precision="fp8")) == "fp8"
+    assert precision_of(args(device="cuda", precision="fp8", fp8_attention=True)) == "fp8+fp8-attention"

@@ -52,9 +52,20 @@ class JobInputError(JobFailure, ValueError):
     retryable = False
 
 
+def dtype_name(args: argparse.Namespace) -> str:
+    """The pool's compute dtype: --dtype, else bf16 on the GPU and fp32 on the CPU."""
+    return args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+
+
 def dtype_of(args: argparse.Namespace) -> torch.dtype:
-    name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return torch.bfloat16 if dtype_name(args) == "bf16" else torch.float32
+
+
+def precision_of(args: argparse.Namespace) -> str:
+    """What made the video's numbers, for the sidecar: fp8 (with or without 8-bit attention), or the dtype."""
+    if args.precision == "fp8":
+        return "fp8+fp8-attention" if args.fp8_attention else "fp8"
+    return dtype_name(args)
 
 
 def speed_up(experts: list[torch.nn.Module], args: argparse.Namespace, fuse_qkv: bool) -> bool:
