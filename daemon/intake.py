@@ -62,9 +62,11 @@ class Staging:
     job: Job | None = None  # when the manifest parsed
     waiting: str = ""  # why it is not accepted yet (the rejection reason at the deadline)
     hashes: dict[str, tuple[tuple[int, int], str]] = field(default_factory=dict)  # path -> (sig, sha256)
-    # When this daemon began watching it, and last checked its inputs (monotonic): a deadline that passed
-    # while the daemon was down waits until the files were watched settling, so the reason given is the real one.
+    # When this daemon began watching it, first and last checked its inputs (monotonic): a deadline that passed
+    # while the daemon was down waits until the inputs themselves were watched settling (a manifest settles
+    # first, so its own sighting is too early), so the reason given is the real one.
     seen_at: float = field(default_factory=time.monotonic)
+    first_checked_at: float | None = None
     checked_at: float = float("-inf")
 
 
@@ -348,6 +350,8 @@ class Intake:
             return
         problems = [p for item in entry.job.files().values() if (p := self._input_problem(entry, item))]
         entry.checked_at = time.monotonic()
+        if entry.first_checked_at is None:
+            entry.first_checked_at = entry.checked_at
         if problems:
             if "; ".join(problems) != entry.waiting:  # log and record a change once, not every tick
                 jlog(logging.INFO, entry.job_id, "waiting: %s", "; ".join(problems))
@@ -509,7 +513,8 @@ class Intake:
         """Whether the last look at a staged job's files came a full settle window after this daemon began
         watching them ("still changing" is only known then), or it has waited long enough regardless."""
         settle = self.cfg.inbox.settle_seconds
-        if staging.checked_at - staging.seen_at >= settle:
+        first = staging.first_checked_at
+        if first is not None and staging.checked_at - first >= settle:
             return True
         return time.monotonic() - staging.seen_at > 4 * settle + 10  # a manifest that never stops changing
 
