@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text, func, select, update
+from sqlalchemy import JSON, Boolean, Float, Integer, String, Text, false, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -57,6 +57,8 @@ class Host(Base):
     gpus_json: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))  # NVML, or []
     inbox_outage: Mapped[str | None] = mapped_column(Text)  # why the inbox cannot be read; None when fine
     web_url: Mapped[str | None] = mapped_column(Text)  # where its status page listens, if it serves one
+    # `wanbox drain` asked it to take no new jobs (revision 0006): it finishes what it runs, then idles.
+    drain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class DaemonRun(Base):

@@ -29,6 +29,7 @@ class Intent(Base):
     action: Mapped[str] = mapped_column(String(16))  # accept | reject | fail | finalize
     plan: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    host_id: Mapped[str | None] = mapped_column(String(128))  # whose it is: start-up redoes its own only (0006)
 
     def __repr__(self) -> str:
         return f"<Intent {self.job_id} {self.action}>"

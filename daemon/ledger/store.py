@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.ledger.attempts import charged, excused_recovery
+from daemon.ledger.attempts import charged
+from daemon.ledger.claims import IngestClaim
 from daemon.ledger.database import (
     SCHEMA_HEAD,
     UPGRADE_LOCK_KEY,
@@ -34,7 +35,8 @@ from daemon.ledger.database import (
     database_url,
     make_engine,
 )
-from daemon.ledger.errors import IllegalTransition, LedgerError
+from daemon.ledger.errors import IllegalTransition, LeaseLost, LedgerError
+from daemon.ledger.leases import DEFAULT_LEASE_SECONDS, Fence, db_now, lease_end
 from daemon.ledger.statements import (
     audit_job,
     check_edge,
@@ -45,10 +47,10 @@ from daemon.ledger.statements import (
     move_state,
     next_query,
     resolve,
-    still_prepared,
     was_accepted,
 )
 from daemon.ledger.tables import Event, JobRecord, utcnow
+from daemon.ledger.takeover import recover_interrupted, take_expired
 from daemon.states import RETRY_STATE, RUNNING, TERMINAL, ErrorKind, JobState
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,23 @@ class Ledger:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(writer, expire_on_commit=False)
+        # A supervisor's identity (hold_as): its claims take leases and its writes to running jobs are fenced.
+        # None (the CLI, tests of the ledger alone): no leases, nothing fenced.
+        self.fence: Fence | None = None
         if migrate:
             self.upgrade()
+
+    def hold_as(self, host_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Ledger:
+        """From now on this ledger is host `host_id`'s: jobs it claims carry its id and a lease of `lease_seconds`,
+        and its writes to them check, in the same transaction, that it still holds them."""
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds={lease_seconds}: expected a positive number of seconds")
+        self.fence = Fence(host_id, float(lease_seconds))
+        return self
+
+    @property
+    def host_id(self) -> str | None:
+        return self.fence.host_id if self.fence else None
 
     @classmethod
     def open(cls, path_or_url: str | Path, **options: Any) -> Ledger:
@@ -163,6 +180,30 @@ class Ledger:
         with self._read() as session, session.begin():
             yield session
 
+    @contextmanager
+    def fenced(self, job_id: str) -> Iterator[Session]:
+        """The one fenced transaction: a write transaction in which this host still holds `job_id` (its row is
+        locked, and a running job's lease renewed), else LeaseLost before anything is written. Without a fence
+        (no host), a plain write transaction."""
+        with self._writing() as session:
+            if self.fence is not None:
+                job = get_for_update(session, job_id)
+                if job.holder != self.fence.host_id:
+                    raise LeaseLost(job_id, self.fence.host_id)
+                if job.state in RUNNING:
+                    session.execute(update(JobRecord).where(JobRecord.id == job_id)
+                                    .values(lease_until=lease_end(session, self.fence.lease_seconds))
+                                    .execution_options(synchronize_session=False))
+            yield session
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this host still holds the job (always True without a fence): what delivery asks first."""
+        try:
+            with self.fenced(job_id):
+                return True
+        except LeaseLost:
+            return False
+
     # ---- creating --------------------------------------------------------------------------------
 
     def add_staged(
@@ -179,8 +220,12 @@ class Ledger:
         params_json: dict[str, Any] | None = None,
         message: str = "manifest found in the inbox",
         now: datetime | None = None,
-    ) -> JobRecord:
-        """Record a newly seen manifest as `staged`, with its creation event; returns the new row."""
+        claim: str | None = None,
+    ) -> JobRecord | None:
+        """Record a newly seen manifest as `staged`, with its creation event; returns the new row.
+
+        With `claim` (the upload's key, daemon/ingest.py), this host claims the upload in the same transaction:
+        None when another host claimed it first (it ingests it; nothing was written)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: expected at least 1")
         now = now or utcnow()
@@ -195,17 +240,33 @@ class Ledger:
                 with self._writing() as session:
                     session.add(job)
                     session.flush()  # the job row before its event (the foreign key)
-                    session.add(event_row(job.id, now, None, JobState.STAGED, message))
+                    session.add(event_row(job.id, now, None, JobState.STAGED, message, self.host_id))
+                    if claim is not None:
+                        session.add(IngestClaim(key=claim, host_id=self.host_id or "", job_id=job.id, claimed_at=now))
+                        session.flush()  # the unique key decides here, inside this transaction
                 return job
             except IntegrityError:
                 if self._exists(job.id):
                     continue
+                if claim is not None and self.claimed_by(claim) is not None:
+                    return None  # another host's: it ingests this upload
                 raise
         raise LedgerError(f"could not find a free job id for {name!r} at {now:%Y%m%d-%H%M%S}")
 
     def _exists(self, job_id: str) -> bool:
         with self._reading() as session:
             return session.get(JobRecord, job_id) is not None
+
+    def claimed_by(self, claim: str) -> str | None:
+        """The host that claimed this upload (None: nobody yet)."""
+        with self._reading() as session:
+            row = session.get(IngestClaim, claim)
+            return row.host_id if row is not None else None
+
+    def claim_holder(self, job_id: str) -> str | None:
+        """The host whose ingest claim created this staged job (None: created without a claim, before 0006)."""
+        with self._reading() as session:
+            return session.scalars(select(IngestClaim.host_id).where(IngestClaim.job_id == job_id)).first()
 
     # ---- moving ----------------------------------------------------------------------------------
 
@@ -228,7 +289,7 @@ class Ledger:
         check_fields(fields)
         now = now or utcnow()
         with self._writing() as session:
-            return move_state(session, job_id, from_state, to_state, message, now, fields)
+            return move_state(session, job_id, from_state, to_state, message, now, fields, fence=self.fence)
 
     def peek_next(
         self,
@@ -285,7 +346,7 @@ class Ledger:
             if job is None or (if_model is not None and job.model_id != if_model):
                 return None
             text = message or f"taken for {to_state.value}"
-            if not move_state(session, job.id, from_state, to_state, text, now, fields):
+            if not move_state(session, job.id, from_state, to_state, text, now, fields, fence=self.fence):
                 return None  # cannot happen under the write lock / row lock; kept for safety
             return session.get(JobRecord, job.id, populate_existing=True)
 
@@ -298,6 +359,8 @@ class Ledger:
             .where(JobRecord.id == job_id, JobRecord.state.in_(RUNNING))
             .values(phase=phase, step=step, total_steps=total, progress_at=now or utcnow())
         )
+        if self.fence is not None:
+            stmt = stmt.where(self.fence.holds())  # a host that lost the job must not report its progress
         with self._writing() as session:
             return session.execute(stmt).rowcount == 1
 
@@ -309,8 +372,9 @@ class Ledger:
             return session.execute(stmt).rowcount == 1
 
     def record_timing(self, job_id: str, phase: str, seconds: float) -> None:
-        """Add `seconds` to the job's time spent in `phase` (timings_json), read-modify-write under lock."""
-        with self._writing() as session:
+        """Add `seconds` to the job's time spent in `phase` (timings_json), read-modify-write under lock; fenced
+        (LeaseLost when another host holds the job now)."""
+        with self.fenced(job_id) as session:
             job = get_for_update(session, job_id)
             timings = dict(job.timings_json or {})
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 6)
@@ -328,13 +392,15 @@ class Ledger:
     ) -> JobState | None:
         """Count a failed attempt: back to the retry state after a backoff, or `failed` for good.
 
-        Returns the state the job went to, or None if it was no longer in `from_state` (e.g. cancelled).
+        Returns the state the job went to, or None if it was no longer in `from_state` (e.g. cancelled) or this
+        host no longer holds it (fenced: its lease was taken).
         """
         from_state = JobState(from_state)
         now = now or utcnow()
         with self._writing() as session:
             job = get_for_update(session, job_id)
-            if job.state != from_state:
+            if job.state != from_state or (self.fence is not None and from_state in RUNNING
+                                           and job.holder != self.fence.host_id):
                 return None
             attempts = job.attempts + 1
             retry_to = RETRY_STATE.get(from_state)
@@ -350,7 +416,7 @@ class Ledger:
                 text = failure_text(error, kind, retryable and retry_to is not None, charged(job, attempts),
                                     job.max_attempts)
             check_edge(job_id, from_state, to_state)
-            move_state(session, job_id, from_state, to_state, text, now, fields)
+            move_state(session, job_id, from_state, to_state, text, now, fields, fence=self.fence)
             return to_state
 
     def recover_interrupted(
@@ -360,51 +426,36 @@ class Ledger:
         has_prepared_inputs: Callable[[JobRecord], bool] | None = None,
         excuse: Callable[[JobRecord], bool] | None = None,
     ) -> list[tuple[str, JobState, JobState]]:
-        """At start-up: put jobs left in a running state back in line, counting the attempt.
+        """At start-up: this host's jobs left in a running state back in line, counting the attempt (the rule is
+        daemon/ledger/takeover.py's). Returns (job id, from, to) for every job moved."""
+        return recover_interrupted(self, now or utcnow(), has_prepared_inputs, excuse)
 
-        preprocessing -> queued; sampling/finalizing -> ready, or queued when `has_prepared_inputs(job)`
-        says its prepared inputs are gone. A job out of attempts goes to failed with the reason.
-        `excuse(job)` True: the interruption was not the job's doing (the supervisor died while the job ran in
-        another process): counted in `attempts` but not held against max_attempts, up to excused_limit(job)
-        such deaths in a row. Without `excuse` (the ledger alone cannot tell who died) every one counts.
-        Returns (job id, from, to) for every job moved.
-        """
-        now = now or utcnow()
-        with self._reading() as session:
-            stuck = list(session.scalars(select(JobRecord).where(JobRecord.state.in_(RUNNING)).order_by(JobRecord.created_at)))
-        moved = []
-        for job in stuck:
-            prepared = job.state == JobState.PREPROCESSING or still_prepared(job, has_prepared_inputs)
-            to_state = self._recover_one(job, now, prepared, excuse is not None and excuse(job))
-            if to_state is not None:
-                moved.append((job.id, job.state, to_state))
-        return moved
-
-    def _recover_one(self, job: JobRecord, now: datetime, prepared: bool, excused: bool) -> JobState | None:
-        attempts = job.attempts + 1
-        where = job.state.value
-        fields: dict[str, Any] = {"attempts": attempts, "error_kind": ErrorKind.INTERRUPTED}
-        if excused:  # the rule for those is daemon/ledger/attempts.py's
-            to_state, text = excused_recovery(job, prepared, fields)
-        elif charged(job, attempts) >= job.max_attempts:
-            to_state = JobState.FAILED
-            fields["last_error"] = (
-                f"the worker pool or the supervisor died while running this job ({attempts} attempts, "
-                f"the last one interrupted in {where}); it may be what crashes them: check its size, frame "
-                f"count and the logs, then `wanbox retry {job.id}`"
-            )
-            text = f"gave up: {fields['last_error']}"
-        else:
-            to_state = RETRY_STATE[job.state] if prepared else JobState.QUEUED
-            fields["last_error"] = f"interrupted in {where} (the supervisor or the worker pool stopped)"
-            # No backoff here: the restart itself was the pause (systemd's RestartSec), and the attempt
-            # count still stops a job that keeps killing the daemon.
-            fields["retry_after"] = None
-            text = f"recovered at start-up: {fields['last_error']}; attempt {attempts} of {job.max_attempts}"
-            if not prepared:
-                text += "; its prepared inputs are gone, so it is prepared again"
+    def renew_leases(self) -> int:
+        """The heartbeat's one UPDATE: every running job this host holds gets a fresh lease (database clock)."""
+        if self.fence is None:
+            return 0
         with self._writing() as session:
-            return to_state if move_state(session, job.id, job.state, to_state, text, now, fields) else None
+            stmt = (update(JobRecord)
+                    .where(JobRecord.holder == self.fence.host_id, JobRecord.state.in_(RUNNING))
+                    .values(lease_until=lease_end(session, self.fence.lease_seconds))
+                    .execution_options(synchronize_session=False))  # fmt: skip
+            return int(session.execute(stmt).rowcount or 0)
+
+    def take_expired(
+        self, now: datetime | None = None, *, has_prepared_inputs: Callable[[JobRecord], bool] | None = None
+    ) -> list[tuple[str, JobState, JobState]]:
+        """Every host's sweep: running jobs of other hosts whose lease ran out (the host died, froze or was cut
+        off) go back to their retry state, the attempt counted, the event naming the host that lost it."""
+        if self.fence is None:
+            return []
+        return take_expired(self, now or utcnow(), has_prepared_inputs)
+
+    def lease_info(self, job_id: str) -> tuple[str | None, datetime | None, datetime]:
+        """(holder, lease_until, the database's time now): for status, show and the tests."""
+        with self._reading() as session:
+            job = resolve(session, job_id)
+            now = session.execute(select(db_now(session))).scalar_one() if self.backend == "postgresql" else utcnow()
+            return job.holder, job.lease_until, now
 
     def cancel(self, job_id: str, message: str = "cancelled by user", *, now: datetime | None = None) -> JobState:
         """Cancel a job in any non-final state; returns the state it was cancelled from.
