@@ -25,8 +25,9 @@ class HostState(str, Enum):
 
     STARTING = "starting"  # recovering the ledger, starting the pool (before the loop)
     SERVING = "serving"  # the loop runs
-    DRAINING = "draining"  # stopping: the running job finishes its step first
+    DRAINING = "draining"  # stopping, or drained while a job still runs: it finishes first
     STOPPING = "stopping"  # stopping: nothing runs any more, resources are released
+    DRAINED = "drained"  # `wanbox drain`: takes no new jobs and runs none (the loop still beats)
     STOPPED = "stopped"  # a clean stop (a crash leaves the last state and an old heartbeat instead)
 
     def __str__(self) -> str:
@@ -117,13 +118,21 @@ class HostRecords:
                     setattr(host, key, value)
             return run.id
 
-    def beat(self, host_id: str, run_id: int, now: datetime, launches: int, deaths: int, **fields: Any) -> None:
-        """One heartbeat: the host row's live fields and the run's last beat and pool counters."""
+    def beat(self, host_id: str, run_id: int, now: datetime, launches: int, deaths: int, **fields: Any) -> bool:
+        """One heartbeat: the host row's live fields and the run's last beat and pool counters; returns whether
+        `wanbox drain` asks this host to take no new jobs."""
         _check(fields)
         with self._writing() as session:
             session.execute(update(Host).where(Host.host_id == host_id).values(heartbeat_at=now, **fields))
             session.execute(update(DaemonRun).where(DaemonRun.id == run_id)
                             .values(heartbeat_at=now, pool_launches=launches, pool_deaths=deaths))
+            return bool(session.scalar(select(Host.drain).where(Host.host_id == host_id)))
+
+    def set_drain(self, host_id: str, drain: bool) -> bool:
+        """`wanbox drain [--undo]`: ask a host to take no new jobs (or to take them again); False: no such host."""
+        with self._writing() as session:
+            stmt = update(Host).where(Host.host_id == host_id).values(drain=drain)
+            return bool(session.execute(stmt.execution_options(synchronize_session=False)).rowcount)
 
     def end_run(self, host_id: str, run_id: int, now: datetime, **fields: Any) -> None:
         """A clean stop: the run gets its stopped_at, the host row says stopped."""

@@ -19,9 +19,16 @@ from daemon.faults import kill_point
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
 PROGRESS_FILE = "progress.json"  # work/<id>/progress.json: preprocessing progress for `wanbox status`
-OUTPUT_FILE = "output.mp4"
+OUTPUT_FILE = "output.mp4"  # before revision 0006 the one name of a job's video in work/<id>/ (still read back)
+OUTPUT_GLOB = "output*.mp4"  # every attempt's video of a job in work/<id>/
 ERROR_FILE = "error.txt"
 FAILED_POINTER = "failed_dir.txt"  # work/<id>/failed_dir.txt: where a failed job's inputs went
+
+
+def attempt_output(work_dir: Path, attempt: int, host_id: str) -> Path:
+    """work/<id>/output.<attempt>.<host>.mp4: each attempt's video under its own name, so that two hosts (one of
+    them frozen past its lease) never write or deliver the same file in the shared work folder."""
+    return work_dir / f"output.{attempt}.{re.sub(r'[^A-Za-z0-9._-]', '_', host_id)}.mp4"
 
 
 def fsync_dir(path: Path) -> None:

@@ -18,9 +18,15 @@ from typing import Any
 from daemon.hosts import DaemonRun, Host, HostRecords, HostState
 from daemon.states import RUNNING, TERMINAL
 
-ROOT_LOCK = "serve.lock"  # state/serve.lock, flock-ed by a running supervisor (= supervisor.LOCK_FILE)
+LOCK_PREFIX = "serve"  # state/serve.<host id>.lock, flock-ed by that host's running supervisor
 STALE_FLOOR_SECONDS = 10.0
 _FLOCK_LINE = re.compile(r"\bFLOCK\s+\S+\s+\S+\s+-?\d+\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s")
+
+
+def root_lock(host_id: str) -> str:
+    """The lock file of one host's supervisor in the state folder: one per host, so that several hosts can serve a
+    shared root while a second supervisor of the same host id is refused."""
+    return f"{LOCK_PREFIX}.{re.sub(r'[^A-Za-z0-9._-]', '_', host_id)}.lock"
 
 
 def stale_after(heartbeat_seconds: float) -> float:
@@ -158,7 +164,7 @@ def read_liveness(engine: Any, root: Path, state_dir: Path, now: datetime | None
     views, mine = [], []
     for host in HostRecords(engine).hosts():
         local = host.hostname == socket.gethostname() and Path(host.root) == Path(root)
-        lock_free = local and host.state != HostState.STOPPED.value and lock_held(state_dir / ROOT_LOCK) is False
+        lock_free = local and host.state != HostState.STOPPED.value and lock_held(state_dir / root_lock(host.host_id)) is False
         views.append(judge(host, now, lock_free))
         if local:
             mine.append(views[-1])

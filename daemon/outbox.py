@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -285,11 +286,13 @@ class Outbox:
         suffixes = tuple(Path(p).name.removeprefix(base) for p in self.names(base, extras).values())
         return free_base(self.root, base, suffixes)
 
-    def complete(self, video: Path, base: str, sidecar: dict[str, Any],
-                 extras: dict[str, Path] | None = None) -> dict[str, str]:
+    def complete(self, video: Path, base: str, sidecar: dict[str, Any], extras: dict[str, Path] | None = None,
+                 guard: Callable[[], None] | None = None) -> dict[str, str]:
         """Publish every file of this delivery under `base` that is not there yet, the sidecar last; returns
         the outputs. A file already there is verified to be this delivery's (the same bytes; for the sidecar,
-        the same job id), else NameTaken. Safe to call again after a crash at any point."""
+        the same job id), else NameTaken. Safe to call again after a crash at any point. `guard()` is called
+        before each file is published and raises to stop (the delivery's fencing: the job is still ours)."""
+        check = guard or (lambda: None)
         info = probe_video(video)
         self.root.mkdir(parents=True, exist_ok=True)
         outputs = self.names(base, extras)
@@ -297,6 +300,7 @@ class Outbox:
         for role, final in outputs.items():
             if role == "sidecar":
                 continue
+            check()
             if role == "poster":
                 self._complete_one(Path(final), lambda name: self._stage_poster(video, name))
             else:
@@ -304,6 +308,7 @@ class Outbox:
                                    source=sources[role])  # fmt: skip
         document = {**sidecar, "outputs": outputs, "video": info.__dict__}
         data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        check()
         self._complete_one(Path(outputs["sidecar"]), lambda name: self._stage_bytes(data, name),
                            job_id=sidecar.get("job_id"))  # fmt: skip
         return outputs

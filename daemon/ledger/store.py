@@ -183,12 +183,14 @@ class Ledger:
     @contextmanager
     def fenced(self, job_id: str) -> Iterator[Session]:
         """The one fenced transaction: a write transaction in which this host still holds `job_id` (its row is
-        locked, and a running job's lease renewed), else LeaseLost before anything is written. Without a fence
-        (no host), a plain write transaction."""
+        locked, and a running job's lease renewed), else LeaseLost before anything is written: another host holds
+        it, or it was taken from this one and waits for the next. Without a fence (no host), a plain write transaction."""
         with self._writing() as session:
             if self.fence is not None:
                 job = get_for_update(session, job_id)
-                if job.holder != self.fence.host_id:
+                # Mine, or an ended job nobody held (e.g. failed while ready); a job that waits again after a sweep
+                # took it from me is not.
+                if job.holder != self.fence.host_id and not (job.holder is None and job.state in TERMINAL):
                     raise LeaseLost(job_id, self.fence.host_id)
                 if job.state in RUNNING:
                     session.execute(update(JobRecord).where(JobRecord.id == job_id)
@@ -430,14 +432,15 @@ class Ledger:
         daemon/ledger/takeover.py's). Returns (job id, from, to) for every job moved."""
         return recover_interrupted(self, now or utcnow(), has_prepared_inputs, excuse)
 
-    def renew_leases(self) -> int:
-        """The heartbeat's one UPDATE: every running job this host holds gets a fresh lease (database clock)."""
+    def renew_leases(self, seconds: float | None = None) -> int:
+        """The heartbeat's one UPDATE: every running job this host holds gets a fresh lease (database clock), of
+        the fence's length or `seconds` (a graceful stop's silence)."""
         if self.fence is None:
             return 0
         with self._writing() as session:
             stmt = (update(JobRecord)
                     .where(JobRecord.holder == self.fence.host_id, JobRecord.state.in_(RUNNING))
-                    .values(lease_until=lease_end(session, self.fence.lease_seconds))
+                    .values(lease_until=lease_end(session, seconds or self.fence.lease_seconds))
                     .execution_options(synchronize_session=False))  # fmt: skip
             return int(session.execute(stmt).rowcount or 0)
 

@@ -105,5 +105,7 @@ def put_back(session: Session, job: JobRecord, now: datetime, prepared: bool, ex
             text += "; its prepared inputs are gone, so it is prepared again"
     if preface != AT_START:
         text = f"{preface}; " + text.removeprefix(f"{AT_START}: ")
+    if host is not None and to_state == JobState.FAILED:
+        fields["holder"] = host  # the sweeping host moves its files to failed/ (ended jobs keep their holder)
     moved = move_state(session, job.id, job.state, to_state, text, now, fields, guard=guard, host=host)
     return to_state if moved else None
