@@ -30,13 +30,16 @@ class Leases:
     def __init__(self, ledger: Ledger, failures: Failures) -> None:
         self.ledger, self.failures = ledger, failures
 
-    def beat(self) -> None:
+    def beat(self, active: set[str]) -> None:
+        """`active`: the jobs this host's pools really run now (the others it holds lost their result)."""
         try:
             self.ledger.renew_leases()
+            orphans = self.ledger.release_orphans(active, has_prepared_inputs=has_prepared_inputs)
             moved = self.ledger.take_expired(has_prepared_inputs=has_prepared_inputs)
         except SQLAlchemyError as exc:  # the database is away: the next beat tries again (status says stale)
             log.warning("leases: cannot renew or sweep: %s", exc)
             return
+        self.settle(orphans, "put back in line: its result was lost on the way to the ledger")
         self.settle(moved, "taken back from a host whose lease ran out")
 
     def settle(self, moved: list[tuple[str, JobState, JobState]], why: str) -> None:

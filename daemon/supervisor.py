@@ -170,11 +170,16 @@ class Supervisor:
             self.report_status()
             if self.heartbeat.beat(self.driver.pool, self.intake.outage, self.host_state()):
                 assert self.leases is not None
-                self.leases.beat()  # renew ours, take back expired ones of other hosts
+                self.leases.beat(self.running_jobs())  # renew ours, take back expired ones of other hosts
             self.notifier.healthy()
         except Exception:
             log.exception("supervisor loop error (continuing)")
             time.sleep(self.cfg.jobs.tick_seconds)
+
+    def running_jobs(self) -> set[str]:
+        """The jobs this host really runs now: its CPU preparations and the one on its GPU pool."""
+        assert self.preparation is not None and self.driver is not None
+        return set(self.preparation.running) | ({self.driver.pool.job} if self.driver.pool.job else set())
 
     def host_state(self) -> HostState:
         """serving; or, after `wanbox drain`, draining while a job of ours still runs and drained after."""

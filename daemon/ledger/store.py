@@ -50,7 +50,7 @@ from daemon.ledger.statements import (
     was_accepted,
 )
 from daemon.ledger.tables import Event, JobRecord, utcnow
-from daemon.ledger.takeover import recover_interrupted, take_expired
+from daemon.ledger.takeover import recover_interrupted, release_orphans, take_expired
 from daemon.states import RETRY_STATE, RUNNING, TERMINAL, ErrorKind, JobState
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,14 @@ class Ledger:
                     .values(lease_until=lease_end(session, seconds or self.fence.lease_seconds))
                     .execution_options(synchronize_session=False))  # fmt: skip
             return int(session.execute(stmt).rowcount or 0)
+
+    def release_orphans(
+        self, active: set[str], *, has_prepared_inputs: Callable[[JobRecord], bool] | None = None
+    ) -> list[tuple[str, JobState, JobState]]:
+        """This host's running jobs that are not in `active` (what it really runs) go back in line, excused."""
+        if self.fence is None:
+            return []
+        return release_orphans(self, utcnow(), active, has_prepared_inputs)
 
     def take_expired(
         self, now: datetime | None = None, *, has_prepared_inputs: Callable[[JobRecord], bool] | None = None

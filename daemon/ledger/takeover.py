@@ -60,6 +60,26 @@ def recover_interrupted(ledger: Ledger, now: datetime, has_prepared_inputs: Call
     return moved
 
 
+def release_orphans(ledger: Ledger, now: datetime, active: set[str],
+                    has_prepared_inputs: Callable[[JobRecord], bool] | None) -> list[tuple[str, JobState, JobState]]:
+    """Running jobs this host holds in the ledger but no longer runs (`active`: what its pools run): their result
+    was lost on the way to the ledger (e.g. the database was away when the pool said done). Put back, excused,
+    so that they run again instead of being held (and their leases renewed) for ever."""
+    assert ledger.host_id is not None
+    mine = JobRecord.holder == ledger.host_id
+    with ledger._reading() as session:
+        held = list(session.scalars(select(JobRecord).where(JobRecord.state.in_(RUNNING), mine)
+                                    .order_by(JobRecord.created_at)))  # fmt: skip
+    moved = []
+    why = f"no longer running on its host {ledger.host_id} (its result was lost on the way to the ledger)"
+    for job in (j for j in held if j.id not in active):
+        with ledger._writing() as session:
+            to = put_back(session, job, now, still_prepared(job, has_prepared_inputs), True, why, mine)
+        if to is not None:
+            moved.append((job.id, job.state, to))
+    return moved
+
+
 def take_expired(ledger: Ledger, now: datetime,
                  has_prepared_inputs: Callable[[JobRecord], bool] | None) -> list[tuple[str, JobState, JobState]]:
     """The sweep, in one transaction: expired jobs of other hosts, each put back with the host named."""
