@@ -191,3 +191,28 @@ def test_the_database_restarted_under_load_loses_and_doubles_nothing(three: Host
     assert_delivered_once(three, names)
     assert all(proc.poll() is None for proc in three.procs.values())
     three.stop_all()
+
+
+def test_a_drained_host_takes_no_new_jobs_and_says_so(tmp_path: Path, database: str) -> None:
+    """`wanbox drain --host ID`: that host idles as drained (in `wanbox status`), the others take the queue;
+    `--undo` gives it work again."""
+    hosts = Hosts(tmp_path, database, 2)
+    try:
+        hosts.start(0)
+        hosts.start(1)
+        hosts.wait_serving(0, 1)
+        asked = hosts.roots[1].cli("drain", "--host", "host-0")
+        assert asked.returncode == 0 and "host host-0: drain requested" in asked.stdout
+        wait_for(lambda: {h.host_id: h.state for h in hosts.hosts_rows()}["host-0"] == "drained", 30, hosts.logs)
+        for name in ("d1", "d2", "d3"):
+            hosts.drop(name)
+        jobs = hosts.wait_done(3, timeout=60)
+        assert {j.holder for j in jobs} == {"host-1"}
+        assert re.search(r"host-0 +drained; pool", hosts.roots[0].cli("status").stdout)
+        unknown = hosts.roots[0].cli("drain", "--host", "nobody")
+        assert unknown.returncode == 3 and "known hosts: host-" in unknown.stderr
+        assert hosts.roots[0].cli("drain", "--host", "host-0", "--undo").returncode == 0
+        hosts.wait_serving(0, 1)
+        hosts.stop_all()
+    finally:
+        hosts.cleanup()
