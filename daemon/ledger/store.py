@@ -35,8 +35,9 @@ from daemon.ledger.database import (
     database_url,
     make_engine,
 )
-from daemon.ledger.errors import IllegalTransition, LeaseLost, LedgerError
-from daemon.ledger.leases import DEFAULT_LEASE_SECONDS, Fence, db_now, lease_end
+from daemon.ledger.errors import IllegalTransition, LedgerError
+from daemon.ledger.holding import Holding
+from daemon.ledger.leases import Fence
 from daemon.ledger.statements import (
     audit_job,
     check_edge,
@@ -50,7 +51,7 @@ from daemon.ledger.statements import (
     was_accepted,
 )
 from daemon.ledger.tables import Event, JobRecord, utcnow
-from daemon.ledger.takeover import recover_interrupted, release_orphans, take_expired
+from daemon.ledger.takeover import recover_interrupted
 from daemon.states import RETRY_STATE, RUNNING, TERMINAL, ErrorKind, JobState
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def new_job_id(now: datetime) -> str:
     return f"{now.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{tail}"
 
 
-class Ledger:
+class Ledger(Holding):
     """The job ledger over one database. Safe to use from several processes at once."""
 
     def __init__(
@@ -100,18 +101,6 @@ class Ledger:
         self.fence: Fence | None = None
         if migrate:
             self.upgrade()
-
-    def hold_as(self, host_id: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Ledger:
-        """From now on this ledger is host `host_id`'s: jobs it claims carry its id and a lease of `lease_seconds`,
-        and its writes to them check, in the same transaction, that it still holds them."""
-        if lease_seconds <= 0:
-            raise ValueError(f"lease_seconds={lease_seconds}: expected a positive number of seconds")
-        self.fence = Fence(host_id, float(lease_seconds))
-        return self
-
-    @property
-    def host_id(self) -> str | None:
-        return self.fence.host_id if self.fence else None
 
     @classmethod
     def open(cls, path_or_url: str | Path, **options: Any) -> Ledger:
@@ -180,32 +169,6 @@ class Ledger:
         with self._read() as session, session.begin():
             yield session
 
-    @contextmanager
-    def fenced(self, job_id: str) -> Iterator[Session]:
-        """The one fenced transaction: a write transaction in which this host still holds `job_id` (its row is
-        locked, and a running job's lease renewed), else LeaseLost before anything is written: another host holds
-        it, or it was taken from this one and waits for the next. Without a fence (no host), a plain write transaction."""
-        with self._writing() as session:
-            if self.fence is not None:
-                job = get_for_update(session, job_id)
-                # Mine, or an ended job nobody held (e.g. failed while ready); a job that waits again after a sweep
-                # took it from me is not.
-                if job.holder != self.fence.host_id and not (job.holder is None and job.state in TERMINAL):
-                    raise LeaseLost(job_id, self.fence.host_id)
-                if job.state in RUNNING:
-                    session.execute(update(JobRecord).where(JobRecord.id == job_id)
-                                    .values(lease_until=lease_end(session, self.fence.lease_seconds))
-                                    .execution_options(synchronize_session=False))
-            yield session
-
-    def holds(self, job_id: str) -> bool:
-        """Whether this host still holds the job (always True without a fence): what delivery asks first."""
-        try:
-            with self.fenced(job_id):
-                return True
-        except LeaseLost:
-            return False
-
     # ---- creating --------------------------------------------------------------------------------
 
     def add_staged(
@@ -258,17 +221,6 @@ class Ledger:
     def _exists(self, job_id: str) -> bool:
         with self._reading() as session:
             return session.get(JobRecord, job_id) is not None
-
-    def claimed_by(self, claim: str) -> str | None:
-        """The host that claimed this upload (None: nobody yet)."""
-        with self._reading() as session:
-            row = session.get(IngestClaim, claim)
-            return row.host_id if row is not None else None
-
-    def claim_holder(self, job_id: str) -> str | None:
-        """The host whose ingest claim created this staged job (None: created without a claim, before 0006)."""
-        with self._reading() as session:
-            return session.scalars(select(IngestClaim.host_id).where(IngestClaim.job_id == job_id)).first()
 
     # ---- moving ----------------------------------------------------------------------------------
 
@@ -431,42 +383,6 @@ class Ledger:
         """At start-up: this host's jobs left in a running state back in line, counting the attempt (the rule is
         daemon/ledger/takeover.py's). Returns (job id, from, to) for every job moved."""
         return recover_interrupted(self, now or utcnow(), has_prepared_inputs, excuse)
-
-    def renew_leases(self, seconds: float | None = None) -> int:
-        """The heartbeat's one UPDATE: every running job this host holds gets a fresh lease (database clock), of
-        the fence's length or `seconds` (a graceful stop's silence)."""
-        if self.fence is None:
-            return 0
-        with self._writing() as session:
-            stmt = (update(JobRecord)
-                    .where(JobRecord.holder == self.fence.host_id, JobRecord.state.in_(RUNNING))
-                    .values(lease_until=lease_end(session, seconds or self.fence.lease_seconds))
-                    .execution_options(synchronize_session=False))  # fmt: skip
-            return int(session.execute(stmt).rowcount or 0)
-
-    def release_orphans(
-        self, active: set[str], *, has_prepared_inputs: Callable[[JobRecord], bool] | None = None
-    ) -> list[tuple[str, JobState, JobState]]:
-        """This host's running jobs that are not in `active` (what it really runs) go back in line, excused."""
-        if self.fence is None:
-            return []
-        return release_orphans(self, utcnow(), active, has_prepared_inputs)
-
-    def take_expired(
-        self, now: datetime | None = None, *, has_prepared_inputs: Callable[[JobRecord], bool] | None = None
-    ) -> list[tuple[str, JobState, JobState]]:
-        """Every host's sweep: running jobs of other hosts whose lease ran out (the host died, froze or was cut
-        off) go back to their retry state, the attempt counted, the event naming the host that lost it."""
-        if self.fence is None:
-            return []
-        return take_expired(self, now or utcnow(), has_prepared_inputs)
-
-    def lease_info(self, job_id: str) -> tuple[str | None, datetime | None, datetime]:
-        """(holder, lease_until, the database's time now): for status, show and the tests."""
-        with self._reading() as session:
-            job = resolve(session, job_id)
-            now = session.execute(select(db_now(session))).scalar_one() if self.backend == "postgresql" else utcnow()
-            return job.holder, job.lease_until, now
 
     def cancel(self, job_id: str, message: str = "cancelled by user", *, now: datetime | None = None) -> JobState:
         """Cancel a job in any non-final state; returns the state it was cancelled from.
