@@ -146,7 +146,13 @@ def free_dir(parent: Path, name: str) -> Path:
     raise FileExistsError(f"{parent}: too many entries named {name}")
 
 
-TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # `.<name>.<8 hex>.tmp`: our interrupted writes
+# `.<name>.<8 hex>.tmp`, or `.<name>.<8 hex>.@<host>.tmp` when written by a host of a shared root: our interrupted writes
+TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.@([A-Za-z0-9_-]+))?\.tmp$")
+
+
+def host_tag(host_id: str | None) -> str:
+    """The host's mark in its temporary names: `.@<host>` (dots and other signs as `_`), or "" with no host."""
+    return "" if host_id is None else ".@" + re.sub(r"[^A-Za-z0-9_-]", "_", host_id)
 
 
 def temp_name(path: Path) -> Path:
@@ -154,16 +160,20 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def remove_temps(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+def remove_temps(folder: Path, names: tuple[str, ...] | None = None, host_id: str | None = None) -> list[Path]:
     """Delete the leftovers of our interrupted writes directly in `folder`: `.<name>.<8 hex>.tmp` files, only
-    for the final names in `names` when given (a job's own folder may hold anything else of its owner's)."""
+    for the final names in `names` when given (a job's own folder may hold anything else of its owner's), and with
+    `host_id` only this host's and unmarked ones (a shared outbox holds other live hosts' writes in progress)."""
     gone = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return gone
     for entry in entries:
-        if not TEMP_PATTERN.match(entry.name) or not entry.is_file(follow_symlinks=False):
+        match = TEMP_PATTERN.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if host_id is not None and match[1] not in (None, host_tag(host_id)[2:]):
             continue
         if names is not None and entry.name.rsplit(".", 2)[0][1:] not in names:
             continue

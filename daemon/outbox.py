@@ -25,7 +25,7 @@ import av
 
 from daemon.diskspace import removed_on_error
 from daemon.faults import kill_point
-from daemon.jobfiles import fsync_dir
+from daemon.jobfiles import fsync_dir, host_tag
 from inbox_schema import file_sha256
 
 if TYPE_CHECKING:
@@ -135,9 +135,10 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_name(outbox: Path, final_name: str) -> Path:
-    # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress.
-    return outbox / f".{final_name}.{secrets.token_hex(4)}.tmp"
+def _temp_name(outbox: Path, final_name: str, tag: str = "") -> Path:
+    # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress; `tag` marks the
+    # host writing it (jobfiles.host_tag), so that a host's start-up removes only its own leftovers.
+    return outbox / f".{final_name}.{secrets.token_hex(4)}{tag}.tmp"
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -189,22 +190,23 @@ def link_without_replacing(temp: Path, final: Path) -> None:
 class Outbox:
     """The delivery folder: `deliver` puts one job's results there under one free base name."""
 
-    def __init__(self, root: Path, poster: bool = True) -> None:
+    def __init__(self, root: Path, poster: bool = True, host_id: str | None = None) -> None:
         self.root = root
         self.poster = poster
+        self.tag = host_tag(host_id)  # in its temporary names: several hosts may write one outbox
 
     def _suffixes(self, extras: tuple[str, ...] = ()) -> tuple[str, ...]:
         return (".mp4", ".json", *((".jpg",) if self.poster else ()), *extras)
 
     def _stage_copy(self, src: Path, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp):  # a full disk must not leave a partial .tmp in the outbox
             shutil.copyfile(src, temp)
             _fsync_file(temp)
         return temp
 
     def _stage_bytes(self, data: bytes, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp), open(temp, "xb") as fh:
             fh.write(data)
             fh.flush()
@@ -212,7 +214,7 @@ class Outbox:
         return temp
 
     def _stage_poster(self, video: Path, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp):
             write_poster(video, temp)
             _fsync_file(temp)

@@ -50,7 +50,7 @@ class PoolDriver:
                  stopping: threading.Event) -> None:
         self.cfg, self.ledger, self.failures, self.notifier, self.stopping = config, ledger, failures, notifier, stopping
         self.pool = WarmPool(config.pool, config.paths.socket, config.outbox.crf)
-        self.outbox = Outbox(config.paths.outbox, config.outbox.poster)
+        self.outbox = Outbox(config.paths.outbox, config.outbox.poster, ledger.host_id)
         self.delivery = Delivery(ledger, self.outbox)
         self.cancel_sent: str | None = None
         self.run_started: dict[str, float] = {}  # job -> when it was sent to the pool (monotonic)

@@ -122,7 +122,8 @@ class Supervisor:
         """After a crash: running jobs back in line, and files in work/ consistent with the ledger."""
         assert self.ledger is not None and self.intake is not None and self.failures is not None
         assert self.driver is not None
-        for gone in jobfiles.remove_temps(self.paths.outbox):  # writes a crash interrupted (never published)
+        # Writes a crash interrupted (never published): this host's only, the outbox may be shared.
+        for gone in jobfiles.remove_temps(self.paths.outbox, host_id=self.heartbeat.host_id):
             log.info("removed the leftover of an interrupted delivery: %s", gone)
         # Exactly once: what a crash interrupted is redone as recorded (the intents) before anything is rerun.
         for job_id in self.driver.delivery.recover():

@@ -178,3 +178,4 @@ def test_without_a_host_nothing_is_fenced(ledger_url: str) -> None:
         claim(host)
         assert cli.holds(job_id) and cli.cancel(job_id) == S.SAMPLING
         assert cli.get(job_id).lease_until is None
+
