@@ -216,3 +216,24 @@ def test_a_drained_host_takes_no_new_jobs_and_says_so(tmp_path: Path, database: 
         hosts.stop_all()
     finally:
         hosts.cleanup()
+
+
+def test_hosts_share_a_root_but_one_host_id_serves_it_once(tmp_path: Path, database: str) -> None:
+    """The root lock is per host (state/serve.<host id>.lock): host-0 and host-1 both serve the shared root, a
+    second supervisor as host-0 is refused, saying why."""
+    hosts = Hosts(tmp_path, database, 2)
+    try:
+        hosts.start(0)
+        hosts.start(1)
+        hosts.wait_serving(0, 1)
+        first = hosts.procs[0]
+        twin = hosts.start(0)  # the same host id again
+        hosts.procs[0] = first
+        assert twin.wait(60) == 1
+        assert "another `wanbox serve`" in hosts.roots[0].log_text() and "as host host-0" in hosts.roots[0].log_text()
+        assert sorted(p.name for p in (hosts.shared / "state").glob("serve.*.lock")) == [
+            "serve.host-0.lock", "serve.host-1.lock"]
+        assert first.poll() is None
+        hosts.stop_all()
+    finally:
+        hosts.cleanup()
