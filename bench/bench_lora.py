@@ -55,13 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def lightning_like(model: nn.Module, rank: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Original-layout keys: pairs on every block Linear (+ alpha, + diff_b), full diffs on norms/modulation."""
+def lightning_like(model: nn.Module, rank: int, seed: int, device: torch.device, linears: tuple[str, ...] = LINEARS,
+                   full_diffs: tuple[str, ...] = FULL_DIFFS) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Original-layout keys: pairs on every block Linear of `linears` (+ alpha, + diff_b), full diffs on
+    `full_diffs` (norms, modulation). Only the model's shapes are read: it may be on the meta device."""
     gen = torch.Generator(device=device).manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     for i in range(len(model.blocks)):
-        for name in LINEARS:
+        for name in linears:
             w = params[f"blocks.{i}.{name}.weight"]
             key = f"diffusion_model.blocks.{i}.{name}"
             down = torch.randn(rank, w.shape[1], generator=gen, device=device) / math.sqrt(w.shape[1])
@@ -69,7 +71,7 @@ def lightning_like(model: nn.Module, rank: int, seed: int, device: torch.device)
             state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
             state[f"{key}.alpha"] = torch.tensor(float(rank))
             state[f"{key}.diff_b"] = torch.randn(w.shape[0], generator=gen, device=device) * 1e-3
-        for name in FULL_DIFFS:
+        for name in full_diffs:
             target = params[f"blocks.{i}.{name}"]
             module, leaf = f"diffusion_model.blocks.{i}.{name}".rsplit(".", 1)
             key = {"bias": f"{module}.diff_b", "weight": f"{module}.diff"}.get(leaf, f"{module}.{leaf}.diff")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon import jobfiles
+from daemon import jobfiles, moves
 from daemon.diskspace import waiting_for_space
 from daemon.faults import kill_point
 from daemon.journal import jlog, log
@@ -121,13 +121,14 @@ class Failures:
         appears in failed/ with its reason in one rename; the pointer for `retry` before the move."""
         taken = jobfiles.work_inputs_dir(self.work, job_id)
         dest = Path(plan["failed_dir"])
+        moves.settle(taken, dest)  # a copy onto another filesystem that a kill interrupted
         if taken.exists():
             jobfiles.write_text_durably(taken / jobfiles.ERROR_FILE, plan["text"])
             kill_point("fail.reason_written")
             # Remembered beside the job's work files, so that `wanbox retry` can bring them back.
             jobfiles.write_text_durably(taken.parent / jobfiles.FAILED_POINTER, str(dest))
             kill_point("fail.pointer_written")
-            jobfiles.move_file(taken, dest)
+            jobfiles.move_file(taken, dest, "fail")
             kill_point("fail.moved")
             jlog(logging.INFO, job_id, "inputs moved to %s", dest)
         elif dest.is_dir() and not (dest / jobfiles.ERROR_FILE).exists():
@@ -160,9 +161,13 @@ class Failures:
         taken = jobfiles.work_inputs_dir(self.work, job_id)
         pointer = taken.parent / jobfiles.FAILED_POINTER
         failed_dir = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-        if taken.exists() or not failed_dir or not Path(failed_dir).is_dir():
+        if not failed_dir:
             return False
-        jobfiles.move_file(Path(failed_dir), taken)
+        both = taken.exists() and os.path.lexists(failed_dir)  # a kill interrupted a copy back: finish it
+        if not (both and moves.settle(Path(failed_dir), taken)):
+            if taken.exists() or not Path(failed_dir).is_dir():
+                return False
+            jobfiles.move_file(Path(failed_dir), taken)
         (taken / jobfiles.ERROR_FILE).unlink(missing_ok=True)  # our reason file, written at the failure
         pointer.unlink()
         jlog(logging.INFO, job_id, "inputs taken back from %s for the retry", failed_dir)
@@ -187,8 +192,9 @@ class Failures:
         dest = Path(plan["failed_dir"])
         sources = [(Path(src), Path(rel)) for src, rel in plan["sources"]]
         if len(sources) == 1 and sources[0][1] == Path("."):
+            moves.settle(sources[0][0], dest)  # a copy onto another filesystem that a kill interrupted
             if os.path.lexists(sources[0][0]) and not os.path.lexists(dest):
-                jobfiles.move_file(sources[0][0], dest)
+                jobfiles.move_file(sources[0][0], dest, "reject")
                 kill_point("reject.moved_folder")
             if not dest.is_dir():
                 dest.mkdir(parents=True)  # the folder was taken back meanwhile: the reason still gets a home
@@ -199,7 +205,8 @@ class Failures:
             jobfiles.write_text_durably(dest / jobfiles.ERROR_FILE, plan["text"])
             kill_point("reject.reason_written")
         for i, (src, rel) in enumerate(sources):  # the caller lists the inputs first, the manifest last
+            moves.settle(src, dest / rel)
             if rel != Path(".") and os.path.lexists(src) and not os.path.lexists(dest / rel):
-                jobfiles.move_file(src, dest / rel)
+                jobfiles.move_file(src, dest / rel, "reject")
                 kill_point("reject.moved_manifest" if i == len(sources) - 1 else "reject.moved_input")
         return dest

@@ -27,6 +27,9 @@ POINTS = (
     # finalize: work/<id>/output.mp4 -> outbox/<name>.{mp4,jpg,<extras>,json}
     "finalize.begin", "finalize.intent", "finalize.staged", "finalize.published", "finalize.recorded",
     "finalize.cleaned",
+    # a move onto another filesystem (inbox -> work/; inbox or work/ -> failed/): copied under a temporary name,
+    # renamed into place (the source not yet removed)
+    "accept.copied", "accept.copy_placed", "reject.copied", "reject.copy_placed", "fail.copied", "fail.copy_placed",
     # state boundaries of a run
     "state.preprocessing", "state.ready", "state.sampling",
 )  # fmt: skip

@@ -18,10 +18,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon import jobfiles
+from daemon import jobfiles, moves
 from daemon.config import Config
 from daemon.failures import Failures
 from daemon.faults import kill_point
+from daemon.holds import Holds, reject_blocked, take_in_blocked
 from daemon.ingest import IngestClaims
 from daemon.jobfiles import JobFiles
 from daemon.journal import jlog, log
@@ -98,6 +99,7 @@ class Intake:
         self.tracker = StabilityTracker(config.inbox.settle_seconds)
         self.staging: dict[str, Staging] = {}  # manifest path -> what we know
         self.claims = IngestClaims(ledger)  # which uploads this host ingests (several hosts may watch one inbox)
+        self.holds = Holds(ledger, config.inbox.staged_deadline_seconds)  # waiting for the host, not the upload
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
         # LoRA library file -> (size, mtime), sha256: one hash per library file and version, shared by every job
         self.library_hashes: dict[str, tuple[tuple[int, int], str]] = {}
@@ -131,18 +133,25 @@ class Intake:
         else looks at the inbox; an interrupted acceptance is undone below (its files go back to the inbox)."""
         for intent in self.failures.intents.pending():
             if intent.action == REJECT:
-                jobfiles.remove_temps(Path(intent.plan["failed_dir"]), (jobfiles.ERROR_FILE,))
-                dest = self.failures.complete_reject(intent.plan)
-                if intent.plan.get("transition"):
-                    self.finish_reject(intent.job_id, dest, intent.plan["transition"])
-                else:
-                    self.failures.intents.clear(intent.job_id, REJECT)
-                jlog(logging.WARNING, intent.job_id, "an interrupted rejection was completed: %s", dest)
+                try:
+                    self._redo_reject(intent.job_id, intent.plan)
+                except OSError as exc:  # failed/ still full or unwritable: the staged job retries it, saying why
+                    log.error("job %s: an interrupted rejection cannot be completed yet: %s", intent.job_id, exc)
             elif intent.action == ACCEPT and self.ledger.get(intent.job_id).state != S.STAGED:
                 self.failures.intents.clear(intent.job_id, ACCEPT)  # accepted: only forgetting it was left
 
+    def _redo_reject(self, job_id: str, plan: dict[str, Any]) -> None:
+        jobfiles.remove_temps(Path(plan["failed_dir"]), (jobfiles.ERROR_FILE,))
+        dest = self.failures.complete_reject(plan)
+        if plan.get("transition"):
+            self.finish_reject(job_id, dest, plan["transition"])
+        else:
+            self.failures.intents.clear(job_id, REJECT)
+        jlog(logging.WARNING, job_id, "an interrupted rejection was completed: %s", dest)
+
     def _recover_staged(self, record: JobRecord) -> None:
         taken = jobfiles.work_inputs_dir(self.paths.work, record.id)
+        moves.remove_copying(taken.parent)  # copies onto another filesystem that a kill interrupted
         if not taken.exists():
             if not os.path.lexists(record.manifest_path):
                 why = "the manifest was removed from the inbox (while the daemon was stopped) before it was accepted"
@@ -166,6 +175,7 @@ class Intake:
         if not (self.watcher.due() or self.staging):
             return
         candidates = self.watcher.scan()
+        self.holds.scanned(candidates is not None)
         if candidates is None:
             return  # outage: nothing is read as deleted
         seen = set()
@@ -199,6 +209,9 @@ class Intake:
             log.exception("could not reject %s after repeated internal errors", candidate.manifest)
 
     def consider(self, candidate: Candidate) -> None:
+        held = self.staging.get(str(candidate.manifest))
+        if held is not None and self.holds.held(held.job_id):
+            return  # waits for space in work/ or failed/: tried again after a pause
         if readable(candidate.key) != candidate.key:
             self._reject_unreadable_name(candidate)
             return
@@ -393,7 +406,16 @@ class Intake:
         # Recorded first: after a crash, recovery knows the daemon (not the user) took these files away.
         self.failures.intents.replace(entry.job_id, ACCEPT, {"taken": str(taken)})
         kill_point("accept.intent")
-        jobfiles.take_into_work(files, taken, self._shared_inputs(str(candidate.manifest), files))
+        try:
+            jobfiles.take_into_work(files, taken, self._shared_inputs(str(candidate.manifest), files))
+        except OSError as exc:
+            if (reason := take_in_blocked(exc, self.paths.work, self.holds.retry_seconds)) is None:
+                raise
+            jobfiles.give_back(taken, self.paths.inbox, candidate.folder.name if candidate.folder else None)
+            self.failures.intents.clear(entry.job_id, ACCEPT)
+            self.holds.hold(entry.job_id, reason)  # staged, waiting for space, the upload in the inbox as it was
+            entry.waiting = ""  # the ledger's reason is the hold's now: a new problem is recorded again
+            return
         base = files.base()
         moved = {key: replace(item, path=taken / item.path.relative_to(base), sha256=hashes[key])
                  for key, item in job.files().items()}
@@ -440,7 +462,11 @@ class Intake:
         if content_hash:
             fields["input_hash"] = content_hash
         transition = {"message": f"rejected: {summary}", "fields": fields}
-        dest = self.failures.reject_files(job_id, name, sources, text, transition)
+        try:
+            dest = self.failures.reject_files(job_id, name, sources, text, transition)
+        except OSError as exc:  # the intent stays: the retry finishes this very plan
+            self.holds.hold(job_id, reject_blocked(exc, self.paths.failed, summary, self.holds.retry_seconds))
+            return
         self.finish_reject(job_id, dest, transition)
         self._forget(str(candidate.manifest), files)
         jlog(logging.WARNING, job_id, "rejected (%s): %s -> %s", candidate.key, summary, dest)
@@ -480,7 +506,7 @@ class Intake:
             if entry is None:
                 continue  # seen again on the next scan, then checked (after a restart)
             key, staging = entry
-            if not self._watched_settling(staging):
+            if self.holds.held(record.id) or not self._watched_settling(staging):
                 continue  # e.g. restarted past the deadline: first see whether the files settle
             reason = staging.waiting or record.waiting_reason or "the manifest or its inputs did not settle"
             text = f"staging deadline of {self.cfg.inbox.staged_deadline_seconds:g} s passed: {reason}"

@@ -6,6 +6,7 @@ input, and must not touch the ledger (the supervisor records what happened).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -14,7 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.diskspace import removed_on_error
 from daemon.faults import kill_point
+from daemon.moves import contained, copy_then_remove, discard, fsync_dir
 
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
@@ -31,15 +34,6 @@ def attempt_output(work_dir: Path, attempt: int, host_id: str) -> Path:
     return work_dir / f"output.{attempt}.{re.sub(r'[^A-Za-z0-9._-]', '_', host_id)}.mp4"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or link in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class JobFiles:
     """What belongs to one job in the inbox: the manifest, its inputs, and its folder (folder layout)."""
@@ -54,8 +48,9 @@ class JobFiles:
         return self.folder if self.folder is not None else self.inbox
 
 
-def move_file(src: Path, dest: Path) -> None:
-    """Rename `src` to `dest` (never replacing); across filesystems copy, fsync, then unlink the source."""
+def move_file(src: Path, dest: Path, op: str | None = None) -> None:
+    """Rename `src` to `dest` (never replacing); across filesystems copy to a temporary name, fsync, rename,
+    then remove the source (daemon/moves.py: a kill leaves one complete copy, and `settle` finishes it)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(dest):
         raise FileExistsError(f"{dest} already exists: refusing to replace it with {src}")
@@ -64,21 +59,8 @@ def move_file(src: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        _copy_then_unlink(src, dest)
+        copy_then_remove(src, dest, op)
     fsync_dir(dest.parent)
-
-
-def _copy_then_unlink(src: Path, dest: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dest, symlinks=True)
-        shutil.rmtree(src)  # the copy is complete (copytree raises otherwise)
-        return
-    temp = dest.with_name(f".{dest.name}.copying")
-    shutil.copy2(src, temp)
-    with open(temp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.rename(temp, dest)
-    os.unlink(src)
 
 
 def copy_file(src: Path, dest: Path) -> None:
@@ -87,10 +69,10 @@ def copy_file(src: Path, dest: Path) -> None:
     try:
         os.link(src, dest)
     except OSError:
-        temp = dest.with_name(f".{dest.name}.copying")
-        shutil.copy2(src, temp)
-        with open(temp, "rb") as fh:
-            os.fsync(fh.fileno())
+        with removed_on_error(dest.with_name(f".{dest.name}.copying")) as temp:
+            shutil.copy2(src, temp)
+            with open(temp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.rename(temp, dest)
 
 
@@ -104,7 +86,7 @@ def take_into_work(files: JobFiles, dest: Path, shared: set[Path] = frozenset())
     Inputs in `shared` are still named by another job waiting in the inbox, so they are copied.
     """
     if files.folder is not None:
-        move_file(files.folder, dest)  # one rename takes the folder with everything in it
+        move_file(files.folder, dest, "accept")  # one rename takes the folder with everything in it
         kill_point("accept.moved_manifest")
         return
     for src in files.inputs:
@@ -112,30 +94,54 @@ def take_into_work(files: JobFiles, dest: Path, shared: set[Path] = frozenset())
         if src in shared:
             copy_file(src, target)
         else:
-            move_file(src, target)
+            move_file(src, target, "accept")
         kill_point("accept.moved_input")
-    move_file(files.manifest, dest / files.manifest.name)
+    move_file(files.manifest, dest / files.manifest.name, "accept")
     kill_point("accept.moved_manifest")
 
 
 def return_to_inbox(src_dir: Path, inbox: Path, folder_name: str | None) -> list[Path]:
-    """Undo an interrupted `take_into_work`: put the files back where they were. Returns what stayed.
+    """Undo an interrupted (or refused) `take_into_work`: put the files back where they were; what is left of
+    `src_dir` once empty goes. Returns what stayed.
 
-    A file whose original name is taken again in the inbox stays where it is (never overwrite).
+    A file whose original name is taken again in the inbox stays where it is (never overwrite), unless it is
+    the very file: a copy across filesystems interrupted before its source was removed (or a shared input).
     """
     if folder_name is not None:
-        if not os.path.lexists(inbox / folder_name):
-            move_file(src_dir, inbox / folder_name)
-            return []
-        return [src_dir]
+        target = inbox / folder_name
+        if os.path.lexists(target) and contained(src_dir, target):
+            discard(src_dir)  # the inbox still holds the whole folder: our copy is redundant
+        elif not os.path.lexists(target):
+            move_file(src_dir, target)
+        else:
+            return [src_dir]
+        return []
     stayed = []
-    for path in sorted(p for p in src_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in src_dir.rglob("*") if p.is_file() or p.is_symlink()):
         target = inbox / path.relative_to(src_dir)
-        if os.path.lexists(target):
+        if os.path.lexists(target) and contained(path, target):
+            os.unlink(path)
+        elif os.path.lexists(target):
             stayed.append(path)
         else:
             move_file(path, target)
+    _remove_empty_dirs(src_dir)
     return stayed
+
+
+def give_back(taken: Path, inbox: Path, folder_name: str | None) -> None:
+    """A take-in that work/ refused (a full disk): what was already taken goes back to the inbox, and the job's
+    work folder, empty now, goes."""
+    if taken.exists():
+        return_to_inbox(taken, inbox, folder_name)
+    with contextlib.suppress(OSError):
+        taken.parent.rmdir()
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):  # not empty: something stayed
+            os.rmdir(folder)
 
 
 def free_dir(parent: Path, name: str) -> Path:
@@ -183,8 +189,7 @@ def remove_temps(folder: Path, names: tuple[str, ...] | None = None, host_id: st
 
 
 def write_text_durably(path: Path, text: str) -> None:
-    temp = temp_name(path)
-    with open(temp, "x", encoding="utf-8") as fh:
+    with removed_on_error(temp_name(path)) as temp, open(temp, "x", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

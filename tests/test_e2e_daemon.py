@@ -125,7 +125,7 @@ def test_uploads_rsync_sftp_folder_dedupe_and_outage(root) -> None:
     r.drop("again", manifest_text())
     again = r.wait_state("again", "rejected")
     assert f"identical to job {cat.id}" in again.last_error and "cat.mp4" in again.last_error
-    error_txt = (r.failed / "again" / "error.txt").read_text()
+    error_txt = r.failed_reason("again")
     assert f"identical to job {cat.id}" in error_txt and (r.failed / "again" / "again.toml").exists()
 
     # An unmounted share is an outage, not a deletion: the staged job survives and goes on afterwards.
@@ -185,26 +185,26 @@ def test_bad_manifests_and_escapes_end_in_failed_with_precise_errors(root, tmp_p
     wait_for(lambda: all((r.failed / n / "error.txt").exists() for n in names), 60,
              lambda: f"missing: {[n for n in names if not (r.failed / n / 'error.txt').exists()]}\n{r.log_text()[-3000:]}")
     for index, (case_id, _text, field, _value, expected, _line) in enumerate(CASES):
-        error_txt = (r.failed / f"bad-{index:02d}" / "error.txt").read_text()
+        error_txt = r.failed_reason(f"bad-{index:02d}")
         assert field in error_txt and expected in error_txt, f"{case_id}: {error_txt}"
         assert "wanbox submit" in error_txt  # how to resubmit
         assert (r.failed / f"bad-{index:02d}" / f"bad-{index:02d}.toml").exists()
-    assert "inputs.image" in (r.failed / "dotdot" / "error.txt").read_text()
-    assert '".."' in (r.failed / "dotdot" / "error.txt").read_text()
-    assert "absolute path" in (r.failed / "absolute" / "error.txt").read_text()
-    assert "symbolic link" in (r.failed / "linked" / "error.txt").read_text()
-    assert "UTF-8" in (r.failed / "binary" / "error.txt").read_text()
-    assert "symbolic link" in (r.failed / "symlinked" / "error.txt").read_text()
+    assert "inputs.image" in r.failed_reason("dotdot")
+    assert '".."' in r.failed_reason("dotdot")
+    assert "absolute path" in r.failed_reason("absolute")
+    assert "symbolic link" in r.failed_reason("linked")
+    assert "UTF-8" in r.failed_reason("binary")
+    assert "symbolic link" in r.failed_reason("symlinked")
     assert os.path.islink(r.failed / "symlinked" / "symlinked.toml")  # the link itself was moved
-    assert "not a special file" in (r.failed / "piped" / "error.txt").read_text()
-    assert "2147483648 bytes" in (r.failed / "huge" / "error.txt").read_text()
+    assert "not a special file" in r.failed_reason("piped")
+    assert "2147483648 bytes" in r.failed_reason("huge")
     assert fifo.exists() and not any(r.inbox.glob("bad-*"))
 
     # The declared hash does not match: staged until the deadline, then rejected saying why.
     assert r.state("mismatch") == "staged"
     mismatch = r.wait_state("mismatch", "rejected", timeout=20)
     assert "sha256" in mismatch.last_error and "0" * 64 in mismatch.last_error
-    assert "deadline" in (r.failed / "mismatch" / "error.txt").read_text()
+    assert "deadline" in r.failed_reason("mismatch")
 
     # The daemon stayed up: a good job still goes through.
     write_image(r.inbox / "good.jpg", color=(9, 9, 9))
@@ -225,7 +225,7 @@ def test_hung_and_crashing_workers_cancel_retry_and_graceful_stop(root, capsys) 
     with r.ledger() as ledger:
         messages = [e.message for e in ledger.events(hang.id)]
     assert any("attempt 1 of 2 failed (pool)" in m for m in messages)
-    error_txt = (r.failed / "hang" / "error.txt").read_text()
+    error_txt = r.failed_reason("hang")
     assert "hung" in error_txt and f"wanbox retry {hang.id}" in error_txt
     assert (r.failed / "hang" / "hang.jpg").exists()
 

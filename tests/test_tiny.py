@@ -14,7 +14,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.weights.tiny import TinySizes, write_animate, write_i2v
+from pipeline.weights.tiny import (
+    REAL_I2V_SIZES,
+    TinySizes,
+    dit_fields,
+    random_module,
+    write_animate,
+    write_i2v,
+)
 from pipeline.weights.tiny import main as tiny_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +108,47 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_i2v: Path, tmp_pat
     assert read(tmp_path / "again") == read(tiny_i2v)
     assert read(tmp_path / "other") != read(tiny_i2v)
     assert (tmp_path / "again" / "Wan2.1_VAE.pth").stat().st_size == (tiny_i2v / "Wan2.1_VAE.pth").stat().st_size
+
+
+def test_real_sizes_are_the_released_widths() -> None:
+    """--real-size writes what the released I2V-A14B holds: checked here, before any GPU time is spent on it."""
+    from pipeline.models.dit import DiTConfig
+    from pipeline.models.t5 import T5Config
+    from pipeline.models.vae import VaeConfig
+
+    sizes = REAL_I2V_SIZES
+    assert DiTConfig.from_dict(dit_fields(sizes)) == DiTConfig.real_14b()
+    assert T5Config(vocab_size=sizes.vocab, dim=sizes.t5_dim, dim_attn=sizes.t5_dim, dim_ffn=sizes.t5_ffn,
+                    num_heads=sizes.t5_heads, encoder_layers=sizes.t5_layers) == T5Config()
+    assert VaeConfig(dim=sizes.vae_dim) == VaeConfig() and sizes.tokenizer_vocab < sizes.vocab
+
+
+def test_shared_experts_are_hard_links_that_load_as_two_experts(tmp_path: Path) -> None:
+    from pipeline.weights.layouts import check_installed
+    from pipeline.weights.loader import load_i2v_experts
+
+    out = write_i2v(tmp_path / "shared", seed=3, share_experts=True)
+    shards = sorted((out / "high_noise_model").glob("*.safetensors"))
+    assert len(shards) == 2
+    for shard in shards:
+        linked = out / "low_noise_model" / shard.name
+        assert linked.is_file() and not linked.is_symlink() and linked.samefile(shard)
+    assert check_installed("i2v-A14B", out) == []
+    high, low = load_i2v_experts(out)
+    assert high is not low
+    assert all(torch.equal(a, b) for a, b in zip(high.state_dict().values(), low.state_dict().values(), strict=True))
+
+
+def test_random_module_off_the_cpu_float32_path_is_built_on_meta() -> None:
+    from pipeline.models.dit import DiTConfig, WanDiT
+
+    config = DiTConfig.from_dict(dit_fields(TinySizes()))
+    model = random_module(lambda: WanDiT(config), 4, "cpu", torch.bfloat16)
+    params = list(model.parameters())
+    assert {p.dtype for p in params} == {torch.bfloat16} and all(torch.isfinite(p).all() for p in params)
+    assert all(p.std() > 0 for p in params if p.numel() > 1)  # every tensor was filled, none left empty
+    with pytest.raises(ValueError, match="has buffers"):
+        random_module(lambda: torch.nn.BatchNorm1d(4), 0, "cpu", torch.bfloat16)
 
 
 def test_cli_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -443,6 +443,20 @@ class Ledger(Holding):
         with self._reading() as session:
             return session.scalars(stmt.order_by(JobRecord.created_at.desc()).limit(1)).first()
 
+    def postpone_staged(self, by: timedelta, job_id: str | None = None, floor: datetime | None = None) -> int:
+        """Move staged deadlines (one job's, or all) later by `by`, and to at least `floor`: time the host took
+        away (an inbox outage, a full disk) is not the upload's. Returns how many moved."""
+        stmt = select(JobRecord).where(JobRecord.state == JobState.STAGED, JobRecord.staged_deadline.is_not(None))
+        if job_id is not None:
+            stmt = stmt.where(JobRecord.id == job_id)
+        moved = 0
+        with self._writing() as session:
+            for job in session.scalars(stmt.with_for_update()):
+                deadline = job.staged_deadline + by
+                job.staged_deadline = max(deadline, floor) if floor is not None else deadline
+                moved += 1
+        return moved
+
     def staged_past_deadline(self, now: datetime | None = None) -> list[JobRecord]:
         """Staged jobs whose deadline has passed (to be rejected with the reason)."""
         stmt = select(JobRecord).where(JobRecord.state == JobState.STAGED, JobRecord.staged_deadline <= (now or utcnow()))

@@ -3,6 +3,12 @@
 Writes a complete checkpoint directory in the released layout from OUR modules at tiny sizes, so that
 loaders, workers and end-to-end tests run on a CPU in seconds. The weights are seeded noise: the videos
 mean nothing, and nothing here may be used as a real model.
+
+`--family i2v --real-size` writes the same layout at the released I2V-A14B widths (two 14B experts in bf16,
+umT5-xxl, the Wan2.1 VAE) for GPU runs of the whole daemon: built on the meta device, filled on the GPU and
+written shard by shard, so no fp32 14B copy ever exists in host memory. `--share-experts` stores the
+low-noise expert as hard links to the high-noise expert's shards (one 28.6 GB copy on disk and in the page
+cache instead of two): the loader reads it as a second expert like any other.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +59,14 @@ class TinySizes:
     face_inner: int = 16
     face_size: int = 32  # face crop side the motion encoder takes (the released model: 512)
     lora_rank: int = 4
+    tokenizer_vocab: int = 0  # pieces of the written tokenizer.json; 0: vocab (the tiny tokenizer has < 20k)
+
+
+# The released Wan2.2-I2V-A14B widths (DiTConfig.real_14b, T5Config's defaults, the Wan2.1 VAE). The tokenizer
+# is the tiny one (no download): its 4096 pieces are valid ids of the real 256384-row embedding.
+REAL_I2V_SIZES = TinySizes(dit_dim=5120, dit_ffn=13824, dit_heads=40, dit_layers=40, text_len=512, t5_dim=4096,
+                           t5_ffn=10240, t5_heads=64, t5_layers=24, vocab=256384, vae_dim=96, tokenizer_vocab=4096)
+REAL_DIT_SHARDS = 6  # as the released experts are split
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -62,12 +77,26 @@ def fill_random(module: nn.Module, seed: int) -> nn.Module:
 
     Norm scales ~ 1 + 0.1 N, biases ~ 0.05 N, modulation tables ~ N / sqrt(dim), weights ~ N / sqrt(fan_in).
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32, device=device)
             param.copy_(_scaled(name, param, noise))
     return module
+
+
+def random_module(factory: Callable[[], nn.Module], seed: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> nn.Module:  # fmt: skip
+    """factory() filled by fill_random. Elsewhere than float32 on the CPU it is built on the meta device and
+    allocated on `device` in `dtype` first (a 14B model is never materialised in fp32 on the host)."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        return fill_random(factory(), seed)  # the tiny path: the same numbers as ever
+    with torch.device("meta"):
+        module = factory()
+    if any(True for _ in module.buffers()):  # to_empty would leave them unset
+        raise ValueError(f"{type(module).__name__} has buffers; build it on the CPU in float32 instead")
+    return fill_random(module.to(dtype).to_empty(device=device), seed)
 
 
 def _scaled(name: str, param: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -82,53 +111,76 @@ def _scaled(name: str, param: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
     return noise / math.sqrt(max(1, param[0].numel()))
 
 
-def state_of(module: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A plain, contiguous state dict (floats cast to dtype), as the released files hold."""
+def state_of(module: nn.Module, dtype: torch.dtype = torch.float32, host: bool = True) -> dict[str, torch.Tensor]:
+    """A plain, contiguous state dict (floats cast to dtype), as the released files hold. host=False keeps the
+    tensors where they are (write_sharded moves one shard at a time to the host)."""
     out = {}
     for key, value in module.state_dict().items():
-        value = value.detach().to("cpu")
-        out[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
+        value = value.detach().to("cpu") if host else value.detach()
+        value = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+        out[key] = value.clone() if host else value
     return out
 
 
 # ---------------------------------------------------------------------------------------------- writers
 
 
-def write_sharded(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
-    """config.json + DIT_SHARDS safetensors shards + the index, as diffusers' save_pretrained writes them."""
+def write_sharded(folder: Path, state: dict[str, torch.Tensor], config: dict, count: int = DIT_SHARDS) -> None:
+    """config.json + `count` safetensors shards + the index, as diffusers' save_pretrained writes them.
+    Tensors may be on a GPU: each shard is copied to the host just before it is written."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     total = sum(t.numel() * t.element_size() for t in state.values())
-    names = [f"{DIT_WEIGHTS}-{i + 1:05d}-of-{DIT_SHARDS:05d}.safetensors" for i in range(DIT_SHARDS)]
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in names]
-    per_shard = math.ceil(len(state) / DIT_SHARDS)  # contiguous runs of keys; every shard gets some
-    for position, (key, tensor) in enumerate(state.items()):
-        shards[position // per_shard][key] = tensor
+    names = [f"{DIT_WEIGHTS}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    shards: list[list[str]] = [[] for _ in names]
+    per_shard = math.ceil(len(state) / count)  # contiguous runs of keys; every shard gets some
+    for position, key in enumerate(state):
+        shards[position // per_shard].append(key)
     weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
+    for name, keys in zip(names, shards, strict=True):
+        save_file({key: state[key].to("cpu") for key in keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in keys})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / f"{DIT_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_text_encoder(out: Path, sizes: TinySizes, seed: int) -> None:
+def link_expert(source: Path, dest: Path) -> str:
+    """dest: a second DiT folder whose config.json and index are copies and whose shards are hard links to
+    source's (symbolic links where the filesystem has none). Returns "hardlink" or "symlink"."""
+    dest.mkdir(parents=True, exist_ok=True)
+    how = "hardlink"
+    for item in sorted(source.iterdir()):
+        if item.suffix != ".safetensors":
+            (dest / item.name).write_bytes(item.read_bytes())
+            continue
+        try:
+            os.link(item, dest / item.name)
+        except OSError:
+            os.symlink(item.resolve(), dest / item.name)
+            how = "symlink"
+    return how
+
+
+def write_text_encoder(out: Path, sizes: TinySizes, seed: int, device: torch.device | str = "cpu") -> None:
     """umT5 encoder .pth (bf16, as released) + t5_config.json (sizes and text_len) + tokenizer.json."""
     from pipeline.models.t5 import T5Config, T5Encoder
     from pipeline.models.tokenizer import write_tiny_tokenizer
 
     config = T5Config(vocab_size=sizes.vocab, dim=sizes.t5_dim, dim_attn=sizes.t5_dim, dim_ffn=sizes.t5_ffn,
                       num_heads=sizes.t5_heads, encoder_layers=sizes.t5_layers, num_buckets=32, shared_pos=False)
-    encoder = fill_random(T5Encoder(config), seed)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    encoder = random_module(lambda: T5Encoder(config), seed, device, dtype)
     torch.save(state_of(encoder, torch.bfloat16), out / T5_FILE)
+    del encoder
     (out / T5_CONFIG).write_text(json.dumps({**asdict(config), "text_len": sizes.text_len}, indent=2) + "\n")
-    write_tiny_tokenizer(out / TOKENIZER_DIR, sizes.vocab)
+    write_tiny_tokenizer(out / TOKENIZER_DIR, sizes.tokenizer_vocab or sizes.vocab)
 
 
-def write_vae(out: Path, sizes: TinySizes, seed: int) -> None:
+def write_vae(out: Path, sizes: TinySizes, seed: int, device: torch.device | str = "cpu") -> None:
     from pipeline.models.vae import VaeConfig, VideoVAE
 
-    torch.save(state_of(fill_random(VideoVAE(VaeConfig(dim=sizes.vae_dim)), seed)), out / VAE_FILE)
+    vae = random_module(lambda: VideoVAE(VaeConfig(dim=sizes.vae_dim)), seed, device)
+    torch.save(state_of(vae), out / VAE_FILE)
 
 
 def dit_fields(sizes: TinySizes) -> dict:
@@ -138,20 +190,28 @@ def dit_fields(sizes: TinySizes) -> dict:
             "num_heads": sizes.dit_heads, "num_layers": sizes.dit_layers, "eps": 1e-6}
 
 
-def write_i2v(out: Path, seed: int = 0, sizes: TinySizes | None = None) -> Path:
-    """The Wan2.2-I2V-A14B layout: two experts, T5 + tokenizer, VAE."""
+def write_i2v(out: Path, seed: int = 0, sizes: TinySizes | None = None, device: torch.device | str = "cpu",
+              shards: int = DIT_SHARDS, share_experts: bool = False) -> Path:  # fmt: skip
+    """The Wan2.2-I2V-A14B layout: two experts, T5 + tokenizer, VAE. On a GPU `device` the experts and T5 are
+    written in bf16 (the VAE in float32, as released); share_experts: link_expert for the low-noise one."""
     from pipeline.models.dit import DiTConfig, WanDiT
 
     sizes = sizes or TinySizes()
     out.mkdir(parents=True, exist_ok=True)
     fields = dit_fields(sizes)
     config = DiTConfig.from_dict(fields)
+    on_host = torch.device(device).type == "cpu"
+    dtype = torch.float32 if on_host else torch.bfloat16
+    meta = {"_class_name": "WanModel", "_diffusers_version": DIFFUSERS_VERSION, **fields}
     for offset, expert in enumerate(("high_noise_model", "low_noise_model")):
-        model = fill_random(WanDiT(config), seed * 100 + offset + 1)
-        write_sharded(out / expert, state_of(model),
-                      {"_class_name": "WanModel", "_diffusers_version": DIFFUSERS_VERSION, **fields})
-    write_text_encoder(out, sizes, seed * 100 + 11)
-    write_vae(out, sizes, seed * 100 + 12)
+        if share_experts and offset:
+            link_expert(out / "high_noise_model", out / expert)
+            continue
+        model = random_module(lambda: WanDiT(config), seed * 100 + offset + 1, device, dtype)
+        write_sharded(out / expert, state_of(model, dtype, host=on_host), meta, shards)
+        del model
+    write_text_encoder(out, sizes, seed * 100 + 11, device)
+    write_vae(out, sizes, seed * 100 + 12, device)
     return out
 
 
@@ -251,17 +311,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     parser.add_argument("--face-size", type=int, default=32,
                         help="animate: face crop side of the motion encoder (512 takes real preprocessing output)")
+    parser.add_argument("--real-size", action="store_true",
+                        help="i2v: the released 14B widths, bf16, built on --device (a GPU; 69 GB on disk, 40 GB shared)")
+    parser.add_argument("--device", default="cuda", help="with --real-size: where the weights are made")
+    parser.add_argument("--share-experts", action="store_true",
+                        help="i2v: the low-noise expert's shards are hard links to the high-noise expert's")
     args = parser.parse_args(argv)
     out: Path = args.out_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"{out}: exists and is not an empty directory; choose a new OUT_DIR", file=sys.stderr)
         return 2
-    if args.family == "i2v":
-        write_i2v(out, args.seed)
+    if args.real_size and args.family != "i2v":
+        print(f"--real-size: family {args.family!r}, expected 'i2v' (the only real-size layout written)",
+              file=sys.stderr)
+        return 2
+    if args.family == "i2v" and args.real_size:
+        write_i2v(out, args.seed, REAL_I2V_SIZES, args.device, REAL_DIT_SHARDS, args.share_experts)
+    elif args.family == "i2v":
+        write_i2v(out, args.seed, share_experts=args.share_experts)
     else:
         write_animate(out, args.seed, TinySizes(face_size=args.face_size))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote tiny {args.family} checkpoint to {out} ({size / 1e6:.1f} MB, seed {args.seed})")
+    files = {p.stat().st_ino: p.stat().st_size for p in out.rglob("*") if p.is_file()}  # hard links once
+    label = "real-size" if args.real_size else "tiny"
+    print(f"wrote {label} {args.family} checkpoint to {out} ({sum(files.values()) / 1e6:.1f} MB on disk, "
+          f"seed {args.seed}{', experts share their shards' if args.share_experts else ''})")
     return 0
 
 

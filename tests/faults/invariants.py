@@ -68,6 +68,7 @@ def _sidecars(outbox: Path, problems: list[str]) -> dict[str, dict[str, Any]]:
 
 def _leftovers(root: Path, problems: list[str]) -> int:
     left = [p for folder in ("outbox", "failed") for p in (root / folder).rglob(".*.tmp")]
+    left += [p for folder in ("inbox", "work", "failed") for p in (root / folder).rglob(".*.copying")]
     for p in left:
         problems.append(f"leftover of an interrupted write: {p.relative_to(root)}")
     return len(left)

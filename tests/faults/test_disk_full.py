@@ -141,8 +141,8 @@ def test_a_full_work_disk_holds_the_job_without_spending_attempts_and_it_runs_wh
         assert f"disk full: the folder {r.work / job.id}" in job.last_error and "free of" in job.last_error, \
             job.last_error
         assert "without counting against its attempts" in job.last_error, job.last_error
-        status = r.cli("status")
-        assert "waiting: disk full" in status.stdout, status.stdout
+        # Between two tries the job is briefly preprocessing again: status says why while it waits.
+        wait_for(lambda: "waiting: disk full" in r.cli("status").stdout, 10, lambda: r.cli("status").stdout)
         leftovers = [p.name for p in (r.work / job.id).rglob("*") if p.name.startswith(".") and p.is_file()]
         assert leftovers == [], leftovers  # no half-written PNG or record holds on to the space
         assert not any(r.failed.iterdir()) if r.failed.exists() else True  # nothing was failed or rejected

@@ -189,6 +189,13 @@ class Root:
                  lambda: f"job {name!r} is {self.state(name)!r}, expected {wanted}\n--- log ---\n{self.log_text()[-4000:]}")
         return self.job(name)
 
+    def failed_reason(self, folder: str, timeout: float = 15) -> str:
+        """failed/<folder>/error.txt once it is there: the ledger records a failure first and its files move
+        right after (an intent makes that move exactly once), so a test that saw the state waits for them."""
+        reason = self.failed / folder / "error.txt"
+        wait_for(reason.exists, timeout, lambda: f"no {reason}\n--- log ---\n{self.log_text()[-4000:]}")
+        return reason.read_text()
+
     def worker_pids(self) -> list[int]:
         return [int(p.name) for p in self.pid_dir.iterdir()] if self.pid_dir.exists() else []
 
