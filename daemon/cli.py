@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
 from daemon.jobtext import (
+    attempt_hosts,
     eta_text,
     job_summary,
     manifest_location,
@@ -112,8 +113,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({**job_summary(job, eta), "parameters": job.params_json, "timings": job.timings_json,
                      "gpu_seconds": job.gpu_seconds, "work_dir": job.work_dir, "manifest": job.manifest_path,
-                     "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message}
-                                for e in events],
+                     "holder": job.holder, "lease_until": job.lease_until,
+                     "events": [{"at": e.at, "from": e.from_state, "to": e.to_state, "message": e.message,
+                                 "host": e.host} for e in events],
                      "daemon_events": [{"at": at, "message": text} for at, text in daemon_events],
                      "notifications": notifications})  # fmt: skip
         return EXIT_OK
@@ -122,6 +124,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(note)
     print(f"  manifest: {manifest_location(job, cfg)}")
     print(f"  attempts: {job.attempts_made} of {job.max_attempts}   priority: {job.priority}")
+    if attempt_hosts(events):
+        print(f"  runs:     {attempt_hosts(events)} (the host of each attempt on a pool)")
     if waiting_text(job):
         print(f"  {waiting_text(job)}")
     if job.phase:
@@ -137,8 +141,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  parameters: size {spec.video.size}, frames {spec.video.frames}, fps {spec.video.fps}, "
               f"steps {spec.sampling.steps}, seed {spec.seed}")
     print("  events:")
-    lines = [(e.at, f"{e.from_state.value if e.from_state else '-':>13} -> {e.to_state.value:<13} {e.message}")
-             for e in events] + [(at, f"{'(daemon)':>13}    {text}") for at, text in daemon_events]
+    lines = [(e.at, f"{e.from_state.value if e.from_state else '-':>13} -> {e.to_state.value:<13} {e.message}"
+                    + (f"  [{e.host}]" if e.host else "")) for e in events] + [(at, f"{'(daemon)':>13}    {text}") for at, text in daemon_events]
     for at, text in sorted(lines, key=lambda line: line[0]):
         print(f"    {at:%Y-%m-%d %H:%M:%S}  {text}")
     if notifications:
@@ -148,6 +152,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from daemon.drain import request_drain
+    from daemon.heartbeat import default_host_id
+
+    cfg = _config(args)
+    with _open_ledger(cfg) as ledger:
+        done, text = request_drain(ledger.engine, args.host or default_host_id(cfg.paths.root), args.undo)
+    print(text, file=sys.stdout if done else sys.stderr)
+    return EXIT_OK if done else EXIT_NOT_FOUND
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -359,6 +374,12 @@ def build_parser(command: str | None = "preprocess") -> argparse.ArgumentParser:
         if name == "show":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("drain", help="a host takes no new jobs: it finishes its current one, then idles")
+    _common(p)
+    p.add_argument("--host", help="the host id (default: this host's: WANBOX_HOST_ID, else <hostname>-<root hash>)")
+    p.add_argument("--undo", action="store_true", help="take new jobs again")
+    p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("prune", help="delete the work folders (inputs, intermediates) of long-delivered jobs")
     _common(p)

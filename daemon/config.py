@@ -58,6 +58,9 @@ class InboxSettings:
     dedupe: str = "skip"  # "skip": reject an identical resubmission; "run": run it again
 
 
+MIN_LEASE_SECONDS = 3.0  # three heartbeats at the fastest pace (heartbeat.lease_heartbeat)
+
+
 @dataclass(frozen=True)
 class JobSettings:
     max_attempts: int = 3
@@ -68,6 +71,9 @@ class JobSettings:
     resume: bool = True  # checkpoint the denoising loop in work/<id>/resume/: a retried job resumes there
     checkpoint_every_seconds: float = 120.0  # ... at most this long apart (0 = not by time)
     checkpoint_every_steps: int = 0  # ... or every this many steps (0 = not by count)
+    # How long a host holds a running job without renewing its lease (its heartbeat renews it every few seconds);
+    # after that, another host sharing the ledger takes the job back (it died, froze or lost the database).
+    lease_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,9 @@ def _check_choices(cfg: Config) -> None:
         raise ConfigError(f"{_where(where, 'pool.nproc')} = {cfg.pool.nproc}: expected at least 1")
     if cfg.jobs.max_attempts < 1:
         raise ConfigError(f"{_where(where, 'jobs.max_attempts')} = {cfg.jobs.max_attempts}: expected at least 1")
+    if cfg.jobs.lease_seconds < MIN_LEASE_SECONDS:
+        raise ConfigError(f"{_where(where, 'jobs.lease_seconds')} = {cfg.jobs.lease_seconds:g}: expected at least "
+                          f"{MIN_LEASE_SECONDS:g} (seconds; the heartbeat renews leases every few seconds)")
     if not 0 <= cfg.outbox.crf <= 51:
         raise ConfigError(f"{_where(where, 'outbox.crf')} = {cfg.outbox.crf}: expected 0..51 (H.264 crf)")
     if cfg.preprocess.pose_model not in ("heavy", "full"):

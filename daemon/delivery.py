@@ -15,7 +15,7 @@ from typing import Any
 
 from daemon import jobfiles
 from daemon.faults import kill_point
-from daemon.ledger import JobRecord, Ledger
+from daemon.ledger import JobRecord, LeaseLost, Ledger
 from daemon.ledger.intents import FINALIZE, Intents
 from daemon.outbox import NameTaken, Outbox, OutputInvalid, check_output, extra_outputs, probe_video
 from daemon.states import JobState
@@ -40,6 +40,7 @@ class Delivery:
     def plan(self, record: JobRecord, video: Path, document: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         """Choose the outbox base name (the one an interrupted try chose, if any) and record it with the sidecar
         and what the worker said it wrote (to check the video again on a redo)."""
+        self.still_held(record.id)  # before anything in the outbox is touched (withdrawn or written)
         extras = extra_outputs(record)
         digest = file_sha256(video)
         known = self.intents.get(record.id)
@@ -48,7 +49,7 @@ class Delivery:
             # Sampled again after an interrupted delivery, into a different video (GPU noise): the first one's
             # files under our name go, so that the name carries one delivery, whole.
             self.outbox.withdraw(base, known.plan["video_sha256"], record.id, extras)
-        plan = {"base": base or self.outbox.free_name(record.name, extras), "video_sha256": digest,
+        plan = {"base": base or self.outbox.free_name(record.name, extras), "video_sha256": digest, "video": str(video),
                 "document": json.loads(json.dumps(document, default=str)),
                 "stats": {k: stats[k] for k in ("frames", "width", "height", "fps") if k in stats}}  # fmt: skip
         self.intents.replace(record.id, FINALIZE, plan)
@@ -61,17 +62,27 @@ class Delivery:
         extras = extra_outputs(record)
         for _ in range(MAX_RENAMES):
             try:
-                return self.outbox.complete(video, plan["base"], plan["document"], extras)
+                return self.outbox.complete(video, plan["base"], plan["document"], extras,
+                                            guard=lambda: self.still_held(record.id))
             except NameTaken:
                 plan = {**plan, "base": self.outbox.free_name(record.name, extras)}
                 self.intents.replace(record.id, FINALIZE, plan)
         raise NameTaken(f"{self.outbox.root}: no free name for {record.name!r} after {MAX_RENAMES} tries")
 
+    def still_held(self, job_id: str) -> None:
+        """Fencing before an outbox write: LeaseLost once another host took the job (this one froze or was cut off
+        past its lease), so that a second copy is never delivered."""
+        if not self.ledger.holds(job_id):
+            raise LeaseLost(job_id, self.ledger.host_id or "?")
+
     def finish(self, record: JobRecord, outputs: dict[str, str]) -> bool:
-        """finalizing -> done, then the work files that are no longer needed go; True if this call moved it."""
+        """finalizing -> done (fenced: LeaseLost when another host holds the job now), then the work files that are
+        no longer needed go; True if this call moved it."""
         outputs = {**(record.outputs_json or {}), **outputs}
         moved = self.ledger.transition(record.id, S.FINALIZING, S.DONE, f"delivered {outputs['video']}",
                                        outputs_json=outputs)  # fmt: skip
+        if not moved:
+            self.still_held(record.id)
         kill_point("finalize.recorded")
         self.clean(record)
         return moved
@@ -100,23 +111,28 @@ class Delivery:
             if record.state == S.DONE:
                 self.clean(record)  # died after recording done: only the clean-up was left
                 continue
-            video = Path(record.work_dir or "/nonexistent") / jobfiles.OUTPUT_FILE
+            video = Path(intent.plan.get("video") or Path(record.work_dir or "/nonexistent") / jobfiles.OUTPUT_FILE)
             if record.state != S.FINALIZING or not video.is_file():
                 continue  # sampled again later, under the same names (the intent stays)
             try:
                 self.check(record, video, intent.plan.get("stats", {}))
                 outputs = self.complete(record, video, intent.plan)
+                if not self.finish(record, outputs):
+                    continue
+            except LeaseLost:
+                log.warning("job %s: not delivered here: lease lost (another host took it)", record.id)
+                continue
             except (OutputInvalid, OSError) as exc:
                 log.warning("job %s: its interrupted delivery cannot be completed (%s); it is sampled again",
                             record.id, exc)
                 continue
-            if self.finish(record, outputs):
-                done.append(record.id)
+            done.append(record.id)
         return done
 
     def clean(self, record: JobRecord) -> None:
         self.intents.clear(record.id, FINALIZE)
         work = Path(record.work_dir or "/nonexistent")
-        (work / jobfiles.OUTPUT_FILE).unlink(missing_ok=True)  # a copy is in the outbox; inputs stay in work/
+        for video in work.glob(jobfiles.OUTPUT_GLOB):  # every attempt's (any host's): a copy is in the outbox
+            video.unlink(missing_ok=True)  # inputs stay in work/
         shutil.rmtree(work / RESUME_DIR, ignore_errors=True)  # delivered: nothing to resume
         kill_point("finalize.cleaned")

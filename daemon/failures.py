@@ -148,6 +148,8 @@ class Failures:
                 if self.ledger.get(intent.job_id).state == S.FAILED:
                     ended.append(intent.job_id)
         for record in self.ledger.list(states=[S.FAILED], limit=None):
+            if record.holder not in (None, self.ledger.host_id):
+                continue  # another host failed it: its files are that host's to move
             if jobfiles.work_inputs_dir(self.work, record.id).exists():  # failed, then died before the move
                 self.move_inputs(record.id, record.name, record.last_error or "it failed", record.error_kind)
                 ended.append(record.id)

@@ -1,7 +1,9 @@
 """The crash-test hook: `kill_point(name)` SIGKILLs this process when WANBOX_DIE_AT names that point (as
-`name` or `name:N`, the N-th time it is reached; several comma-separated), and does nothing otherwise.
+`name` or `name:N`, the N-th time it is reached; several comma-separated), and freezes it (SIGSTOP, as a host
+that hangs or is cut off would look to the others) when WANBOX_FREEZE_AT names it; otherwise it does nothing.
 
-It must stay a no-op costing one dict look-up when the variable is unset, and must never do anything but die.
+It must stay a no-op costing one dict look-up when the variables are unset, and must never do anything but die
+or stop.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import signal
 
 ENV = "WANBOX_DIE_AT"
+FREEZE_ENV = "WANBOX_FREEZE_AT"  # a test sends SIGCONT when it wants the process to go on
 
 # Every point placed in the daemon, in the order a job meets them: the kill-matrix test walks this list, so a
 # point added here is covered there (and a point used in the code but missing here is refused at once).
@@ -32,17 +35,18 @@ POINTS = (
 )  # fmt: skip
 
 
-def _parse(spec: str) -> dict[str, int]:
+def _parse(spec: str, env: str = ENV) -> dict[str, int]:
     targets: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, nth = part.partition(":")
         if name not in POINTS:
-            raise ValueError(f"{ENV}={spec!r}: {name!r} is not a kill point; expected one of {', '.join(POINTS)}")
+            raise ValueError(f"{env}={spec!r}: {name!r} is not a kill point; expected one of {', '.join(POINTS)}")
         targets[name] = int(nth) if nth else 1
     return targets
 
 
-_TARGETS = _parse(os.environ.get(ENV, ""))
+_TARGETS = {name: (nth, signal.SIGKILL) for name, nth in _parse(os.environ.get(ENV, "")).items()}
+_TARGETS |= {name: (nth, signal.SIGSTOP) for name, nth in _parse(os.environ.get(FREEZE_ENV, ""), FREEZE_ENV).items()}
 _reached: dict[str, int] = {}
 
 
@@ -55,5 +59,6 @@ def kill_point(name: str) -> None:
     if name not in _TARGETS:
         return
     _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] == _TARGETS[name]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    nth, how = _TARGETS[name]
+    if _reached[name] == nth:
+        os.kill(os.getpid(), how)

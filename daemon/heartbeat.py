@@ -59,6 +59,7 @@ class Heartbeat:
         self._last_state: HostState | None = None
         self._last_pool: tuple[Any, ...] = ()
         self._complained_at = -float("inf")
+        self.drain = False  # `wanbox drain` asked this host to take no new jobs (read back by every beat)
 
     def start(self, engine: Any) -> None:
         """A new run on the ledger's engine: the host row says `starting` (before recovery and the pool)."""
@@ -74,29 +75,32 @@ class Heartbeat:
         self._wrote(HostState.STARTING)
         log.info("heartbeat: host %s, run %d, every %g s", self.host_id, self.run_id, self.interval)
 
-    def beat(self, pool: Any, outage: str | None, state: HostState = HostState.SERVING) -> None:
-        """Write the row if `interval` seconds passed or the state changed; a failed write is logged, not raised."""
+    def beat(self, pool: Any, outage: str | None, state: HostState = HostState.SERVING) -> bool:
+        """Write the row if `interval` seconds passed or the state changed; a failed write is logged, not raised.
+        True when it wrote (the caller renews its leases at the same pace)."""
         if self.run_id is None or self.records is None:
-            return
+            return False
         since = time.monotonic() - self._last_at
         changed = state != self._last_state or (_pool_key(pool) != self._last_pool and since >= CHANGE_SECONDS)
         if not changed and since < self.interval:
-            return
+            return False
         try:
-            self.records.beat(self.host_id, self.run_id, _utcnow(), pool.launches, pool.deaths, state=state.value,
-                              gpus_json=self.gpus.read(), inbox_outage=outage or None, web_url=self.web_url,
-                              **pool_fields(pool))  # fmt: skip
+            self.drain = self.records.beat(self.host_id, self.run_id, _utcnow(), pool.launches, pool.deaths,
+                                           state=state.value, gpus_json=self.gpus.read(), inbox_outage=outage or None,
+                                           web_url=self.web_url, **pool_fields(pool))  # fmt: skip
         except SQLAlchemyError as exc:  # the ledger is busy or gone: the loop goes on, status will say stale
             self._complain(exc)
-            return
+            return False
         self._wrote(state)
         self._last_pool = _pool_key(pool)
+        return True
 
-    def stopping(self, pool: Any, outage: str | None, stop_grace_seconds: float) -> None:
+    def stopping(self, pool: Any, outage: str | None, stop_grace_seconds: float) -> float:
         """A graceful stop begins: `draining` (a job finishes its step) or `stopping`, and a promise of silence
-        while the pool and the CPU preparations wind down (the loop, and so the heartbeat, no longer turns)."""
+        while the pool and the CPU preparations wind down (the loop, and so the heartbeat, no longer turns); returns
+        how long that silence may last, in seconds."""
         if self.run_id is None or self.records is None or pool is None:
-            return
+            return 0.0
         # The pool's drain (grace), its exit (grace / 4 + kill), the preparations (<= 30 s), with room to spare.
         quiet = timedelta(seconds=1.5 * stop_grace_seconds + 45.0)
         state = HostState.DRAINING if pool.job is not None else HostState.STOPPING
@@ -105,6 +109,7 @@ class Heartbeat:
                               quiet_until=_utcnow() + quiet, inbox_outage=outage or None, **pool_fields(pool))
         except SQLAlchemyError as exc:
             self._complain(exc)
+        return quiet.total_seconds()
 
     def stop(self, pool: Any) -> None:
         """A clean stop: the run ends and the host row says `stopped`."""

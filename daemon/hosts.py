@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, Text, func, select, update
+from sqlalchemy import JSON, Boolean, Float, Integer, String, Text, false, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -25,8 +25,9 @@ class HostState(str, Enum):
 
     STARTING = "starting"  # recovering the ledger, starting the pool (before the loop)
     SERVING = "serving"  # the loop runs
-    DRAINING = "draining"  # stopping: the running job finishes its step first
+    DRAINING = "draining"  # stopping, or drained while a job still runs: it finishes first
     STOPPING = "stopping"  # stopping: nothing runs any more, resources are released
+    DRAINED = "drained"  # `wanbox drain`: takes no new jobs and runs none (the loop still beats)
     STOPPED = "stopped"  # a clean stop (a crash leaves the last state and an old heartbeat instead)
 
     def __str__(self) -> str:
@@ -57,6 +58,8 @@ class Host(Base):
     gpus_json: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))  # NVML, or []
     inbox_outage: Mapped[str | None] = mapped_column(Text)  # why the inbox cannot be read; None when fine
     web_url: Mapped[str | None] = mapped_column(Text)  # where its status page listens, if it serves one
+    # `wanbox drain` asked it to take no new jobs (revision 0006): it finishes what it runs, then idles.
+    drain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class DaemonRun(Base):
@@ -115,13 +118,21 @@ class HostRecords:
                     setattr(host, key, value)
             return run.id
 
-    def beat(self, host_id: str, run_id: int, now: datetime, launches: int, deaths: int, **fields: Any) -> None:
-        """One heartbeat: the host row's live fields and the run's last beat and pool counters."""
+    def beat(self, host_id: str, run_id: int, now: datetime, launches: int, deaths: int, **fields: Any) -> bool:
+        """One heartbeat: the host row's live fields and the run's last beat and pool counters; returns whether
+        `wanbox drain` asks this host to take no new jobs."""
         _check(fields)
         with self._writing() as session:
             session.execute(update(Host).where(Host.host_id == host_id).values(heartbeat_at=now, **fields))
             session.execute(update(DaemonRun).where(DaemonRun.id == run_id)
                             .values(heartbeat_at=now, pool_launches=launches, pool_deaths=deaths))
+            return bool(session.scalar(select(Host.drain).where(Host.host_id == host_id)))
+
+    def set_drain(self, host_id: str, drain: bool) -> bool:
+        """`wanbox drain [--undo]`: ask a host to take no new jobs (or to take them again); False: no such host."""
+        with self._writing() as session:
+            stmt = update(Host).where(Host.host_id == host_id).values(drain=drain)
+            return bool(session.execute(stmt.execution_options(synchronize_session=False)).rowcount)
 
     def end_run(self, host_id: str, run_id: int, now: datetime, **fields: Any) -> None:
         """A clean stop: the run gets its stopped_at, the host row says stopped."""

@@ -23,6 +23,7 @@ from daemon.config import Config
 from daemon.failures import Failures
 from daemon.faults import kill_point
 from daemon.holds import Holds, reject_blocked, take_in_blocked
+from daemon.ingest import IngestClaims
 from daemon.jobfiles import JobFiles
 from daemon.journal import jlog, log
 from daemon.ledger import JobRecord, Ledger
@@ -99,6 +100,7 @@ class Intake:
         self.watcher = InboxWatcher(self.paths.inbox, config.inbox.rescan_seconds, config.inbox.polling)
         self.tracker = StabilityTracker(config.inbox.settle_seconds)
         self.staging: dict[str, Staging] = {}  # manifest path -> what we know
+        self.claims = IngestClaims(ledger)  # which uploads this host ingests (several hosts may watch one inbox)
         self.holds = Holds(ledger, config.inbox.staged_deadline_seconds)  # waiting for the host, not the upload
         self._crashes: dict[str, int] = {}  # manifest -> internal errors while looking at it
         # LoRA library file -> (size, mtime), sha256: one hash per library file and version, shared by every job
@@ -125,7 +127,8 @@ class Intake:
             return
         self._redo_intents()
         for record in self.ledger.list(states=[S.STAGED], limit=None):
-            self._recover_staged(record)
+            if self.claims.mine(record):  # another host's staged job is that host's to recover
+                self._recover_staged(record)
 
     def _redo_intents(self) -> None:
         """Rejections a crash interrupted are finished as planned (same folder, same reason) before anything
@@ -254,8 +257,10 @@ class Intake:
         in the inbox without a word."""
         shown, name = readable(candidate.key), readable(candidate.default_name)
         deadline = utcnow() + timedelta(seconds=self.cfg.inbox.staged_deadline_seconds)
-        record = self.ledger.add_staged(name, "unknown", Path(readable(str(candidate.manifest))), deadline,
-                                        max_attempts=self.cfg.jobs.max_attempts, message=f"manifest {shown} found in the inbox")
+        record = self.claims.stage(candidate, name, Path(readable(str(candidate.manifest))), deadline,
+                                   self.cfg.jobs.max_attempts, f"manifest {shown} found in the inbox")
+        if record is None:
+            return  # another host rejects it
         error = ManifestError("manifest", shown, "a file or folder name in UTF-8 (this one has bytes that are not text "
                                                  "in UTF-8: rename it, e.g. with only letters, digits, '-' and '_')")
         sources = ([(candidate.folder, Path("."))] if candidate.folder is not None
@@ -277,18 +282,23 @@ class Intake:
         return True
 
     def _stage(self, candidate: Candidate, sig: tuple[int, int] | None) -> Staging | None:
-        """The ledger's staged job for this manifest (after a restart) or a new one."""
+        """The ledger's staged job for this manifest (after a restart) or a new one; None when it is another host's
+        (claimed by it: that host ingests it)."""
+        if self.claims.others(candidate):
+            return None
         known = self.ledger.find_by_manifest(candidate.manifest)
+        if known is not None and not self.claims.mine(known):
+            return None
         if known is None:
             ended = self.ledger.find_by_manifest(candidate.manifest, states=[S.CANCELLED])
-            if ended is not None and ended.work_dir is None:
+            if ended is not None and ended.work_dir is None and self.claims.mine(ended):
                 self._clear_cancelled_staged(ended, candidate)
                 return None
             deadline = utcnow() + timedelta(seconds=self.cfg.inbox.staged_deadline_seconds)
-            known = self.ledger.add_staged(
-                candidate.default_name, "unknown", candidate.manifest, deadline,
-                max_attempts=self.cfg.jobs.max_attempts, message=f"manifest {candidate.key} found in the inbox",
-            )
+            known = self.claims.stage(candidate, candidate.default_name, candidate.manifest, deadline,
+                                      self.cfg.jobs.max_attempts, f"manifest {candidate.key} found in the inbox")
+            if known is None:
+                return None
             jlog(logging.INFO, known.id, "staged from %s", candidate.key)
         entry = Staging(known.id, sig or (0, 0))
         self.staging[str(candidate.manifest)] = entry

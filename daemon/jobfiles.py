@@ -22,9 +22,16 @@ from daemon.moves import contained, copy_then_remove, discard, fsync_dir
 INPUTS_DIR = "inbox"  # work/<id>/inbox/: the job's original files, as they were in the inbox
 PREPARED_FILE = "prepared.json"  # work/<id>/prepared.json: what preprocessing produced (the run inputs)
 PROGRESS_FILE = "progress.json"  # work/<id>/progress.json: preprocessing progress for `wanbox status`
-OUTPUT_FILE = "output.mp4"
+OUTPUT_FILE = "output.mp4"  # before revision 0006 the one name of a job's video in work/<id>/ (still read back)
+OUTPUT_GLOB = "output*.mp4"  # every attempt's video of a job in work/<id>/
 ERROR_FILE = "error.txt"
 FAILED_POINTER = "failed_dir.txt"  # work/<id>/failed_dir.txt: where a failed job's inputs went
+
+
+def attempt_output(work_dir: Path, attempt: int, host_id: str) -> Path:
+    """work/<id>/output.<attempt>.<host>.mp4: each attempt's video under its own name, so that two hosts (one of
+    them frozen past its lease) never write or deliver the same file in the shared work folder."""
+    return work_dir / f"output.{attempt}.{re.sub(r'[^A-Za-z0-9._-]', '_', host_id)}.mp4"
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,13 @@ def free_dir(parent: Path, name: str) -> Path:
     raise FileExistsError(f"{parent}: too many entries named {name}")
 
 
-TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # `.<name>.<8 hex>.tmp`: our interrupted writes
+# `.<name>.<8 hex>.tmp`, or `.<name>.<8 hex>.@<host>.tmp` when written by a host of a shared root: our interrupted writes
+TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.@([A-Za-z0-9_-]+))?\.tmp$")
+
+
+def host_tag(host_id: str | None) -> str:
+    """The host's mark in its temporary names: `.@<host>` (dots and other signs as `_`), or "" with no host."""
+    return "" if host_id is None else ".@" + re.sub(r"[^A-Za-z0-9_-]", "_", host_id)
 
 
 def temp_name(path: Path) -> Path:
@@ -153,16 +166,20 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def remove_temps(folder: Path, names: tuple[str, ...] | None = None) -> list[Path]:
+def remove_temps(folder: Path, names: tuple[str, ...] | None = None, host_id: str | None = None) -> list[Path]:
     """Delete the leftovers of our interrupted writes directly in `folder`: `.<name>.<8 hex>.tmp` files, only
-    for the final names in `names` when given (a job's own folder may hold anything else of its owner's)."""
+    for the final names in `names` when given (a job's own folder may hold anything else of its owner's), and with
+    `host_id` only this host's and unmarked ones (a shared outbox holds other live hosts' writes in progress)."""
     gone = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return gone
     for entry in entries:
-        if not TEMP_PATTERN.match(entry.name) or not entry.is_file(follow_symlinks=False):
+        match = TEMP_PATTERN.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if host_id is not None and match[1] not in (None, host_tag(host_id)[2:]):
             continue
         if names is not None and entry.name.rsplit(".", 2)[0][1:] not in names:
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config
+from daemon.states import JobState
 
 
 def _age(when: datetime | None) -> str:
@@ -25,6 +26,7 @@ def job_summary(job: Any, eta: Any = None) -> dict[str, Any]:
         "eta_seconds": eta.remaining_s if eta else None, "job_seconds_estimate": eta.total_s if eta else None,
         "queue_position": eta.queue_position if eta else None,
         "waiting": waiting_text(job) or None, "staged_deadline": job.staged_deadline,
+        "host": job.holder,  # the host running it (or, once ended, the last one that did)
     }  # fmt: skip
 
 
@@ -129,3 +131,12 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def attempt_hosts(events: list[Any]) -> str:
+    """Which host ran each attempt on a pool, from the events that sent the job there: "1 host-a, 2 host-b" (""
+    when no event names a host: written before revision 0006)."""
+    runs = [e.host for e in events if getattr(e, "to_state", None) == JobState.SAMPLING]
+    if not any(runs):
+        return ""
+    return ", ".join(f"{n} {host or '?'}" for n, host in enumerate(runs, 1))

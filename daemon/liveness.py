@@ -18,9 +18,15 @@ from typing import Any
 from daemon.hosts import DaemonRun, Host, HostRecords, HostState
 from daemon.states import RUNNING, TERMINAL
 
-ROOT_LOCK = "serve.lock"  # state/serve.lock, flock-ed by a running supervisor (= supervisor.LOCK_FILE)
+LOCK_PREFIX = "serve"  # state/serve.<host id>.lock, flock-ed by that host's running supervisor
 STALE_FLOOR_SECONDS = 10.0
 _FLOCK_LINE = re.compile(r"\bFLOCK\s+\S+\s+\S+\s+-?\d+\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s")
+
+
+def root_lock(host_id: str) -> str:
+    """The lock file of one host's supervisor in the state folder: one per host, so that several hosts can serve a
+    shared root while a second supervisor of the same host id is refused."""
+    return f"{LOCK_PREFIX}.{re.sub(r'[^A-Za-z0-9._-]', '_', host_id)}.lock"
 
 
 def stale_after(heartbeat_seconds: float) -> float:
@@ -61,7 +67,7 @@ class HostView:
         pool_age = (now - h.pool_heartbeat_at).total_seconds() if h.pool_heartbeat_at else None
         return {
             "host_id": h.host_id, "hostname": h.hostname, "root": h.root, "pid": h.pid, "version": h.version,
-            "state": h.state, "alive": self.alive, "verdict": self.verdict, "reason": self.reason,
+            "state": h.state, "drain": bool(h.drain), "alive": self.alive, "verdict": self.verdict, "reason": self.reason,
             "started_at": h.started_at, "heartbeat_at": h.heartbeat_at, "heartbeat_age_seconds": round(self.age, 1),
             "stale_after_seconds": stale_after(h.heartbeat_seconds), "inbox_outage": h.inbox_outage,
             "quiet_until": h.quiet_until, "web_url": h.web_url, "gpus": h.gpus_json or [],
@@ -101,8 +107,14 @@ class Liveness:
         return any(v.alive for v in self.hosts)
 
     def stale(self, job: Any) -> bool:
-        """An in-flight job nobody is running: no live daemon (per host once jobs record their host)."""
-        return job.state in RUNNING and not self.anyone_alive
+        """An in-flight job nobody is running: its host (or, for a job that names none, every host) is not alive.
+        Another host takes it back once its lease runs out; its own host, when it starts again."""
+        if job.state not in RUNNING:
+            return False
+        holder = getattr(job, "holder", None)
+        if holder is None:
+            return not self.anyone_alive
+        return not any(v.alive and v.host.host_id == holder for v in self.hosts)
 
     def run_alive(self, run: DaemonRun) -> bool:
         """Whether that daemon run is the live one of its host."""
@@ -130,7 +142,19 @@ class Liveness:
                 lines.append(f"inbox:  OUTAGE: {h.inbox_outage}")
             if h.web_url:
                 lines.append(f"page:   {h.web_url}")
+        if len(self.hosts) > 1:  # several hosts share this ledger: each one's line
+            lines.append("hosts:")
+            lines += [f"  {render_host(view, self.now)}" for view in self.hosts]
         return "\n".join(lines)
+
+
+def render_host(view: HostView, now: datetime) -> str:
+    """One host of a shared ledger: its id, state (or verdict), drain request, warm model, job and last heartbeat."""
+    h = view.host
+    state = h.state if view.alive else view.verdict.upper() if view.verdict == "gone" else view.verdict
+    drain = " (drain requested)" if h.drain and state not in ("drained", "draining") else ""
+    return (f"{h.host_id:<24} {state}{drain}; pool {render_pool(h, now)}; "
+            f"heartbeat {_ago(view.age)} ago")
 
 
 def render_pool(h: Host, now: datetime) -> str:
@@ -158,7 +182,7 @@ def read_liveness(engine: Any, root: Path, state_dir: Path, now: datetime | None
     views, mine = [], []
     for host in HostRecords(engine).hosts():
         local = host.hostname == socket.gethostname() and Path(host.root) == Path(root)
-        lock_free = local and host.state != HostState.STOPPED.value and lock_held(state_dir / ROOT_LOCK) is False
+        lock_free = local and host.state != HostState.STOPPED.value and lock_held(state_dir / root_lock(host.host_id)) is False
         views.append(judge(host, now, lock_free))
         if local:
             mine.append(views[-1])

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ import av
 
 from daemon.diskspace import removed_on_error
 from daemon.faults import kill_point
-from daemon.jobfiles import fsync_dir
+from daemon.jobfiles import fsync_dir, host_tag
 from inbox_schema import file_sha256
 
 if TYPE_CHECKING:
@@ -134,9 +135,10 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_name(outbox: Path, final_name: str) -> Path:
-    # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress.
-    return outbox / f".{final_name}.{secrets.token_hex(4)}.tmp"
+def _temp_name(outbox: Path, final_name: str, tag: str = "") -> Path:
+    # A dotfile, so tools watching the outbox (and our own inbox rules) skip it as in-progress; `tag` marks the
+    # host writing it (jobfiles.host_tag), so that a host's start-up removes only its own leftovers.
+    return outbox / f".{final_name}.{secrets.token_hex(4)}{tag}.tmp"
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -188,22 +190,23 @@ def link_without_replacing(temp: Path, final: Path) -> None:
 class Outbox:
     """The delivery folder: `deliver` puts one job's results there under one free base name."""
 
-    def __init__(self, root: Path, poster: bool = True) -> None:
+    def __init__(self, root: Path, poster: bool = True, host_id: str | None = None) -> None:
         self.root = root
         self.poster = poster
+        self.tag = host_tag(host_id)  # in its temporary names: several hosts may write one outbox
 
     def _suffixes(self, extras: tuple[str, ...] = ()) -> tuple[str, ...]:
         return (".mp4", ".json", *((".jpg",) if self.poster else ()), *extras)
 
     def _stage_copy(self, src: Path, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp):  # a full disk must not leave a partial .tmp in the outbox
             shutil.copyfile(src, temp)
             _fsync_file(temp)
         return temp
 
     def _stage_bytes(self, data: bytes, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp), open(temp, "xb") as fh:
             fh.write(data)
             fh.flush()
@@ -211,7 +214,7 @@ class Outbox:
         return temp
 
     def _stage_poster(self, video: Path, final_name: str) -> Path:
-        temp = _temp_name(self.root, final_name)
+        temp = _temp_name(self.root, final_name, self.tag)
         with removed_on_error(temp):
             write_poster(video, temp)
             _fsync_file(temp)
@@ -285,11 +288,13 @@ class Outbox:
         suffixes = tuple(Path(p).name.removeprefix(base) for p in self.names(base, extras).values())
         return free_base(self.root, base, suffixes)
 
-    def complete(self, video: Path, base: str, sidecar: dict[str, Any],
-                 extras: dict[str, Path] | None = None) -> dict[str, str]:
+    def complete(self, video: Path, base: str, sidecar: dict[str, Any], extras: dict[str, Path] | None = None,
+                 guard: Callable[[], None] | None = None) -> dict[str, str]:
         """Publish every file of this delivery under `base` that is not there yet, the sidecar last; returns
         the outputs. A file already there is verified to be this delivery's (the same bytes; for the sidecar,
-        the same job id), else NameTaken. Safe to call again after a crash at any point."""
+        the same job id), else NameTaken. Safe to call again after a crash at any point. `guard()` is called
+        before each file is published and raises to stop (the delivery's fencing: the job is still ours)."""
+        check = guard or (lambda: None)
         info = probe_video(video)
         self.root.mkdir(parents=True, exist_ok=True)
         outputs = self.names(base, extras)
@@ -297,6 +302,7 @@ class Outbox:
         for role, final in outputs.items():
             if role == "sidecar":
                 continue
+            check()
             if role == "poster":
                 self._complete_one(Path(final), lambda name: self._stage_poster(video, name))
             else:
@@ -304,6 +310,7 @@ class Outbox:
                                    source=sources[role])  # fmt: skip
         document = {**sidecar, "outputs": outputs, "video": info.__dict__}
         data = json.dumps(document, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        check()
         self._complete_one(Path(outputs["sidecar"]), lambda name: self._stage_bytes(data, name),
                            job_id=sidecar.get("job_id"))  # fmt: skip
         return outputs

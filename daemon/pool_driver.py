@@ -21,7 +21,7 @@ from daemon.diskspace import disk_full_reason, is_disk_full
 from daemon.failures import Failures
 from daemon.faults import kill_point
 from daemon.journal import jlog, log
-from daemon.ledger import JobRecord, Ledger
+from daemon.ledger import JobRecord, LeaseLost, Ledger
 from daemon.notify import Notifier
 from daemon.outbox import Outbox, OutputInvalid, sidecar
 from daemon.pool import PoolEvent, WarmPool
@@ -50,7 +50,7 @@ class PoolDriver:
                  stopping: threading.Event) -> None:
         self.cfg, self.ledger, self.failures, self.notifier, self.stopping = config, ledger, failures, notifier, stopping
         self.pool = WarmPool(config.pool, config.paths.socket, config.outbox.crf)
-        self.outbox = Outbox(config.paths.outbox, config.outbox.poster)
+        self.outbox = Outbox(config.paths.outbox, config.outbox.poster, ledger.host_id)
         self.delivery = Delivery(ledger, self.outbox)
         self.cancel_sent: str | None = None
         self.run_started: dict[str, float] = {}  # job -> when it was sent to the pool (monotonic)
@@ -115,7 +115,7 @@ class PoolDriver:
         if inputs is None:
             self.ledger.transition(record.id, S.SAMPLING, S.QUEUED, "its prepared inputs are gone: prepare again")
             return
-        output = Path(record.work_dir) / jobfiles.OUTPUT_FILE
+        output = jobfiles.attempt_output(Path(record.work_dir), record.attempts_made, self.ledger.host_id or "local")
         output.unlink(missing_ok=True)  # a stale file from an interrupted attempt must not be delivered
         run = protocol.Run(job=record.id, kind=record.kind, params=job, inputs=inputs, output=str(output),
                            crf=self.cfg.outbox.crf, resume=self._resume(record))
@@ -186,6 +186,15 @@ class PoolDriver:
     # --- delivery ----------------------------------------------------------------------------------------
 
     def finalize(self, job_id: str, msg: protocol.Done) -> None:
+        """Deliver the worker's video; a host that lost the job meanwhile (frozen or cut off past its lease, and
+        another host took it) delivers nothing: every step of the delivery is fenced."""
+        try:
+            self._finalize(job_id, msg)
+        except LeaseLost:
+            self.run_started.pop(job_id, None)
+            jlog(logging.WARNING, job_id, "not delivered here: lease lost (another host took the job over)")
+
+    def _finalize(self, job_id: str, msg: protocol.Done) -> None:
         started = self.run_started.pop(job_id, None)
         stats = msg.stats
         gpu_seconds = stats.get("gpu_seconds")
@@ -194,6 +203,7 @@ class PoolDriver:
             fields["gpu_seconds"] = float(gpu_seconds)
         if not self.ledger.transition(job_id, S.SAMPLING, S.FINALIZING, f"the worker reported done{resumed(stats)}",
                                       **fields):
+            self.delivery.still_held(job_id)  # LeaseLost, said so above; else a person cancelled it
             jlog(logging.INFO, job_id, "output ignored: the job was cancelled meanwhile")
             return
         if started is not None:
@@ -209,6 +219,7 @@ class PoolDriver:
                 "runtime": hello.runtime} if hello else dict.fromkeys(("world_size", "devices", "parallel", "runtime"))
         document = sidecar(record, stats, pool, self.cfg.pool.checkpoint_dir(record.model_id))
         delivering = time.monotonic()
+        self.delivery.still_held(job_id)  # fenced: a host frozen until now must not deliver a second copy
         try:  # exactly once: checked, names recorded, files completed, then done (daemon/delivery.py)
             self.delivery.check(record, video, stats)
             outputs = self.delivery.complete(record, video, self.delivery.plan(record, video, document, stats))

@@ -146,6 +146,8 @@ class Preparation:
         if self.ledger.transition(job_id, S.PREPROCESSING, S.READY, f"prepared in {seconds:.1f} s"):
             kill_point("state.ready")
             jlog(logging.INFO, job_id, "ready for the GPU pool (prepared in %.1f s)", seconds)
+        elif not self.ledger.holds(job_id):
+            jlog(logging.WARNING, job_id, "prepared, but not here any more: lease lost (another host took it over)")
         else:
             jlog(logging.INFO, job_id, "prepared, but it was cancelled meanwhile")
 

@@ -14,30 +14,29 @@ import signal
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from daemon import jobfiles
 from daemon.config import Config
 from daemon.failures import Failures
-from daemon.heartbeat import Heartbeat
+from daemon.heartbeat import HEARTBEAT_SECONDS, Heartbeat
+from daemon.hosts import HostState
 from daemon.intake import Intake
 from daemon.journal import jlog, log
+from daemon.leases import Leases, has_prepared_inputs
 from daemon.ledger import Backoff, Ledger, LedgerError
+from daemon.liveness import root_lock
 from daemon.notifications import Notifications, job_payload
 from daemon.notify import Notifier
 from daemon.outbox import software_version
 from daemon.pool_driver import PoolDriver
 from daemon.preparation import Preparation
-from daemon.preprocessing import prepared_inputs
 from daemon.prune import prune_done
-from daemon.states import JobState
 from daemon.web import WebServer
 
 __all__ = ["AlreadyRunning", "Supervisor", "serve"]
 
 PRUNE_EVERY_SECONDS = 3600.0
-LOCK_FILE = "serve.lock"  # state/serve.lock: flock held by the running supervisor, with its pid
 
 
 class AlreadyRunning(RuntimeError):
@@ -60,7 +59,10 @@ class Supervisor:
         self.failures: Failures | None = None
         self._pruned_at = -PRUNE_EVERY_SECONDS  # monotonic time of the last prune: the first tick prunes
         self._lock_file: Any = None
-        self.heartbeat = Heartbeat(self.paths.root, software_version())  # liveness: this daemon's hosts row
+        # liveness: this daemon's hosts row, written at least three times per lease (which it renews)
+        self.heartbeat = Heartbeat(self.paths.root, software_version(),
+                                   interval=min(HEARTBEAT_SECONDS, config.jobs.lease_seconds / 3))
+        self.leases: Leases | None = None
         self.web = WebServer(config, self.heartbeat.host_id)  # [web]: status page, JSON API, /metrics
 
     # --- start and stop --------------------------------------------------------------------------
@@ -71,6 +73,7 @@ class Supervisor:
         self._lock_root()
         backoff = Backoff(self.cfg.jobs.backoff_base_seconds, self.cfg.jobs.backoff_cap_seconds)
         self.ledger = Ledger.open(self.paths.ledger, backoff=backoff)
+        self.ledger.hold_as(self.heartbeat.host_id, self.cfg.jobs.lease_seconds)  # its claims take leases
         self.heartbeat.web_url = self.web.start()  # None when [web] is off (or its port is taken: logged)
         self.heartbeat.start(self.ledger.engine)
         self.notifications = Notifications(self.ledger, self.cfg.notify)  # webhooks, the post-job command
@@ -79,6 +82,7 @@ class Supervisor:
         self.intake = Intake(self.cfg, self.ledger, failures, self.stopping)
         self.preparation = Preparation(self.cfg, self.ledger, failures, self.stopping)
         self.driver = PoolDriver(self.cfg, self.ledger, failures, self.notifier, self.stopping)
+        self.leases = Leases(self.ledger, failures)
         self.recover()
         self.preparation.start()
         self.driver.open()
@@ -93,8 +97,10 @@ class Supervisor:
             self.notifier.ready()  # the pool loads on demand, per model: we can take jobs now
 
     def _lock_root(self) -> None:
-        """One supervisor per root: a second one would take the same jobs and replace the pool's socket."""
-        self._lock_file = open(self.paths.state / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process's life
+        """One supervisor per host id and root: a second one would take this host's jobs as its own and replace the
+        pool's socket. Other hosts (other ids) sharing the root through one database lock their own files."""
+        lock = self.paths.state / root_lock(self.heartbeat.host_id)
+        self._lock_file = open(lock, "a+")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,8 +109,9 @@ class Supervisor:
             self._lock_file.close()
             self._lock_file = None
             raise AlreadyRunning(
-                f"another `wanbox serve` (pid {holder}) is running on {self.paths.root}; stop it first "
-                "(systemctl stop wanbox), or use another --root"
+                f"another `wanbox serve` (pid {holder}) is running on {self.paths.root} as host "
+                f"{self.heartbeat.host_id} ({lock}); stop it first (systemctl stop wanbox), or use another --root "
+                "(a second host sharing this root needs its own WANBOX_HOST_ID)"
             ) from None
         self._lock_file.seek(0)
         self._lock_file.truncate()
@@ -115,7 +122,8 @@ class Supervisor:
         """After a crash: running jobs back in line, and files in work/ consistent with the ledger."""
         assert self.ledger is not None and self.intake is not None and self.failures is not None
         assert self.driver is not None
-        for gone in jobfiles.remove_temps(self.paths.outbox):  # writes a crash interrupted (never published)
+        # Writes a crash interrupted (never published): this host's only, the outbox may be shared.
+        for gone in jobfiles.remove_temps(self.paths.outbox, host_id=self.heartbeat.host_id):
             log.info("removed the leftover of an interrupted delivery: %s", gone)
         # Exactly once: what a crash interrupted is redone as recorded (the intents) before anything is rerun.
         for job_id in self.driver.delivery.recover():
@@ -124,15 +132,11 @@ class Supervisor:
         for job_id in self.failures.recover():
             self.failures.ended(job_id)
         moved = self.ledger.recover_interrupted(
-            has_prepared_inputs=lambda job: prepared_inputs(Path(job.work_dir or "/nonexistent")) is not None,
+            has_prepared_inputs=has_prepared_inputs,
             excuse=lambda _job: True,  # this supervisor died while they ran: not their fault (within a limit)
         )
-        for job_id, frm, to in moved:
-            jlog(logging.WARNING, job_id, "recovered after an interruption: %s -> %s", frm, to)
-            if to == JobState.FAILED:  # out of attempts: its files and the reason go to failed/<name>/ too
-                record = self.ledger.get(job_id)
-                self.failures.move_inputs(job_id, record.name, record.last_error or "interrupted", record.error_kind)
-                self.failures.ended(job_id)
+        assert self.leases is not None
+        self.leases.settle(moved, "recovered after an interruption")
         self.intake.recover()
 
     def install_signal_handlers(self) -> None:
@@ -160,15 +164,31 @@ class Supervisor:
             self.intake.tick()
             self.preparation.collect()
             self.driver.check_cancellations()
-            self.preparation.start_next()
-            self.driver.dispatch()
+            if not self.heartbeat.drain:  # `wanbox drain`: no new jobs; what runs finishes
+                self.preparation.start_next()
+                self.driver.dispatch()
             self.prune_work()
             self.report_status()
-            self.heartbeat.beat(self.driver.pool, self.intake.outage)
+            if self.heartbeat.beat(self.driver.pool, self.intake.outage, self.host_state()):
+                assert self.leases is not None
+                self.leases.beat(self.running_jobs())  # renew ours, take back expired ones of other hosts
             self.notifier.healthy()
         except Exception:
             log.exception("supervisor loop error (continuing)")
             time.sleep(self.cfg.jobs.tick_seconds)
+
+    def running_jobs(self) -> set[str]:
+        """The jobs this host really runs now: its CPU preparations and the one on its GPU pool."""
+        assert self.preparation is not None and self.driver is not None
+        return set(self.preparation.running) | ({self.driver.pool.job} if self.driver.pool.job else set())
+
+    def host_state(self) -> HostState:
+        """serving; or, after `wanbox drain`, draining while a job of ours still runs and drained after."""
+        assert self.preparation is not None and self.driver is not None
+        if not self.heartbeat.drain:
+            return HostState.SERVING
+        busy = self.preparation.running or self.driver.pool.job is not None
+        return HostState.DRAINING if busy else HostState.DRAINED
 
     def prune_work(self) -> None:
         """Once an hour, with [jobs] prune_after_days set: delete the work folders of long-delivered jobs."""
@@ -184,7 +204,9 @@ class Supervisor:
         """No new work; the running job finishes its step (or is requeued); the ledger stays consistent."""
         self.notifier.stopping()
         if self.driver is not None and self.intake is not None:
-            self.heartbeat.stopping(self.driver.pool, self.intake.outage, self.cfg.pool.stop_grace_seconds)
+            quiet = self.heartbeat.stopping(self.driver.pool, self.intake.outage, self.cfg.pool.stop_grace_seconds)
+            if self.ledger is not None:  # the loop stops beating: our running jobs stay ours until the stop is done
+                self.ledger.renew_leases(max(quiet, self.cfg.jobs.lease_seconds))
         if self.intake is not None:
             self.intake.stop()
         if self.driver is not None:
@@ -222,6 +244,8 @@ class Supervisor:
                     f"staged {len(self.intake.staging)}")
         if self.intake.outage:
             text = f"INBOX OUTAGE ({self.intake.outage}); {text}"
+        if self.heartbeat.drain:
+            text = f"{self.host_state()} (wanbox drain: taking no new jobs); {text}"
         self.notifier.status(text)
 
 

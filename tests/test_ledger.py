@@ -83,8 +83,8 @@ def test_migrations_create_exactly_the_models_schema(ledger: Ledger) -> None:
         tables = set(inspect(conn).get_table_names())
         claim_index = [i for i in inspect(conn).get_indexes("jobs") if i["name"] == "ix_jobs_claim"]
     assert diff == []
-    assert revision == SCHEMA_HEAD == "0005"
-    assert tables == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts", "intents",
+    assert revision == SCHEMA_HEAD == "0006"
+    assert tables == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts", "intents", "ingest_claims",
                       "alembic_version"}
     assert claim_index[0]["column_names"] == ["state", "priority", "created_at", "retry_after"]
 

@@ -50,7 +50,7 @@ def test_migrate_creates_the_schema_once_and_status_reports_it(ledger_url: str, 
     assert code == 0, err
     assert out.strip().endswith(f"migrated from an empty database to {SCHEMA_HEAD}")
     assert tables(ledger_url) == {"jobs", "events", "hosts", "daemon_runs", "notifications", "notification_attempts", "intents",
-                                  "alembic_version"}
+                                  "ingest_claims", "alembic_version"}
     code, out, _ = wanbox(capsys, config, "ledger", "migrate")
     assert code == 0 and out.strip().endswith(f"already at {SCHEMA_HEAD}, nothing to do")
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import supervisor
 from daemon.cli import main as cli_main
 from daemon.config import PoolSettings
 from daemon.heartbeat import Heartbeat, default_host_id
 from daemon.hosts import Host, HostRecords
 from daemon.ledger import Ledger
-from daemon.liveness import ROOT_LOCK, daemon_timeline, judge, lock_held, read_liveness, stale_after
+from daemon.liveness import daemon_timeline, judge, lock_held, read_liveness, root_lock, stale_after
 from daemon.pool import WarmPool
 from daemon.states import JobState, shortest_path
 from tests.workers.harness import Root, manifest_text, wait_for
@@ -99,8 +98,9 @@ def test_verdicts_from_the_heartbeat_age_the_state_and_the_lock() -> None:
 
 
 def test_lock_held_sees_a_real_flock_without_taking_it(tmp_path: Path) -> None:
-    assert ROOT_LOCK == supervisor.LOCK_FILE
-    path = tmp_path / ROOT_LOCK
+    # One lock per host id (several hosts may serve one shared root); a name any host id can be in.
+    assert root_lock("gpu7-1a2b3c4d") == "serve.gpu7-1a2b3c4d.lock" and root_lock("a/b c") == "serve.a_b_c.lock"
+    path = tmp_path / root_lock("gpu7")
     assert lock_held(path) is None  # no file: cannot tell
     with open(path, "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.outbox import Outbox, OutputInvalid, probe_video
+from daemon.jobfiles import remove_temps
+from daemon.outbox import Outbox, OutputInvalid, _temp_name, probe_video
 from tests.workers.fake_pool_worker import write_mp4
 
 
@@ -140,3 +141,14 @@ def test_extras_are_delivered_under_the_same_free_name_before_the_sidecar(tmp_pa
     # a name taken only by an extra is not reused either: the whole set moves on to the next free base
     (tmp_path / "outbox" / "next.preview.mp4").write_bytes(b"x")
     assert outbox.deliver(video, "next", {}, {"preview": preview})["video"].endswith("next-2.mp4")
+
+
+def test_start_up_removes_only_this_hosts_leftovers_in_a_shared_outbox(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    mine, theirs = _temp_name(outbox, "cat.mp4", ".@host-a"), _temp_name(outbox, "cat.mp4", ".@host-b")
+    legacy = _temp_name(outbox, "dog.mp4")  # written before hosts marked their temporary files
+    for path in (mine, theirs, legacy):
+        path.write_bytes(b"x")
+    assert sorted(remove_temps(outbox, host_id="host-a")) == sorted([mine, legacy])
+    assert theirs.exists()  # host-b may be writing it right now

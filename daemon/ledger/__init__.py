@@ -12,13 +12,14 @@ from daemon.ledger.database import (
     database_url,
     network_filesystem,
 )
-from daemon.ledger.errors import AmbiguousJobId, IllegalTransition, JobNotFound, LedgerError
+from daemon.ledger.errors import AmbiguousJobId, IllegalTransition, JobNotFound, LeaseLost, LedgerError
+from daemon.ledger.leases import Fence
 from daemon.ledger.statements import next_query
 from daemon.ledger.store import Backoff, Ledger, new_job_id
 from daemon.ledger.tables import SETTABLE_FIELDS, Base, Event, JobRecord, UTCDateTime, utcnow
 
 __all__ = [
     "MIGRATIONS_DIR", "SCHEMA_HEAD", "SETTABLE_FIELDS", "UPGRADE_LOCK_KEY", "AmbiguousJobId", "Backoff", "Base",
-    "Event", "IllegalTransition", "JobNotFound", "JobRecord", "Ledger", "LedgerError", "UTCDateTime",
+    "Event", "Fence", "IllegalTransition", "JobNotFound", "JobRecord", "LeaseLost", "Ledger", "LedgerError", "UTCDateTime",
     "alembic_config", "database_url", "network_filesystem", "new_job_id", "next_query", "utcnow",
 ]  # fmt: skip

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from daemon.ledger.errors import LedgerError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-SCHEMA_HEAD = "0005"  # the newest revision in migrations/versions (a test keeps them equal)
+SCHEMA_HEAD = "0006"  # the newest revision in migrations/versions (a test keeps them equal)
 UPGRADE_LOCK_KEY = 0x77616E626F78  # "wanbox": the PostgreSQL advisory lock that serialises schema upgrades
 
 

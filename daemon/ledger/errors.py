@@ -27,3 +27,12 @@ class JobNotFound(LedgerError, LookupError):
 
 class AmbiguousJobId(LedgerError, LookupError):
     """An id prefix matches several jobs; the message lists some of them."""
+
+
+class LeaseLost(LedgerError):
+    """This host no longer holds the job: its lease expired and another host took it (fencing refused a write)."""
+
+    def __init__(self, job_id: str, host_id: str) -> None:
+        self.job_id, self.host_id = job_id, host_id
+        super().__init__(f"job {job_id}: host {host_id} no longer holds its lease (it expired and the job was "
+                         "taken back for another host)")

@@ -4,7 +4,7 @@ and the scheduling rule `next_query`. No transactions are opened or committed he
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,24 +19,26 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
 from daemon.ledger.errors import AmbiguousJobId, IllegalTransition, JobNotFound
+from daemon.ledger.leases import Fence, lease_end
 from daemon.ledger.tables import SETTABLE_FIELDS, Event, JobRecord
-from daemon.states import ALLOWED, JobState
+from daemon.states import ALLOWED, RUNNING, TERMINAL, JobState
 
 log = logging.getLogger(__name__)
 
-def still_prepared(job: JobRecord, has_prepared_inputs: Callable[[JobRecord], bool] | None) -> bool:
-    if has_prepared_inputs is None:
-        return True
-    try:
-        return bool(has_prepared_inputs(job))
-    except Exception:
-        # A raising callback must not stop the recovery of the other jobs: preparing again is always safe.
-        log.exception("job %s: checking its prepared inputs failed; it will be prepared again", job.id)
-        return False
+def event_row(job_id: str, at: datetime, frm: JobState | None, to: JobState, message: str,
+              host: str | None = None) -> Event:
+    return Event(job_id=job_id, at=at, from_state=frm, to_state=to, message=message, host=host)
 
 
-def event_row(job_id: str, at: datetime, frm: JobState | None, to: JobState, message: str) -> Event:
-    return Event(job_id=job_id, at=at, from_state=frm, to_state=to, message=message)
+def lease_fields(session: Session, from_state: JobState, to_state: JobState, fence: Fence | None) -> dict[str, Any]:
+    """What a move does to the lease: taking a job into a running state gives it to `fence`'s host (until the lease
+    ends); a move between running states renews it; leaving them ends it (a waiting job has no holder, an ended
+    one keeps its last holder: whose its files and intents were)."""
+    if to_state not in RUNNING:
+        return {"lease_until": None} | ({} if to_state in TERMINAL else {"holder": None})
+    if fence is None:
+        return {}
+    return {"holder": fence.host_id, "lease_until": lease_end(session, fence.lease_seconds)}
 
 
 def move_state(
@@ -47,19 +49,32 @@ def move_state(
     message: str,
     now: datetime,
     fields: dict[str, Any],
+    *,
+    fence: Fence | None = None,
+    guard: Any = None,
+    host: str | None = None,
 ) -> bool:
-    """UPDATE ... WHERE id = :id AND state = :from, plus the event row; False if the row moved on."""
+    """UPDATE ... WHERE id = :id AND state = :from, plus the event row; False if the row moved on.
+
+    Fenced: with `fence`, a move out of a running state happens only while that host still holds the job (the
+    same UPDATE checks it); `guard` is an extra condition (the sweep's and recovery's own); the event names `host`
+    (else the fence's) as its writer."""
+    where = [JobRecord.id == job_id, JobRecord.state == from_state]
+    if fence is not None and from_state in RUNNING:
+        where.append(fence.holds())
+    if guard is not None:
+        where.append(guard)
     stmt = (
         update(JobRecord)
-        .where(JobRecord.id == job_id, JobRecord.state == from_state)
-        .values(state=to_state, updated_at=now, **fields)
+        .where(*where)
+        .values(state=to_state, updated_at=now, **fields, **lease_fields(session, from_state, to_state, fence))
         .execution_options(synchronize_session=False)
     )
     if session.execute(stmt).rowcount != 1:
         if session.get(JobRecord, job_id) is None:
             raise JobNotFound(f"no job with id {job_id!r}")
         return False
-    session.add(event_row(job_id, now, from_state, to_state, message))
+    session.add(event_row(job_id, now, from_state, to_state, message, host or (fence.host_id if fence else None)))
     session.flush()
     return True
 

@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.ledger.attempts import charged, excused_recovery
+from daemon.ledger.attempts import charged
+from daemon.ledger.claims import IngestClaim
 from daemon.ledger.database import (
     SCHEMA_HEAD,
     UPGRADE_LOCK_KEY,
@@ -35,6 +36,8 @@ from daemon.ledger.database import (
     make_engine,
 )
 from daemon.ledger.errors import IllegalTransition, LedgerError
+from daemon.ledger.holding import Holding
+from daemon.ledger.leases import Fence
 from daemon.ledger.statements import (
     audit_job,
     check_edge,
@@ -45,10 +48,10 @@ from daemon.ledger.statements import (
     move_state,
     next_query,
     resolve,
-    still_prepared,
     was_accepted,
 )
 from daemon.ledger.tables import Event, JobRecord, utcnow
+from daemon.ledger.takeover import recover_interrupted
 from daemon.states import RETRY_STATE, RUNNING, TERMINAL, ErrorKind, JobState
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def new_job_id(now: datetime) -> str:
     return f"{now.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{tail}"
 
 
-class Ledger:
+class Ledger(Holding):
     """The job ledger over one database. Safe to use from several processes at once."""
 
     def __init__(
@@ -93,6 +96,9 @@ class Ledger:
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._write = sessionmaker(writer, expire_on_commit=False)
+        # A supervisor's identity (hold_as): its claims take leases and its writes to running jobs are fenced.
+        # None (the CLI, tests of the ledger alone): no leases, nothing fenced.
+        self.fence: Fence | None = None
         if migrate:
             self.upgrade()
 
@@ -179,8 +185,12 @@ class Ledger:
         params_json: dict[str, Any] | None = None,
         message: str = "manifest found in the inbox",
         now: datetime | None = None,
-    ) -> JobRecord:
-        """Record a newly seen manifest as `staged`, with its creation event; returns the new row."""
+        claim: str | None = None,
+    ) -> JobRecord | None:
+        """Record a newly seen manifest as `staged`, with its creation event; returns the new row.
+
+        With `claim` (the upload's key, daemon/ingest.py), this host claims the upload in the same transaction:
+        None when another host claimed it first (it ingests it; nothing was written)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts={max_attempts}: expected at least 1")
         now = now or utcnow()
@@ -195,11 +205,16 @@ class Ledger:
                 with self._writing() as session:
                     session.add(job)
                     session.flush()  # the job row before its event (the foreign key)
-                    session.add(event_row(job.id, now, None, JobState.STAGED, message))
+                    session.add(event_row(job.id, now, None, JobState.STAGED, message, self.host_id))
+                    if claim is not None:
+                        session.add(IngestClaim(key=claim, host_id=self.host_id or "", job_id=job.id, claimed_at=now))
+                        session.flush()  # the unique key decides here, inside this transaction
                 return job
             except IntegrityError:
                 if self._exists(job.id):
                     continue
+                if claim is not None and self.claimed_by(claim) is not None:
+                    return None  # another host's: it ingests this upload
                 raise
         raise LedgerError(f"could not find a free job id for {name!r} at {now:%Y%m%d-%H%M%S}")
 
@@ -228,7 +243,7 @@ class Ledger:
         check_fields(fields)
         now = now or utcnow()
         with self._writing() as session:
-            return move_state(session, job_id, from_state, to_state, message, now, fields)
+            return move_state(session, job_id, from_state, to_state, message, now, fields, fence=self.fence)
 
     def peek_next(
         self,
@@ -285,7 +300,7 @@ class Ledger:
             if job is None or (if_model is not None and job.model_id != if_model):
                 return None
             text = message or f"taken for {to_state.value}"
-            if not move_state(session, job.id, from_state, to_state, text, now, fields):
+            if not move_state(session, job.id, from_state, to_state, text, now, fields, fence=self.fence):
                 return None  # cannot happen under the write lock / row lock; kept for safety
             return session.get(JobRecord, job.id, populate_existing=True)
 
@@ -298,6 +313,8 @@ class Ledger:
             .where(JobRecord.id == job_id, JobRecord.state.in_(RUNNING))
             .values(phase=phase, step=step, total_steps=total, progress_at=now or utcnow())
         )
+        if self.fence is not None:
+            stmt = stmt.where(self.fence.holds())  # a host that lost the job must not report its progress
         with self._writing() as session:
             return session.execute(stmt).rowcount == 1
 
@@ -309,8 +326,9 @@ class Ledger:
             return session.execute(stmt).rowcount == 1
 
     def record_timing(self, job_id: str, phase: str, seconds: float) -> None:
-        """Add `seconds` to the job's time spent in `phase` (timings_json), read-modify-write under lock."""
-        with self._writing() as session:
+        """Add `seconds` to the job's time spent in `phase` (timings_json), read-modify-write under lock; fenced
+        (LeaseLost when another host holds the job now)."""
+        with self.fenced(job_id) as session:
             job = get_for_update(session, job_id)
             timings = dict(job.timings_json or {})
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 6)
@@ -328,13 +346,15 @@ class Ledger:
     ) -> JobState | None:
         """Count a failed attempt: back to the retry state after a backoff, or `failed` for good.
 
-        Returns the state the job went to, or None if it was no longer in `from_state` (e.g. cancelled).
+        Returns the state the job went to, or None if it was no longer in `from_state` (e.g. cancelled) or this
+        host no longer holds it (fenced: its lease was taken).
         """
         from_state = JobState(from_state)
         now = now or utcnow()
         with self._writing() as session:
             job = get_for_update(session, job_id)
-            if job.state != from_state:
+            if job.state != from_state or (self.fence is not None and from_state in RUNNING
+                                           and job.holder != self.fence.host_id):
                 return None
             attempts = job.attempts + 1
             retry_to = RETRY_STATE.get(from_state)
@@ -350,7 +370,7 @@ class Ledger:
                 text = failure_text(error, kind, retryable and retry_to is not None, charged(job, attempts),
                                     job.max_attempts)
             check_edge(job_id, from_state, to_state)
-            move_state(session, job_id, from_state, to_state, text, now, fields)
+            move_state(session, job_id, from_state, to_state, text, now, fields, fence=self.fence)
             return to_state
 
     def recover_interrupted(
@@ -360,51 +380,9 @@ class Ledger:
         has_prepared_inputs: Callable[[JobRecord], bool] | None = None,
         excuse: Callable[[JobRecord], bool] | None = None,
     ) -> list[tuple[str, JobState, JobState]]:
-        """At start-up: put jobs left in a running state back in line, counting the attempt.
-
-        preprocessing -> queued; sampling/finalizing -> ready, or queued when `has_prepared_inputs(job)`
-        says its prepared inputs are gone. A job out of attempts goes to failed with the reason.
-        `excuse(job)` True: the interruption was not the job's doing (the supervisor died while the job ran in
-        another process): counted in `attempts` but not held against max_attempts, up to excused_limit(job)
-        such deaths in a row. Without `excuse` (the ledger alone cannot tell who died) every one counts.
-        Returns (job id, from, to) for every job moved.
-        """
-        now = now or utcnow()
-        with self._reading() as session:
-            stuck = list(session.scalars(select(JobRecord).where(JobRecord.state.in_(RUNNING)).order_by(JobRecord.created_at)))
-        moved = []
-        for job in stuck:
-            prepared = job.state == JobState.PREPROCESSING or still_prepared(job, has_prepared_inputs)
-            to_state = self._recover_one(job, now, prepared, excuse is not None and excuse(job))
-            if to_state is not None:
-                moved.append((job.id, job.state, to_state))
-        return moved
-
-    def _recover_one(self, job: JobRecord, now: datetime, prepared: bool, excused: bool) -> JobState | None:
-        attempts = job.attempts + 1
-        where = job.state.value
-        fields: dict[str, Any] = {"attempts": attempts, "error_kind": ErrorKind.INTERRUPTED}
-        if excused:  # the rule for those is daemon/ledger/attempts.py's
-            to_state, text = excused_recovery(job, prepared, fields)
-        elif charged(job, attempts) >= job.max_attempts:
-            to_state = JobState.FAILED
-            fields["last_error"] = (
-                f"the worker pool or the supervisor died while running this job ({attempts} attempts, "
-                f"the last one interrupted in {where}); it may be what crashes them: check its size, frame "
-                f"count and the logs, then `wanbox retry {job.id}`"
-            )
-            text = f"gave up: {fields['last_error']}"
-        else:
-            to_state = RETRY_STATE[job.state] if prepared else JobState.QUEUED
-            fields["last_error"] = f"interrupted in {where} (the supervisor or the worker pool stopped)"
-            # No backoff here: the restart itself was the pause (systemd's RestartSec), and the attempt
-            # count still stops a job that keeps killing the daemon.
-            fields["retry_after"] = None
-            text = f"recovered at start-up: {fields['last_error']}; attempt {attempts} of {job.max_attempts}"
-            if not prepared:
-                text += "; its prepared inputs are gone, so it is prepared again"
-        with self._writing() as session:
-            return to_state if move_state(session, job.id, job.state, to_state, text, now, fields) else None
+        """At start-up: this host's jobs left in a running state back in line, counting the attempt (the rule is
+        daemon/ledger/takeover.py's). Returns (job id, from, to) for every job moved."""
+        return recover_interrupted(self, now or utcnow(), has_prepared_inputs, excuse)
 
     def cancel(self, job_id: str, message: str = "cancelled by user", *, now: datetime | None = None) -> JobState:
         """Cancel a job in any non-final state; returns the state it was cancelled from.

@@ -114,10 +114,15 @@ class JobRecord(Base):
     # Of `attempts`, those interrupted by a supervisor (or host) death, not the job's fault: not held against
     # max_attempts (revision 0005; the rule is Ledger.recover_interrupted's).
     excused_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Several hosts (revision 0006): the host running it (kept as the last one once it ended; none while it waits)
+    # and until when its lease holds, on the database's clock (renewed by its heartbeat; see ledger/leases.py).
+    holder: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         # next_query: WHERE state = ? AND (retry_after IS NULL OR retry_after <= ?) ORDER BY ..., priority DESC, created_at
         Index("ix_jobs_claim", "state", "priority", "created_at", "retry_after"),
+        Index("ix_jobs_lease", "state", "lease_until"),  # the sweep: running jobs whose lease has expired
     )
 
     @property
@@ -146,6 +151,7 @@ class Event(Base):
     from_state: Mapped[JobState | None] = mapped_column(_state_type())
     to_state: Mapped[JobState] = mapped_column(_state_type())
     message: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[str | None] = mapped_column(String(128))  # the host that wrote it (revision 0006); None: a person
 
     def __repr__(self) -> str:
         frm = self.from_state.value if self.from_state else "-"
@@ -153,4 +159,5 @@ class Event(Base):
 
 
 # Columns callers may set along with a transition; the rest are owned by the ledger itself.
-SETTABLE_FIELDS = frozenset(c.name for c in JobRecord.__table__.columns) - {"id", "state", "created_at", "updated_at"}
+SETTABLE_FIELDS = frozenset(c.name for c in JobRecord.__table__.columns) - {"id", "state", "created_at", "updated_at",
+                                                                           "holder", "lease_until"}

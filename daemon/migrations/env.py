@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 
 import daemon.deliveries  # noqa: F401 - registers the notification tables on Base.metadata
 import daemon.hosts  # noqa: F401 - its tables join Base.metadata (autogenerate compares against all of them)
+import daemon.ledger.claims  # noqa: F401 - the ingest claims (revision 0006)
 import daemon.ledger.intents  # noqa: F401 - the intents table (revision 0005)
 from daemon.ledger import Base
 
