@@ -48,6 +48,9 @@ MAX_SWITCH_WAIT = timedelta(seconds=1800)  # config's pool.max_switch_wait_secon
 # ---- one claimer (a supervisor's pool driver, minus the pool) ---------------------------------------------
 
 
+LEASE_SECONDS = 60.0  # the supervisor's default ([jobs] lease_seconds)
+
+
 def claim(ledger: Ledger, loaded_since: datetime, jobs_run: int) -> JobRecord | None:
     """The pool driver's claim (PoolDriver.dispatch/_run for an idle pool of MODEL): the one place to adapt when
     claim_next's arguments change (e.g. a holder id and a lease)."""
@@ -63,9 +66,10 @@ def finish(ledger: Ledger, job_id: str) -> None:
                              outputs_json={"video": f"outbox/{job_id}.mp4"})  # fmt: skip
 
 
-def claimer(url: str, ready: Any, go: Any, results: Any) -> None:
-    """One process: open the ledger (warm connection), wait for the start, claim and finish until none is left."""
-    ledger = Ledger.open(url)
+def claimer(url: str, host: str, ready: Any, go: Any, results: Any) -> None:
+    """One process, as one host: open the ledger (warm connection) holding leases as the supervisor does, wait for
+    the start, claim and finish (fenced writes) until none is left."""
+    ledger = Ledger.open(url).hold_as(host, LEASE_SECONDS)
     loaded_since = datetime.now(timezone.utc)
     ledger.peek_next(S.READY)  # the first connection is made before the clock starts
     ready.put(True)
@@ -122,7 +126,7 @@ def run(url: str, jobs: int, claimers: int) -> dict[str, Any]:
     load = os.getloadavg()[0]  # the machine is shared: how busy it was already when this run began
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=claimer, args=(url, ready, go, results)) for _ in range(claimers)]
+    procs = [ctx.Process(target=claimer, args=(url, f"host-{i}", ready, go, results)) for i in range(claimers)]
     for proc in procs:
         proc.start()
     for _ in procs:
