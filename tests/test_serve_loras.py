@@ -24,8 +24,8 @@ from tests.lora_writers import (
     write_original,
     write_peft_dir,
 )
-from tests.test_serve_real_pool import real_pool, sidecar_of
-from tests.workers.harness import Root, wait_for, write_tiny_checkpoint
+from tests.test_serve_real_pool import sidecar_of
+from tests.workers.harness import Root, real_pool, wait_for, write_tiny_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -16,22 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import DEFAULT_WORKER_COMMAND
 from pipeline.video import probe
 from tests.conftest import MEDIA
-from tests.workers.harness import Root, manifest_text, wait_for, write_tiny_checkpoint
+from tests.workers.harness import Root, manifest_text, real_pool, wait_for, write_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mediapipe_models import mediapipe_models_dir  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str, max_area: int = 0) -> dict:
-    """The default worker command on the CPU: the area cap and one thread per rank are settings, not flags."""
-    return {"command": [*DEFAULT_WORKER_COMMAND, *worker_args], "nproc": nproc, "checkpoint_dirs": {model: str(ckpt)},
-            "env": {}, "threads": 1, "max_area": max_area, "heartbeat_seconds": 90, "load_deadline_seconds": 240,
-            "stop_grace_seconds": 30}
 
 
 def faulty_pool(ckpt: Path, marker: Path, where: str, *worker_args: str, nproc: int = 2) -> dict:
@@ -94,7 +86,7 @@ def test_i2v_jobs_reuse_a_two_process_pool_survive_a_killed_rank_and_cancel(tmp_
         assert sidecar_of(root, "second")["model_load"] is False
 
         # 3. one rank killed mid-job: the pool is relaunched and the job retried to completion
-        root.drop("victim", manifest_text(frames=5, steps=40, sampling="seed = 9\n"))
+        root.drop("victim", manifest_text(frames=5, steps=100, sampling="seed = 9\n"))  # seconds: time to kill
         wait_sampling_step(root, "victim", 2)
         victims = worker_rank_pids(root.socket, 1)
         assert len(victims) == 1, victims

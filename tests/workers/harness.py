@@ -1,6 +1,7 @@
 """Test harness: a throwaway daemon root, its config, real daemon subprocesses and ledger look-ups.
 
-Everything is real (files, SQLite, processes); only the GPU model is replaced by fake_pool_worker.py.
+Everything is real (files, SQLite, processes); only the GPU model is replaced by fake_pool_worker.py, unless a
+test asks for the real worker on tiny models (`real_pool`).
 It must not be imported by the daemon itself.
 """
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from daemon.config import DEFAULT_WORKER_COMMAND
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_pool_worker.py"
@@ -59,6 +62,13 @@ def write_tiny_checkpoint(dest: Path, family: str, *extra: str) -> Path:
     subprocess.run([sys.executable, "-m", "pipeline.weights.tiny", str(dest), "--family", family, *extra],
                    cwd=REPO, check=True, capture_output=True)
     return dest
+
+
+def real_pool(model: str, ckpt: Path, nproc: int, *worker_args: str, max_area: int = 0) -> dict:
+    """The default worker command on the CPU: the area cap and one thread per rank are settings, not flags."""
+    return {"command": [*DEFAULT_WORKER_COMMAND, *worker_args], "nproc": nproc, "checkpoint_dirs": {model: str(ckpt)},
+            "env": {}, "threads": 1, "max_area": max_area, "heartbeat_seconds": 90, "load_deadline_seconds": 240,
+            "stop_grace_seconds": 30}
 
 
 def short_socket_dir() -> Path:

@@ -1,12 +1,14 @@
 """Test harness for several hosts: N real `wanbox serve` processes, each with its own host id (WANBOX_HOST_ID),
 pool socket and worker, on ONE shared root (inbox, outbox, failed, work, state) and one PostgreSQL ledger.
 
-Built on harness.Root (one per host, for its config file, knobs and log); only the GPU model is replaced by
+Built on harness.Root (one per host, for its config file, knobs and log). Each host's pool is the real
+pipeline.worker on tiny models (`pool=real_pool(...)`) or, for the tests about the ledger's timing,
 fake_pool_worker.py. It must not be imported by the daemon itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -97,6 +99,21 @@ class Hosts:
     def sidecar_jobs(self) -> list[str]:
         return sorted(json.loads(p.read_text())["job_id"] for p in self.outbox.glob("*.json"))
 
+    def pool_pids(self, i: int) -> list[int]:
+        """Host i's pool processes (torchrun and its ranks, or the fake worker): those naming its socket."""
+        socket = str(self.roots[i].socket).encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and socket in (entry / "cmdline").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+        return pids
+
+    def kill_pool(self, i: int) -> None:
+        for pid in self.pool_pids(i):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def signal(self, i: int, sig: int) -> None:
         self.procs[i].send_signal(sig)
 
@@ -119,10 +136,11 @@ class Hosts:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
-        for root in self.roots:
+        for i, root in enumerate(self.roots):
             for pid in root.worker_pids():
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
+            self.kill_pool(i)
         self.ledger.close()
 
 
