@@ -40,7 +40,7 @@ from pipeline.families.resume import checkpoint_store
 from pipeline.models import attention as attention_mod
 from pipeline.models.fp8 import PRECISIONS
 from pipeline.rank_failures import FailureWatch
-from pipeline.video import DEFAULT_CRF, write_mp4
+from pipeline.video import DEFAULT_CRF, VideoOutput
 
 IDLE_FOREVER = timedelta(days=365)  # the control group waits for the next job however long the queue is idle
 
@@ -268,16 +268,18 @@ def attempt(family: Any, run: protocol.Run, ranks: Ranks, report: JobReport, lin
     """Run the job on this rank: (None, result) or (the error message, {})."""
     failure: protocol.Error | None = None
     result: dict[str, Any] = {}
+    video = VideoOutput(run.output, run.crf if run.crf is not None else args.crf) if ranks.master else None
     try:
         if run.params.kind != family.kind:
             raise JobInputError(f"kind: got {run.params.kind!r}, but this pool runs {args.model} "
                                 f"({family.kind} jobs); the supervisor must relaunch the pool for it")
         store = checkpoint_store(run, family)  # resume: None unless the run asks for sampling checkpoints
+        streamed = {"video_out": video} if video is not None and getattr(family, "streams_video", False) else {}
         result = family.run(run.params, run.inputs, report=report,
-                            should_cancel=lambda: link.cancel_requested(run.job), checkpoint=store)
-        if ranks.master:
-            report.progress("write", 0, 1)
-            write_mp4(result["video"], run.output, fps=result["fps"], crf=run.crf if run.crf is not None else args.crf)
+                            should_cancel=lambda: link.cancel_requested(run.job), checkpoint=store, **streamed)
+        if video is not None:
+            report.progress("write", 0, 1)  # a streamed video only flushes here: its frames were encoded already
+            video.finish(result.get("video"), result["fps"])
             report.progress("write", 1, 1)
     except PoolShutdown:
         failure = error_message(run.job, ErrorKind.CANCELLED, "the pool shut down during the job; it will run again",
@@ -286,6 +288,9 @@ def attempt(family: Any, run: protocol.Run, ranks: Ranks, report: JobReport, lin
         failure = error_message(run.job, ErrorKind.CANCELLED, "cancelled at a step boundary", False)
     except Exception as exc:
         failure = classify_failure(run.job, exc)
+    finally:
+        if video is not None:
+            video.abort()  # after a failure or cancel no partial mp4 stays; after finish() there is none left
     return failure, result
 
 

@@ -30,12 +30,14 @@ from pipeline.parallel.cfg import ParallelPlan, plan_parallel
 from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.vae_decode import decode_pipelined
 from pipeline.sampling.checkpoint import CheckpointStore
+from pipeline.video import VideoOutput
 
 
 class I2VFamily:
     """Wan2.2 I2V-A14B: both experts resident; each job = prepare, sample (parallel), decode (pipelined)."""
 
     kind = "i2v"
+    streams_video = True  # run() takes video_out: the worker's mp4 is encoded while the VAE decodes
 
     def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
         from pipeline.models.dit import DiTConfig
@@ -71,11 +73,11 @@ class I2VFamily:
                                **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
-            checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
-        from pipeline.i2v import GenerationCancelled, decode_video, prepare_i2v, sample_i2v
+            checkpoint: CheckpointStore | None = None, video_out: VideoOutput | None = None) -> dict[str, Any]:
+        """One job; with `video_out` (rank 0) its frames are written there while they are decoded."""
+        from pipeline.i2v import GenerationCancelled, prepare_i2v, sample_i2v
         from pipeline.sampling import make_solver
         from pipeline.sampling.moe import ExpertSwitch
-        from pipeline.sampling.numerics import check_finite_frames
 
         image, seed = prepared_image(inputs), seed_of(job)
         loras = self.loras.bind(job)  # a LoRA that does not fit fails the job here, before any work
@@ -101,16 +103,32 @@ class I2VFamily:
         finally:  # success, failure or cancel: the experts are as loaded again before anything else runs
             if loras is not None:
                 loras.remove()
-        report.progress("decode", 0, 1)
-        if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the video
-            frames = decode_pipelined(self.models.vae, latent)
-            check_finite_frames(frames)  # rank 0's frames (decode_video checks its own)
-        else:
-            frames = decode_video(self.models, latent)
-        report.progress("decode", 1, 1)
+        writer = video_out.open(float(video.fps)) if video_out is not None else None
+        frames = self._decode(latent, report, writer)
         return {"video": frames, "fps": float(video.fps), "frames": video.frames,
                 "width": prepared.width, "height": prepared.height, "seed": seed,
                 **run_stats(checkpoint), **(lora_stats(loras) if loras is not None else {})}
+
+    def _decode(self, latent: torch.Tensor, report: Reporter, writer: Any | None) -> torch.Tensor | None:
+        """Rank 0's pixel frames, checked for NaN/Inf chunk by chunk: streamed into `writer` as the VAE makes
+        them (the mp4 encodes while the decode goes on), or returned whole without one; None on other ranks."""
+        from pipeline.sampling.numerics import check_finite_frames
+
+        total, chunks, done = int(latent.shape[1]), [], [0]
+        report.progress("decode", 0, total)
+
+        def take(frames: torch.Tensor) -> None:  # one latent frame's pixel frames (1, then 4 each), in order
+            check_finite_frames(frames)
+            (writer.add if writer is not None else chunks.append)(frames)
+            done[0] += 1
+            report.progress("decode", done[0], total)
+
+        if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the frames
+            decode_pipelined(self.models.vae, latent, on_frames=take)
+        else:
+            for frames in self.models.vae.decode_stream(latent):
+                take(frames)
+        return torch.cat(chunks, dim=1) if chunks else None
 
     def _encode_prompts(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         from pipeline.i2v import encode_prompts

@@ -9,6 +9,7 @@ the computation: every layer sees the same inputs and the same cache as in a one
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,9 +63,11 @@ def _sync(x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def decode_pipelined(vae: Any, latent: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+def decode_pipelined(vae: Any, latent: torch.Tensor, group: dist.ProcessGroup | None = None,
+                     on_frames: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Every rank of `group` calls this with the same latent [z, T, h, w]; rank 0 gets the video
-    [3, 1 + 4(T-1), 8h, 8w] (the same as vae.decode(latent)), the other ranks None.
+    [3, 1 + 4(T-1), 8h, 8w] (the same as vae.decode(latent)), the other ranks None. With `on_frames`, rank 0
+    hands it each latent frame's pixel frames as soon as they exist (in order) and returns None.
 
     Frame 0 is decoded by every rank (it is 1/T of the work and leaves every layer's cache ready); the
     measured layer times split the layers into stages; rank 0 runs the last stage, so it ends up with the
@@ -73,9 +76,13 @@ def decode_pipelined(vae: Any, latent: torch.Tensor, group: dist.ProcessGroup | 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     cache = FeatureCache()
     first, costs = _timed_first_frame(vae, latent, cache)
+    frames: list[torch.Tensor] = []
+    keep = on_frames if on_frames is not None else frames.append
     if world == 1:
-        return torch.cat([first, *(vae.decode_step(latent[:, t : t + 1], cache)
-                                   for t in range(1, latent.shape[1]))], dim=1)
+        keep(first)
+        for t in range(1, latent.shape[1]):
+            keep(vae.decode_step(latent[:, t : t + 1], cache))
+        return torch.cat(frames, dim=1) if frames else None
     agreed = torch.tensor(costs, dtype=torch.float64, device=vae.device)  # NCCL needs it on the GPU
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)  # one split for all ranks
     stages = balanced_groups(agreed.tolist(), world)
@@ -84,7 +91,8 @@ def decode_pipelined(vae: Any, latent: torch.Tensor, group: dist.ProcessGroup | 
     lo, hi = stages[stage]
     previous = _global(group, order[stage - 1]) if stage > 0 else None
     following = _global(group, order[stage + 1]) if stage + 1 < world else None
-    frames = [first]
+    if rank == 0:
+        keep(first)
     for t in range(1, latent.shape[1]):
         if previous is None:
             x = vae.decoder_input(latent[:, t : t + 1])
@@ -94,8 +102,8 @@ def decode_pipelined(vae: Any, latent: torch.Tensor, group: dist.ProcessGroup | 
         if following is not None:
             _send(x, following, group)
         else:
-            frames.append(vae.decoder_output(x))
-    return torch.cat(frames, dim=1) if rank == 0 else None
+            keep(vae.decoder_output(x))
+    return torch.cat(frames, dim=1) if frames else None
 
 
 def _global(group: dist.ProcessGroup | None, group_rank: int) -> int:
