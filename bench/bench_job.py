@@ -3,9 +3,12 @@ encode, the denoising loop with both experts, the VAE decode and the H.264 write
 (e.g. the 4-step distillation schedule, guidance 1) in bf16 and in FP8, and one guided bf16 step for the
 40-step baseline of the same run.
 
-Runs the pool's own calls (pipeline.i2v.prepare_i2v, sample_i2v, decode_video; pipeline.video.write_mp4; the
-fast path and pipeline.models.fp8) on random weights built on the GPU (no checkpoint, no download). The first
-job of each precision compiles (reported apart); the second is the warm job. Prints one JSON line on stdout.
+Runs the pool's own calls (pipeline.i2v.prepare_i2v, sample_i2v; pipeline.families.i2v.decode_checked into
+pipeline.video.VideoOutput, so the mp4 encodes while the VAE decodes, at the worker's default crf; the fast path
+and pipeline.models.fp8) on random weights built on the GPU (no checkpoint, no download). The first job of each
+precision compiles (reported apart); the second is the warm job. After it, the same latent is decoded and
+written both ways: whole, then written (the worker before streaming), and streamed as the pool does it now.
+Prints one JSON line on stdout.
 
     python bench/bench_job.py --size 720p                # ~5 min on one H200
     python bench/bench_job.py --size 480p --precisions fp8
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.bench_dit_forward import build, tiny_config  # noqa: E402
 from bench.bench_fast import sync  # noqa: E402
 from bench.bench_vae import build_vae  # noqa: E402
+from pipeline.families.i2v import decode_checked  # noqa: E402
 from pipeline.i2v import I2VModels, decode_video, prepare_i2v, sample_i2v  # noqa: E402
 from pipeline.models import attention as attention_mod  # noqa: E402
 from pipeline.models import fp8  # noqa: E402
@@ -37,7 +41,7 @@ from pipeline.models.fast import optimize  # noqa: E402
 from pipeline.models.t5 import T5Config, T5Encoder  # noqa: E402
 from pipeline.sampling import make_solver  # noqa: E402
 from pipeline.sampling.moe import ExpertSwitch  # noqa: E402
-from pipeline.video import write_mp4  # noqa: E402
+from pipeline.video import DEFAULT_CRF, VideoOutput, write_mp4  # noqa: E402
 
 SIZES = {"720p": (1280, 720), "480p": (832, 480), "tiny": (64, 48)}
 # lightx2v's Wan2.2-Lightning I2V schedule: Euler over these timesteps with shift 5, guidance 1, the
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default="720p")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--precisions", default="bf16,fp8")
+    p.add_argument("--fp8-attention", action="store_true",
+                   help="with fp8: let the attention picker use an 8-bit kernel (lossy; the worker's --fp8-attention)")
     p.add_argument("--baseline-step", action="store_true", default=True,
                    help="also one guided (scale 3.5) UniPC step in bf16: the 40-step job's per-step cost")
     p.add_argument("--no-baseline-step", dest="baseline_step", action="store_false")
@@ -114,13 +120,41 @@ def one_job(models: I2VModels, t5: T5Encoder, args: argparse.Namespace, schedule
         switch = ExpertSwitch(boundary=schedule["boundary"], guide_scale=(schedule["guide"], schedule["guide"]))
         latent = sample_i2v(models, inputs, solver, switch)
         phases.mark("sampling")
-        video = decode_video(models, latent)
-        phases.mark("vae_decode")
-    write_mp4(video, out, fps=16, crf=18)
+    video = VideoOutput(out, DEFAULT_CRF)
+    decode_checked(models.vae, latent, Quiet(), video.open(16.0))  # the pool's decode, streamed into the mp4
+    phases.mark("vae_decode")  # the encoder ran meanwhile: this includes all of it but its last frames
+    video.finish(None, 16.0)
     phases.mark("write")
     total = round(sum(phases.times.values()), 3)
     return {"phases": phases.times, "total_s": total, "steps": solver.num_steps,
-            "finite": bool(torch.isfinite(latent).all()), "video": list(video.shape)}
+            "finite": bool(torch.isfinite(latent).all()), "frames": video.writer.frames if video.writer else 0,
+            "latent": latent}
+
+
+class Quiet:
+    def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
+        pass
+
+
+def decode_and_write(models: I2VModels, latent: torch.Tensor, out: Path) -> dict[str, Any]:
+    """The same latent decoded and written both ways, in seconds: whole, then written (the worker before
+    streaming), and streamed into the encoder as the pool does it now."""
+    device, times = models.device, {}
+    phases = Phases(device)
+    video = decode_video(models, latent)
+    phases.mark("decode")
+    write_mp4(video, out, fps=16, crf=DEFAULT_CRF)
+    phases.mark("write")
+    del video
+    times["whole_then_write"] = {**phases.times, "total": round(sum(phases.times.values()), 3)}
+    phases = Phases(device)
+    streamed = VideoOutput(out, DEFAULT_CRF)
+    decode_checked(models.vae, latent, Quiet(), streamed.open(16.0))
+    phases.mark("decode")
+    streamed.finish(None, 16.0)
+    phases.mark("write")
+    times["streamed"] = {**phases.times, "total": round(sum(phases.times.values()), 3)}
+    return times
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,17 +170,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if precision == "fp8":
             for expert in (models.high_noise, models.low_noise):
                 fp8.apply_precision(expert, "fp8", device=device)
+            attention_mod.allow_fp8(args.fp8_attention)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         first = one_job(models, t5, args, LIGHTNING, out)  # compiles at this size
+        first.pop("latent")
         say(precision, "first job", first)
         warm = one_job(models, t5, args, LIGHTNING, out)
+        latent = warm.pop("latent")
         say(precision, "warm job", warm)
         row = {"first_job": first, "warm_job": warm, "attention": attention_mod.active_backend(),
                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        row["decode_and_write"] = decode_and_write(models, latent, out)
+        say(precision, "decode and write", row["decode_and_write"])
         if precision == "bf16" and args.baseline_step:
             guided = {"steps": 1, "solver": "unipc", "shift": 5.0, "guide": 3.5, "boundary": 0.9}
-            step = one_job(models, t5, args, guided, out)["phases"]["sampling"]
+            step = one_job(models, t5, args, guided, out)["phases"]["sampling"]  # its latent: noise, unused
             row["guided_step_s"] = step
             fixed = sum(v for k, v in warm["phases"].items() if k != "sampling")
             row["job_40_steps_estimate_s"] = round(40 * step + fixed, 1)

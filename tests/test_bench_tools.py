@@ -110,6 +110,9 @@ def test_the_whole_job_bench_runs_every_phase_for_both_precisions(capsys: pytest
     for precision in ("bf16", "fp8"):
         warm = result[precision]["warm_job"]
         assert set(warm["phases"]) == {"t5", "vae_encode", "sampling", "vae_decode", "write"}
-        assert warm["steps"] == 4 and warm["finite"] and warm["video"][1] == 5
+        assert warm["steps"] == 4 and warm["finite"] and warm["frames"] == 5
         assert warm["total_s"] == pytest.approx(sum(warm["phases"].values()), abs=0.01)
+        ways = result[precision]["decode_and_write"]
+        assert set(ways) == {"whole_then_write", "streamed"}
+        assert all(way["total"] == pytest.approx(way["decode"] + way["write"], abs=0.01) for way in ways.values())
     assert result["bf16"]["job_40_steps_estimate_s"] > 0

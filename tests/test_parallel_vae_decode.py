@@ -1,4 +1,4 @@
-"""The VAE decode pipelined over decoder layers across 3 gloo ranks equals one process, bit for bit.
+"""The VAE decode pipelined over decoder layers across 3 gloo ranks equals one process, bit for bit (whole or\nstreamed to rank 0 frame by frame).
 
 Real VAE weights from the reference fixtures; this file is also the torchrun script.
 """
@@ -30,11 +30,14 @@ def main(out: str) -> None:
     from pipeline.parallel.vae_decode import decode_pipelined
 
     dist.init_process_group("gloo")
-    video = decode_pipelined(WanVAE.from_checkpoint(VAE_FILE), latent())
+    vae = WanVAE.from_checkpoint(VAE_FILE)
+    video = decode_pipelined(vae, latent())
+    chunks: list[torch.Tensor] = []  # streamed: rank 0 is handed each latent frame's pixels as they exist
+    assert decode_pipelined(vae, latent(), on_frames=chunks.append) is None
     if dist.get_rank() == 0:
-        torch.save(video, out)
+        torch.save({"video": video, "chunks": chunks}, out)
     else:
-        assert video is None
+        assert video is None and chunks == []
     dist.destroy_process_group()
 
 
@@ -59,9 +62,12 @@ def test_three_rank_pipelined_decode_equals_one_process(tmp_path) -> None:
     expected = WanVAE.from_checkpoint(VAE_FILE).decode(latent())
     output, _ = run.communicate(timeout=180)
     assert run.returncode == 0, output[-4000:]
-    got = torch.load(out)
+    saved = torch.load(out)
+    got = saved["video"]
     assert got.shape == expected.shape == (3, 13, 32, 48)
     assert torch.equal(got, expected), f"max diff {(got - expected).abs().max():.3e}"
+    assert [c.shape[1] for c in saved["chunks"]] == [1, 4, 4, 4]
+    assert torch.equal(torch.cat(saved["chunks"], dim=1), expected)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,12 @@ def parallel_groups(plan: ParallelPlan) -> tuple[Any, Any]:
 
 
 class Family(Protocol):
-    """A model family as the worker drives it: planned by the constructor, loaded once, then one job per `run`."""
+    """A model family as the worker drives it: planned by the constructor, loaded once, then one job per `run`.
+
+    `run` returns the video as `result["video"]`, which the worker then writes; a family whose class sets
+    `streams_video = True` is also passed `video_out` (a pipeline.video.VideoOutput, on rank 0) and may write its
+    frames there as it decodes them instead (result["video"] None), so that the mp4 encodes meanwhile.
+    """
 
     kind: str
     args: argparse.Namespace  # the worker's flags

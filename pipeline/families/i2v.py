@@ -104,36 +104,39 @@ class I2VFamily:
             if loras is not None:
                 loras.remove()
         writer = video_out.open(float(video.fps)) if video_out is not None else None
-        frames = self._decode(latent, report, writer)
+        frames = decode_checked(self.models.vae, latent, report, writer, pipelined=self.ranks.world_size > 1)
         return {"video": frames, "fps": float(video.fps), "frames": video.frames,
                 "width": prepared.width, "height": prepared.height, "seed": seed,
                 **run_stats(checkpoint), **(lora_stats(loras) if loras is not None else {})}
-
-    def _decode(self, latent: torch.Tensor, report: Reporter, writer: Any | None) -> torch.Tensor | None:
-        """Rank 0's pixel frames, checked for NaN/Inf chunk by chunk: streamed into `writer` as the VAE makes
-        them (the mp4 encodes while the decode goes on), or returned whole without one; None on other ranks."""
-        from pipeline.sampling.numerics import check_finite_frames
-
-        total, chunks, done = int(latent.shape[1]), [], [0]
-        report.progress("decode", 0, total)
-
-        def take(frames: torch.Tensor) -> None:  # one latent frame's pixel frames (1, then 4 each), in order
-            check_finite_frames(frames)
-            (writer.add if writer is not None else chunks.append)(frames)
-            done[0] += 1
-            report.progress("decode", done[0], total)
-
-        if self.ranks.world_size > 1:  # every rank runs a slice of the decoder layers; rank 0 gets the frames
-            decode_pipelined(self.models.vae, latent, on_frames=take)
-        else:
-            for frames in self.models.vae.decode_stream(latent):
-                take(frames)
-        return torch.cat(chunks, dim=1) if chunks else None
 
     def _encode_prompts(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         from pipeline.i2v import encode_prompts
 
         return broadcast_prompts(self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
+
+
+def decode_checked(vae: Any, latent: torch.Tensor, report: Reporter, writer: Any | None,
+                   pipelined: bool = False) -> torch.Tensor | None:
+    """Rank 0's pixel frames, checked for NaN/Inf chunk by chunk: streamed into `writer` as the VAE makes them
+    (the mp4 encodes while the decode goes on), or returned whole without one; None on other ranks.
+    `pipelined`: every rank of the pool runs a slice of the decoder layers (pipeline.parallel.vae_decode)."""
+    from pipeline.sampling.numerics import check_finite_frames
+
+    total, chunks, done = int(latent.shape[1]), [], [0]
+    report.progress("decode", 0, total)
+
+    def take(frames: torch.Tensor) -> None:  # one latent frame's pixel frames (1, then 4 each), in order
+        check_finite_frames(frames)
+        (writer.add if writer is not None else chunks.append)(frames)
+        done[0] += 1
+        report.progress("decode", done[0], total)
+
+    if pipelined:
+        decode_pipelined(vae, latent, on_frames=take)
+    else:
+        for frames in vae.decode_stream(latent):
+            take(frames)
+    return torch.cat(chunks, dim=1) if chunks else None
 
 
 def expert_forwards(solver: Any, switch: Any, guidance: Any) -> dict[str, int]:
