@@ -176,3 +176,21 @@ def test_the_worker_leaves_no_mp4_when_the_streamed_frames_are_not_finite(tmp_pa
     failure, _ = attempt(family, run, ranks, JobReport("j1", link), link, args)
     assert failure is not None and failure.kind == "numerics" and "decoded frames" in failure.message, failure
     assert list(output.parent.iterdir()) == []
+
+
+@pytest.mark.gpu
+def test_the_uint8_mapping_on_a_gpu_is_the_cpus_bit_for_bit(tmp_path: Path) -> None:
+    """The streamed frames are mapped where the VAE left them: on CUDA the same clamp/shift/scale/truncate must
+    give the same bytes as on the CPU, including the values right at the truncation boundaries."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(3)
+    frames = torch.rand(3, 9, 64, 96, generator=g) * 2.4 - 1.2  # some out of range, to be clamped
+    edges = (torch.arange(256, dtype=torch.float32) / 255 * 2 - 1).repeat(3, 1, 1, 1)  # k/255 mapped back
+    for x in (frames, edges, edges.nextafter(torch.tensor(2.0)), edges.nextafter(torch.tensor(-2.0))):
+        assert np.array_equal(frames_to_uint8(x.cuda()), frames_to_uint8(x))
+    with Mp4Writer(tmp_path / "gpu.mp4", fps=16, crf=0) as writer:
+        for chunk in chunks_of(frames.cuda()):
+            writer.add(chunk)
+    assert np.array_equal(read_mp4(tmp_path / "gpu.mp4")[0], read_mp4(write_mp4(frames, tmp_path / "cpu.mp4", 16,
+                                                                                crf=0))[0])
