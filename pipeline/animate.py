@@ -251,9 +251,13 @@ def generate_animate(
     seed: int, relighting_lora: bool | str | None = None, on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     sp: Any | None = None, guidance: Guidance | None = None, noise: Sequence[Tensor] | None = None,
-    checkpoint: CheckpointStore | None = None,
-) -> Tensor:
+    checkpoint: CheckpointStore | None = None, on_frames: Callable[[Tensor], None] | None = None,
+) -> Tensor | None:
     """Preprocessed src folder -> video [3, frames of src_pose.mp4, H, W] float32 on the CPU, in [-1, 1].
+
+    on_frames: handed each clip's new frames (on the models' device) as soon as the clip is decoded, the last
+    clip's cut to the video's length, so that they can be encoded while the next clip samples; then the video
+    is not kept and None is returned.
 
     mode 'animation' or 'replacement' (the latter also reads src_bg.mp4 / src_mask.mp4). guide_scale <= 1
     runs one forward per step; > 1 mixes in an unconditional branch (negative prompt and a black face).
@@ -291,7 +295,7 @@ def generate_animate(
     use_lora = models.relighting is not None and relighting_applies(relighting_lora)
     lora = models.relighting.applied(models.dit, models.device) if models.relighting and use_lora else _nothing()
     with torch.no_grad(), lora:
-        return loop.run()[:, : sources.frames]
+        return loop.run(sources.frames, on_frames)
 
 
 def _check_noise(noise: Sequence[Tensor] | None, clips: int, shape: tuple[int, ...]) -> None:
@@ -339,12 +343,14 @@ class _ClipLoop:
         self.finished: list[Tensor] = []  # final latent of each clip so far, for the checkpoints (writer only)
         self.resumed_solver: FlowSolver | None = None
 
-    def run(self) -> Tensor:
+    def run(self, length: int, on_frames: Callable[[Tensor], None] | None = None) -> Tensor | None:
+        """The video's first `length` frames, clip by clip: handed to `on_frames`, or kept and returned."""
         models, job = self.job.models, self.job
         y_ref, clip_fea = reference_conditioning(job)
         resume = self.resume()
         pieces: list[Tensor] = []
         tail: Tensor | None = None
+        emitted = 0
         for index, start in enumerate(self.starts):
             if resume is not None and index < resume.clip:  # sampled before the interruption: decode it again
                 latent = resume.finished[index].to(models.device)
@@ -363,9 +369,14 @@ class _ClipLoop:
             # (clip_len < 2 * refert_num), where the reference breaks and older frames fill the rest.
             tail = frames if tail is None else torch.cat([tail, frames], dim=1)
             tail = tail[:, -job.refert_num :]
-            pieces.append(frames.cpu())
+            frames = frames[:, : max(0, length - emitted)]  # the padding past the driving video's end goes
+            emitted += frames.shape[1]
+            if on_frames is None:
+                pieces.append(frames.cpu())
+            elif frames.shape[1]:
+                on_frames(frames)
             self._report("decoding", index + 1, len(self.starts), index)
-        return torch.cat(pieces, dim=1)
+        return torch.cat(pieces, dim=1) if on_frames is None else None
 
     def resume(self) -> SamplingState | None:
         """The checkpoint's state for this job (generator restored, solver loaded), or None: start at clip 1."""

@@ -76,6 +76,11 @@ class Mp4Writer:
         self._chunks.put(rgb)
         self.frames += count
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the frames added; (0, 0) before the first."""
+        return self._size or (0, 0)
+
     def close(self) -> Path:
         """Flush and publish; the encoder's error (e.g. a full disk) is raised here, with nothing left behind."""
         if self.frames == 0:

@@ -150,6 +150,51 @@ def test_the_i2v_family_streams_the_video_it_would_return_whole(tmp_path: Path, 
     assert decode == [("decode", i, 3) for i in range(4)], decode  # 9 frames = 3 latent frames, one report each
 
 
+class CountingOutput(VideoOutput):
+    """A VideoOutput that also records how many frames each add() handed over."""
+
+    def __init__(self, path: Path, crf: int) -> None:
+        super().__init__(path, crf)
+        self.added: list[int] = []
+
+    def open(self, fps: float) -> Mp4Writer:
+        writer = super().open(fps)
+        add = writer.add
+
+        def counted(frames: torch.Tensor) -> None:
+            self.added.append(int(frames.shape[1]))
+            add(frames)
+
+        writer.add = counted  # type: ignore[method-assign]
+        return writer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_animate_family_streams_each_clip_and_cuts_the_last(tmp_path: Path, ranks: Any,
+                                                                checkpoints: dict[str, Path]) -> None:
+    """15 driving frames in clips of 9 that carry 5 over: 9 + 4 + 4 sampled, the last clip cut to 2 new frames;
+    the streamed video is the one returned whole, and the writer saw the clips' new frames in order."""
+    from pipeline.families.animate import AnimateFamily
+    from tests.test_job_contract import ANIMATE
+    from tests.test_worker_animate import write_src
+
+    job = parse_manifest_text(ANIMATE, "walk.toml", tmp_path / "inbox", check_inputs=False)
+    inputs = write_src(tmp_path / "animate", frames=15)
+    family = AnimateFamily(family_args("animate-14B", checkpoints["animate"]), ranks)
+    family.load()
+    whole = family.run(job, inputs, Report(), lambda: False)
+    assert whole["video"].shape[1] == whole["frames"] == 15
+
+    out = CountingOutput(tmp_path / "streamed.mp4", crf=0)
+    streamed = family.run(job, inputs, Report(), lambda: False, video_out=out)
+    out.finish(streamed["video"], streamed["fps"])
+    assert streamed["video"] is None and out.added == [9, 4, 2]
+    assert (streamed["frames"], streamed["width"], streamed["height"]) == (15, whole["width"], whole["height"])
+    once = write_mp4(whole["video"], tmp_path / "whole.mp4", fps=whole["fps"], crf=0)
+    assert np.array_equal(read_mp4(tmp_path / "streamed.mp4")[0], read_mp4(once)[0])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_worker_leaves_no_mp4_when_the_streamed_frames_are_not_finite(tmp_path: Path, ranks: Any,

@@ -28,6 +28,7 @@ from pipeline.families.base import (
 from pipeline.families.resume import run_stats
 from pipeline.parallel.cfg import plan_parallel
 from pipeline.sampling.checkpoint import CheckpointStore
+from pipeline.video import VideoOutput
 
 
 class AnimateFamily:
@@ -37,6 +38,7 @@ class AnimateFamily:
     """
 
     kind = "animate"
+    streams_video = True  # run() takes video_out: each clip is encoded while the next one samples
 
     def __init__(self, args: argparse.Namespace, ranks: Any) -> None:
         self.args, self.ranks = args, ranks
@@ -69,7 +71,8 @@ class AnimateFamily:
                                **lora_options(self.args, self.ranks))
 
     def run(self, job: Job, inputs: dict[str, str], report: Reporter, should_cancel: Callable[[], bool],
-            checkpoint: CheckpointStore | None = None) -> dict[str, Any]:
+            checkpoint: CheckpointStore | None = None, video_out: VideoOutput | None = None) -> dict[str, Any]:
+        """One job; with `video_out` (rank 0) each clip's frames are encoded there while the next clip samples."""
         from pipeline.animate import describe_relighting, encode_prompts, generate_animate
         from pipeline.i2v import GenerationCancelled
 
@@ -83,6 +86,8 @@ class AnimateFamily:
         def on_progress(phase: str, step: int, total: int, _clip: int) -> None:
             report.progress(PHASE_NAMES.get(phase, phase), step, total)
 
+        fps = output_fps(job, inputs)
+        writer = video_out.open(fps) if video_out is not None else None
         try:
             if loras is not None:
                 per_clip = sampling.steps * (1 if float(sampling.guide_scale) <= 1 or self.guidance else 2)
@@ -93,15 +98,17 @@ class AnimateFamily:
                 shift=sampling.shift, guide_scale=float(sampling.guide_scale), solver=sampling.solver,
                 timesteps=sampling.timesteps, seed=seed, relighting_lora=options.relighting_lora,
                 on_progress=on_progress, should_cancel=should_cancel, sp=self.sp, guidance=self.guidance,
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, on_frames=writer.add if writer is not None else None)
         except GenerationCancelled as exc:
             raise JobCancelled(str(exc)) from exc
         finally:  # success, failure or cancel: the DiT is as loaded again before anything else runs
             if loras is not None:
                 loras.remove()
         relighting = describe_relighting(options.relighting_lora, self.models.relighting is not None)
-        return {"video": video, "fps": output_fps(job, inputs), "frames": int(video.shape[1]),
-                "width": int(video.shape[3]), "height": int(video.shape[2]), "seed": seed, "relighting": relighting,
+        frames, (width, height) = (writer.frames, writer.size) if writer is not None else (
+            int(video.shape[1]), (int(video.shape[3]), int(video.shape[2])))
+        return {"video": video, "fps": fps, "frames": frames, "width": width, "height": height, "seed": seed,
+                "relighting": relighting,
                 **run_stats(checkpoint), **(lora_stats(loras) if loras is not None else {})}
 
 
