@@ -4,7 +4,7 @@ encode, the denoising loop with both experts, the VAE decode and the H.264 write
 40-step baseline of the same run.
 
 Runs the pool's own calls (pipeline.i2v.prepare_i2v, sample_i2v; pipeline.families.i2v.decode_checked into
-pipeline.video.VideoOutput, so the mp4 encodes while the VAE decodes, at the worker's default crf; the fast path
+pipeline.video.VideoOutput, so the mp4 encodes while the VAE decodes, at the daemon's default crf; the fast path
 and pipeline.models.fp8) on random weights built on the GPU (no checkpoint, no download). The first job of each
 precision compiles (reported apart); the second is the warm job. After it, the same latent is decoded and
 written both ways: whole, then written (the worker before streaming), and streamed as the pool does it now.
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.bench_dit_forward import build, tiny_config  # noqa: E402
 from bench.bench_fast import sync  # noqa: E402
 from bench.bench_vae import build_vae  # noqa: E402
+from daemon.config import OutboxSettings  # noqa: E402
 from pipeline.families.i2v import decode_checked  # noqa: E402
 from pipeline.i2v import I2VModels, decode_video, prepare_i2v, sample_i2v  # noqa: E402
 from pipeline.models import attention as attention_mod  # noqa: E402
@@ -41,7 +42,7 @@ from pipeline.models.fast import optimize  # noqa: E402
 from pipeline.models.t5 import T5Config, T5Encoder  # noqa: E402
 from pipeline.sampling import make_solver  # noqa: E402
 from pipeline.sampling.moe import ExpertSwitch  # noqa: E402
-from pipeline.video import DEFAULT_CRF, VideoOutput, write_mp4  # noqa: E402
+from pipeline.video import VideoOutput, write_mp4  # noqa: E402
 
 SIZES = {"720p": (1280, 720), "480p": (832, 480), "tiny": (64, 48)}
 # lightx2v's Wan2.2-Lightning I2V schedule: Euler over these timesteps with shift 5, guidance 1, the
@@ -49,6 +50,7 @@ SIZES = {"720p": (1280, 720), "480p": (832, 480), "tiny": (64, 48)}
 LIGHTNING = {"steps": 4, "solver": "euler", "shift": 5.0, "timesteps": (1000, 750, 500, 250), "guide": 1.0,
              "boundary": 0.9}
 TEXT_TOKENS = 512  # T5's padded length (the reference's text_len)
+CRF = OutboxSettings().crf  # what a delivered mp4 gets by default ([outbox] crf)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +122,7 @@ def one_job(models: I2VModels, t5: T5Encoder, args: argparse.Namespace, schedule
         switch = ExpertSwitch(boundary=schedule["boundary"], guide_scale=(schedule["guide"], schedule["guide"]))
         latent = sample_i2v(models, inputs, solver, switch)
         phases.mark("sampling")
-    video = VideoOutput(out, DEFAULT_CRF)
+    video = VideoOutput(out, CRF)
     decode_checked(models.vae, latent, Quiet(), video.open(16.0))  # the pool's decode, streamed into the mp4
     phases.mark("vae_decode")  # the encoder ran meanwhile: this includes all of it but its last frames
     video.finish(None, 16.0)
@@ -143,12 +145,12 @@ def decode_and_write(models: I2VModels, latent: torch.Tensor, out: Path) -> dict
     phases = Phases(device)
     video = decode_video(models, latent)
     phases.mark("decode")
-    write_mp4(video, out, fps=16, crf=DEFAULT_CRF)
+    write_mp4(video, out, fps=16, crf=CRF)
     phases.mark("write")
     del video
     times["whole_then_write"] = {**phases.times, "total": round(sum(phases.times.values()), 3)}
     phases = Phases(device)
-    streamed = VideoOutput(out, DEFAULT_CRF)
+    streamed = VideoOutput(out, CRF)
     decode_checked(models.vae, latent, Quiet(), streamed.open(16.0))
     phases.mark("decode")
     streamed.finish(None, 16.0)
