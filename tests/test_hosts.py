@@ -117,7 +117,9 @@ def test_a_host_killed_mid_sampling_loses_its_job_to_another_after_the_lease(thr
         three.start(i)
     three.wait_serving(0, 1, 2)
     three.drop("slow", steps=100, frames=81)  # long enough (seconds) that the kill lands mid-sampling
-    wait_for(lambda: any(j.state == S.SAMPLING and (j.step or 0) >= 2 for j in three.jobs()), 120, three.logs)
+    # the denoising phase's step 2 (the state is SAMPLING from dispatch on: the encode reports steps 1 and 2 of 2 too)
+    wait_for(lambda: any(j.state == S.SAMPLING and j.phase == "sampling" and (j.step or 0) >= 2
+                         for j in three.jobs()), 120, three.logs)
     victim = three.index(three.jobs()[0].holder)
     three.signal(victim, signal.SIGKILL)  # power gone: the supervisor and its pool
     three.procs[victim].wait()
@@ -125,7 +127,7 @@ def test_a_host_killed_mid_sampling_loses_its_job_to_another_after_the_lease(thr
     [job] = three.wait_done(1, timeout=240 + 3 * LEASE_SECONDS)
     assert probe(three.outbox / "slow.mp4")[0] == 81
     resumed = json.loads((three.outbox / "slow.json").read_text())["resumed_from"]
-    assert resumed is not None and 2 <= resumed["step"] < 100, resumed  # not sampled again from the start
+    assert resumed is not None and 2 <= resumed["step"] < 100, (resumed, three.logs())  # not sampled again from the start
     assert_delivered_once(three, ["slow"])
     events = three.ledger.events(job.id)
     taken = [e for e in events if "taken back from host" in e.message]

@@ -58,7 +58,8 @@ def sidecar_of(root: Root, name: str) -> dict:
 def wait_sampling_step(root: Root, name: str, step: int, timeout: float = 240) -> None:
     def reached() -> bool:
         job = root.job(name)
-        return job is not None and job.state.value == "sampling" and (job.step or 0) >= step
+        # the denoising phase: in state sampling the pool first reports the encode's steps of its own
+        return job is not None and job.state.value == "sampling" and job.phase == "sampling" and (job.step or 0) >= step
 
     wait_for(reached, timeout, lambda: f"{name}: {root.job(name)}\n{root.log_text()[-3000:]}")
 
