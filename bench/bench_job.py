@@ -122,15 +122,22 @@ def one_job(models: I2VModels, t5: T5Encoder, args: argparse.Namespace, schedule
         switch = ExpertSwitch(boundary=schedule["boundary"], guide_scale=(schedule["guide"], schedule["guide"]))
         latent = sample_i2v(models, inputs, solver, switch)
         phases.mark("sampling")
-    video = VideoOutput(out, CRF)
-    decode_checked(models.vae, latent, Quiet(), video.open(16.0))  # the pool's decode, streamed into the mp4
-    phases.mark("vae_decode")  # the encoder ran meanwhile: this includes all of it but its last frames
-    video.finish(None, 16.0)
-    phases.mark("write")
+    frames = decode_streamed(models, latent, out, phases, "vae_decode")
     total = round(sum(phases.times.values()), 3)
     return {"phases": phases.times, "total_s": total, "steps": solver.num_steps,
-            "finite": bool(torch.isfinite(latent).all()), "frames": video.writer.frames if video.writer else 0,
-            "latent": latent}
+            "finite": bool(torch.isfinite(latent).all()), "frames": frames, "latent": latent}
+
+
+def decode_streamed(models: I2VModels, latent: torch.Tensor, out: Path, phases: Phases, decode_phase: str) -> int:
+    """The pool's decode, streamed into the mp4, then the encoder's tail ("write"); the frames written. The
+    encoder runs during the decode phase, so that phase holds all of the encoding but its last frames."""
+    video = VideoOutput(out, CRF)
+    writer = video.open(16.0)
+    decode_checked(models.vae, latent, Quiet(), writer)
+    phases.mark(decode_phase)
+    video.finish(None, 16.0)
+    phases.mark("write")
+    return writer.frames
 
 
 class Quiet:
@@ -150,11 +157,7 @@ def decode_and_write(models: I2VModels, latent: torch.Tensor, out: Path) -> dict
     del video
     times["whole_then_write"] = {**phases.times, "total": round(sum(phases.times.values()), 3)}
     phases = Phases(device)
-    streamed = VideoOutput(out, CRF)
-    decode_checked(models.vae, latent, Quiet(), streamed.open(16.0))
-    phases.mark("decode")
-    streamed.finish(None, 16.0)
-    phases.mark("write")
+    decode_streamed(models, latent, out, phases, "decode")
     times["streamed"] = {**phases.times, "total": round(sum(phases.times.values()), 3)}
     return times
 

@@ -44,7 +44,8 @@ class Mp4Writer:
     `add` maps each chunk of frames to uint8 and hands it to an encoder thread, so libx264 works while the VAE
     decodes the next chunk; `close` flushes the encoder and publishes the file atomically (written beside it,
     then renamed: a reader never sees half an mp4); `abort`, or leaving the `with` block by an exception,
-    removes what was written. Must not change the frames: the bytes are those of one call with all frames.
+    removes what was written. Must not change the frames: those encoded are the ones one call with all of them
+    would encode (libx264's bytes may still differ run to run: its threads decide with timing).
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float, crf: int = DEFAULT_CRF, backlog: int = 8) -> None:
@@ -119,7 +120,7 @@ class Mp4Writer:
 
     def _encode(self) -> None:
         try:
-            _encode_chunks(self._queued(), self.partial, self._size or (0, 0), self.fps, self.crf)
+            _encode_chunks(self._queued(), self.partial, self.size, self.fps, self.crf)
         except BaseException as exc:  # handed to the caller's thread by add/close
             self._error = exc
             if not self._ended:  # keep taking chunks so that add never blocks for ever

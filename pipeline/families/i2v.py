@@ -30,7 +30,7 @@ from pipeline.parallel.cfg import ParallelPlan, plan_parallel
 from pipeline.parallel.sharding import choose_sharding, shard_experts
 from pipeline.parallel.vae_decode import decode_pipelined
 from pipeline.sampling.checkpoint import CheckpointStore
-from pipeline.video import VideoOutput
+from pipeline.video import Mp4Writer, VideoOutput
 
 
 class I2VFamily:
@@ -115,7 +115,7 @@ class I2VFamily:
         return broadcast_prompts(self.ranks, lambda: encode_prompts(self.models, job.prompt, job.negative_prompt))
 
 
-def decode_checked(vae: Any, latent: torch.Tensor, report: Reporter, writer: Any | None,
+def decode_checked(vae: Any, latent: torch.Tensor, report: Reporter, writer: Mp4Writer | None,
                    pipelined: bool = False) -> torch.Tensor | None:
     """Rank 0's pixel frames, checked for NaN/Inf chunk by chunk: streamed into `writer` as the VAE makes them
     (the mp4 encodes while the decode goes on), or returned whole without one; None on other ranks.
