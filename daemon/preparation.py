@@ -37,9 +37,10 @@ class CpuPool:
         # spawn, not fork: the supervisor has threads (watcher, pool reader) that fork would copy mid-state.
         context = multiprocessing.get_context("spawn")
         self._pids = context.SimpleQueue()
+        self._killed = context.Event()  # set by kill(): a process that starts after it must not take work
         self._known: set[int] = set()
         self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_process,
-                                            initargs=(os.getpid(), self._pids))
+                                            initargs=(os.getpid(), self._pids, self._killed))
         self.executor.submit(warm_up)  # start the processes now, not when the first job is waiting
 
     def submit(self, fn: Any, *args: Any) -> Future[Any]:
@@ -52,7 +53,13 @@ class CpuPool:
         return set(self._known)
 
     def kill(self) -> None:
-        """Shut down without waiting: a stuck preparation must not hold anything up."""
+        """Shut down without waiting: a stuck preparation must not hold anything up.
+
+        Every process is either known here and killed, or still starting (importing, after spawn): those see
+        the flag, set before the pids are read, right after telling their pid, and exit without taking work. A
+        late one left running could run a job already put back in line, or block for ever on a queue lock that
+        a killed sibling held, and then hang the supervisor's exit (the executor joins its processes)."""
+        self._killed.set()
         pids = self.pids()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for pid in pids:
@@ -60,9 +67,11 @@ class CpuPool:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _start_process(parent_pid: int, pids: Any) -> None:
+def _start_process(parent_pid: int, pids: Any, killed: Any) -> None:
     die_with(parent_pid)
     pids.put(os.getpid())
+    if killed.is_set():  # the pool was killed while this process started: CpuPool.kill says why
+        os._exit(0)
 
 
 @dataclass

@@ -36,3 +36,24 @@ def test_a_stuck_preparation_is_killed_and_its_job_retried(tmp_path: Path, monke
         assert r.stop() == 0
     finally:
         r.cleanup()
+
+
+def test_a_cpu_pool_killed_while_its_processes_start_runs_nothing_and_leaves_nothing(tmp_path: Path) -> None:
+    """kill() right after the pool is made, while its spawned processes still import: none is known by its pid
+    yet, so none can be SIGKILLed; each must see the pool killed as it starts, take no work and end."""
+    import multiprocessing
+
+    from daemon.preparation import CpuPool
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    pool = CpuPool(2)
+    ran = tmp_path / "ran"
+    for _ in range(4):
+        pool.submit(ran.touch)
+    pool.kill()
+    started = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert started, "the pool spawned no process"
+    for process in started:
+        process.join(60)
+    assert [p.pid for p in started if p.is_alive()] == [], "a process of the killed pool is still running"
+    assert not ran.exists(), "a process of the killed pool took work"
